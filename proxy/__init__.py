@@ -1,0 +1,1 @@
+"""An OpenAI-compatible routing proxy for validating speculative decoding on real traffic."""

@@ -1,0 +1,81 @@
+"""The one JSON log line per request (and the proxy's other events), via structlog.
+
+No global structlog configuration: `open_logger` builds a logger the app owns, writing each
+line to stdout and appending it to the configured file. Lines are flushed as written, so a
+crash loses nothing and `tail -f` sees every request at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything the request line says, filled in as the request goes."""
+
+    request_id: str
+    model: str | None = None
+    stream: bool = False
+    backend: str | None = None
+    reason: str | None = None
+    status: int | None = None
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    decode_tps: float | None = None
+    in_flight: int | None = None
+    error: str | None = None
+    client_disconnected: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Sinks:
+    """A structlog "logger": `msg(line)` writes the rendered line to every sink."""
+
+    def __init__(self, streams: list[IO[str]]):
+        self._streams = streams
+
+    def msg(self, line: str) -> None:
+        for stream in self._streams:
+            stream.write(line + "\n")
+            stream.flush()
+
+    info = warning = error = msg
+
+
+class AccessLog:
+    def __init__(self, path: Path | None, *, stdout: bool = True):
+        self._file: IO[str] | None = None
+        streams: list[IO[str]] = [sys.stdout] if stdout else []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8")
+            streams.append(self._file)
+        self.logger = structlog.wrap_logger(
+            _Sinks(streams),
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.JSONRenderer(serializer=json.dumps),
+            ],
+        )
+
+    def request(self, record: RequestRecord) -> None:
+        self.logger.info("request", **record.fields())
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.logger.info(name, **fields)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,120 @@
+"""Assembly: the Starlette app, its routes, and the lifespan that owns shared state."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from proxy.accesslog import AccessLog
+from proxy.chat import Completions
+from proxy.config import Config
+from proxy.errors import openai_error
+from proxy.runtime import Runtime, upstream_client
+
+_HEALTH_TIMEOUT = httpx.Timeout(2.0)
+
+
+def create_app(
+    config: Config,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    rng: random.Random | None = None,
+    log: AccessLog | None = None,
+) -> Starlette:
+    """Build the proxy. `transport` and `rng` are for tests; `log` defaults to the config's."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        access_log = log or AccessLog(config.logging.path, stdout=config.logging.stdout)
+        async with upstream_client(transport) as client:
+            runtime = Runtime(config, client, access_log, rng or random.Random())
+            try:
+                yield {"runtime": runtime}
+            finally:
+                if log is None:
+                    access_log.close()
+
+    completions = Completions()
+    routes = [
+        Route("/v1/chat/completions", completions, methods=["POST"]),
+        Route("/chat/completions", completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
+    )
+
+
+def _model_card(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "specproxy"}
+
+
+async def list_models(request: Request) -> JSONResponse:
+    runtime: Runtime = request.state.runtime
+    return JSONResponse({"object": "list", "data": [_model_card(runtime.config.model)]})
+
+
+async def get_model(request: Request) -> JSONResponse:
+    runtime: Runtime = request.state.runtime
+    model = request.path_params["model"]
+    if model != runtime.config.model:
+        body = openai_error(f"The model {model!r} does not exist", "invalid_request_error",
+                            param="model", code="model_not_found")
+        return JSONResponse(body, status_code=404)
+    return JSONResponse(_model_card(model))
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """The proxy is up (200); each backend's reachability is probed on its `/health`."""
+    runtime: Runtime = request.state.runtime
+    results: dict[str, dict[str, Any]] = {}
+
+    async def probe(name: str, url: str) -> None:
+        started = time.perf_counter()
+        try:
+            response = await runtime.client.get(url + "/health", timeout=_HEALTH_TIMEOUT)
+            reachable, detail = response.status_code < 500, f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            reachable, detail = False, str(exc) or type(exc).__name__
+        results[name] = {
+            "url": url,
+            "reachable": reachable,
+            "detail": detail,
+            "probe_ms": round((time.perf_counter() - started) * 1000, 3),
+            "in_flight": runtime.in_flight[name],
+            "split": runtime.config.routing.split.get(name, 0.0),
+        }
+
+    async with anyio.create_task_group() as group:
+        for name, backend in runtime.config.backends.items():
+            group.start_soon(probe, name, backend.url)
+    status = "ok" if all(r["reachable"] for r in results.values()) else "degraded"
+    ordered = {name: results[name] for name in runtime.config.backends}
+    return JSONResponse({"status": status, "model": runtime.config.model, "backends": ordered})
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own 404/405 in the OpenAI error shape."""
+    kind = "not_found" if exc.status_code == 404 else "method_not_allowed"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(
+        openai_error(message, "invalid_request_error", code=kind),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )

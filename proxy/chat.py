@@ -1,0 +1,180 @@
+"""The completion endpoints: read the body, route, relay, and log one line, whatever happens.
+
+A raw ASGI app rather than a Starlette endpoint: it needs to watch for the client leaving
+while it waits on the backend, and to log after the last byte has been sent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import anyio
+import httpx
+
+from proxy.accesslog import RequestRecord
+from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError
+from proxy.payload import (
+    ChatRequest,
+    model_rewriter,
+    parse_body,
+    upstream_body,
+    upstream_headers,
+)
+from proxy.relay import (
+    Exchange,
+    Receive,
+    Send,
+    open_upstream,
+    relay_json,
+    relay_stream,
+    send_error,
+    watch_disconnect,
+)
+from proxy.routing import choose
+from proxy.runtime import Runtime
+from proxy.timing import Clock
+
+
+# nginx's status for "client closed the request before the answer": logged, never sent.
+CLIENT_CLOSED = 499
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+class Completions:
+    """`POST /v1/chat/completions` and friends. A class, so Starlette mounts it as ASGI."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        await completions(scope, receive, send)
+
+
+async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    runtime: Runtime = scope["state"]["runtime"]
+    clock = Clock()
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    record = RequestRecord(request_id=headers.get("x-request-id") or uuid.uuid4().hex)
+    response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
+    started = False
+
+    async def tracked_send(message: dict[str, Any]) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    try:
+        raw = await _read_body(receive, headers, runtime.config.limits.max_body_bytes)
+        request = parse_body(raw, runtime.config.model)
+        record.model, record.stream = request.model, request.stream
+        decision = choose(runtime.router, headers, runtime.rng)
+        record.backend, record.reason = decision.backend, decision.reason
+        response_headers.append((b"x-backend", decision.backend.encode()))
+        exchange = _exchange(runtime, scope, request, decision.backend, record, clock)
+        exchange.response_headers = response_headers
+        await _dispatch(runtime, exchange, receive, tracked_send)
+    except ProxyError as exc:
+        record.status, record.error = exc.status, exc.kind
+        if not started and not record.client_disconnected:
+            await send_error(send, exc, response_headers)
+    except ClientGone:
+        record.client_disconnected, record.status = True, CLIENT_CLOSED
+    finally:
+        clock.finish()
+        record.ttft_ms = clock.ttft_ms()
+        record.latency_ms = clock.latency_ms()
+        if record.stream:
+            record.decode_tps = clock.decode_tps(record.completion_tokens)
+        runtime.log.request(record)
+
+
+async def _dispatch(runtime: Runtime, exchange: Exchange, receive: Receive, send: Send) -> None:
+    """Open the upstream response and relay it, closing it early if the client leaves."""
+    backend = exchange.backend
+    exchange.record.in_flight = runtime.in_flight[backend]
+    runtime.in_flight[backend] += 1
+    error: ProxyError | None = None
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch_disconnect, receive, exchange, group.cancel_scope)
+            try:
+                await _exchange_once(runtime.client, exchange, send)
+            except ProxyError as exc:  # raised from here, not wrapped in an ExceptionGroup
+                error = exc
+            group.cancel_scope.cancel()
+    finally:
+        runtime.in_flight[backend] -= 1
+    if error is not None:
+        raise error
+    if exchange.record.client_disconnected and exchange.record.status is None:
+        exchange.record.status = CLIENT_CLOSED
+
+
+async def _exchange_once(client: httpx.AsyncClient, exchange: Exchange, send: Send) -> None:
+    response = await open_upstream(client, exchange)
+    try:
+        if exchange.record.stream:
+            await relay_stream(response, exchange, send)
+        else:
+            await relay_json(response, exchange, send)
+    except OSError:  # the client's socket broke while we wrote to it
+        exchange.record.client_disconnected = True
+    finally:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+
+
+def _exchange(
+    runtime: Runtime,
+    scope: dict[str, Any],
+    request: ChatRequest,
+    backend: str,
+    record: RequestRecord,
+    clock: Clock,
+) -> Exchange:
+    target = runtime.config.backends[backend]
+    headers = upstream_headers(scope["headers"], runtime.private_headers)
+    headers.append((b"x-request-id", record.request_id.encode("latin-1")))
+    upstream = runtime.client.build_request(
+        "POST",
+        target.url + scope["path"],
+        content=upstream_body(request, target.model),
+        headers=headers,
+        timeout=runtime.timeouts[backend],
+    )
+    return Exchange(
+        backend=backend,
+        request=upstream,
+        record=record,
+        clock=clock,
+        response_headers=[],
+        wants_usage=request.wants_usage,
+        rewrite=model_rewriter(target.model, request.model),
+    )
+
+
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequestError("Content-Length header is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLargeError(_too_large(limit))
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(_too_large(limit))
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _too_large(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes"

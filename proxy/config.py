@@ -1,0 +1,148 @@
+"""routes.yaml -> a typed, frozen `Config`.
+
+The file is parsed once at startup. Every problem becomes one `ConfigError` whose message
+names the key path and what is wrong (`routing.split: percentages add up to 90, not 100`),
+never a traceback from deep inside pydantic or yaml.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from proxy.errors import ConfigError
+
+# Names end up in log lines, headers and URLs: keep them plain.
+BackendName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Listen(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+
+class Timeouts(_Frozen):
+    """Seconds. `read` is the longest silence between two reads from the backend, so a long
+    healthy stream is never cut off; prefill of a long prompt on a CPU can take minutes."""
+
+    connect: float = Field(default=5.0, gt=0)
+    read: float = Field(default=600.0, gt=0)
+
+
+class Backend(_Frozen):
+    url: str
+    # What goes in the upstream body's `model` field. mlx_lm.server tries to load any model
+    # name it does not know, so by default we send the name of the model it was started with.
+    model: str = "default_model"
+    timeouts: Timeouts = Timeouts()
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL like http://127.0.0.1:8080, not {url!r}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"bad port in {url!r}") from exc
+        return url.rstrip("/")
+
+
+class Routing(_Frozen):
+    header: str = "X-Backend"
+    sticky_header: str | None = None
+    split: dict[BackendName, float]
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, split: dict[str, float]) -> dict[str, float]:
+        for name, weight in split.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"{name}: percentage must be between 0 and 100, not {weight}")
+        total = sum(split.values())
+        if not math.isclose(total, 100.0, abs_tol=1e-6):
+            raise ValueError(f"percentages add up to {total:g}, not 100")
+        return split
+
+
+class Logging(_Frozen):
+    path: Path | None = Path("logs/requests.jsonl")
+    stdout: bool = True
+
+
+class Limits(_Frozen):
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+
+
+class Config(_Frozen):
+    listen: Listen = Listen()
+    model: str = Field(min_length=1)
+    backends: dict[BackendName, Backend] = Field(min_length=1)
+    routing: Routing
+    logging: Logging = Logging()
+    limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _split_names_backends(self) -> Config:
+        unknown = sorted(set(self.routing.split) - set(self.backends))
+        if unknown:
+            raise ValueError(
+                f"routing.split: unknown backend {', '.join(unknown)}"
+                f" (backends are: {', '.join(self.backends)})"
+            )
+        return self
+
+    def weights(self) -> list[tuple[str, float]]:
+        """Every backend with its split percentage (0 when the split leaves it out)."""
+        return [(name, self.routing.split.get(name, 0.0)) for name in self.backends]
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate routes.yaml; raise `ConfigError` with one readable message."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: Any, *, source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {_kind(data)}")
+    try:
+        return Config.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as `key.path: problem`."""
+    loc = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    if not loc:  # a model-level check names its own path
+        return message
+    return f"{loc}: {message}"
+
+
+def _kind(value: Any) -> str:
+    return "an empty file" if value is None else type(value).__name__

@@ -1,0 +1,119 @@
+"""Every error the proxy reports, and how it looks to a client.
+
+    ConfigError                  routes.yaml is invalid (startup; never reaches a client)
+    ProxyError                   answered to a client in the OpenAI error shape
+    ├── BadRequestError          400  malformed JSON, non-object body, bad field type
+    ├── UnknownBackendError      400  the routing header names no configured backend
+    ├── PayloadTooLargeError     413  body over `limits.max_body_bytes`
+    ├── BackendUnreachableError  502  connection refused, reset or broken before an answer
+    ├── BackendTimeoutError      504  no connection or no answer within the backend's timeouts
+    └── BackendStatusError       the backend's own 4xx/5xx, its body turned into the OpenAI shape
+
+Each `ProxyError` carries `kind`, the short name written to the `error` field of the log line.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class ConfigError(Exception):
+    """routes.yaml cannot be used; the message names the key path and the problem."""
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+    kind = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.kind
+
+    def body(self) -> dict[str, Any]:
+        return openai_error(self.message, self.type, param=self.param, code=self.code)
+
+
+class BadRequestError(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    kind = "bad_request"
+
+
+class UnknownBackendError(BadRequestError):
+    kind = "unknown_backend"
+
+
+class PayloadTooLargeError(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    kind = "body_too_large"
+
+
+class BackendUnreachableError(ProxyError):
+    status = 502
+    type = "upstream_error"
+    kind = "backend_unreachable"
+
+
+class BackendTimeoutError(ProxyError):
+    status = 504
+    type = "upstream_error"
+    kind = "backend_timeout"
+
+
+class BackendStatusError(ProxyError):
+    """The backend answered with an error status; relayed with that status."""
+
+    kind = "backend_error"
+
+    def __init__(self, status: int, body: bytes, backend: str):
+        self.status = status
+        self.type = "invalid_request_error" if 400 <= status < 500 else "server_error"
+        self._upstream = _openai_shaped(body)
+        message = _message_from(body) or f"backend {backend!r} answered HTTP {status}"
+        super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        if self._upstream is not None:
+            return self._upstream
+        return super().body()
+
+
+def openai_error(
+    message: str, type: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _openai_shaped(body: bytes) -> dict[str, Any] | None:
+    """The backend's body if it already is an OpenAI error, else None."""
+    data = _parse(body)
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        if isinstance(data["error"].get("message"), str):
+            return data
+    return None
+
+
+def _message_from(body: bytes) -> str | None:
+    """The error text inside a backend body: mlx_lm.server sends `{"error": "text"}`."""
+    data = _parse(body)
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, str):
+            return error
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+    text = body.decode("utf-8", errors="replace").strip()
+    # A non-JSON body (an HTML error page, "Not Found") is summarised, never relayed raw.
+    return text[:200] if text and not text.startswith("<") else None

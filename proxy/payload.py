@@ -1,0 +1,106 @@
+"""What is sent upstream: the client's request with the few changes the backends need.
+
+Pure functions. The body is passed through as the client sent it, except:
+- `model` becomes the backend's own name for its model (mlx_lm.server would try to load
+  any name it does not know), and answers carry the client's name back;
+- `draft_model` and `num_draft_tokens` are dropped (a change makes mlx_lm.server reload);
+- streams get `stream_options.include_usage`, so the proxy learns the token counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.errors import BadRequestError
+
+# RFC 9110 7.6.1, plus what is recomputed for the new body or must not leak upstream.
+_NOT_FORWARDED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",  # answers are relayed as bytes: keep them uncompressed
+        "expect",
+    }
+)
+_DROPPED_FIELDS = ("draft_model", "num_draft_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    body: dict[str, Any]
+    model: str  # the name the client asked for (or the public one when it sent none)
+    stream: bool
+    wants_usage: bool  # the client itself asked for the usage chunk
+
+
+def parse_body(raw: bytes, public_model: str) -> ChatRequest:
+    """Validate the client's JSON just enough to route and measure it."""
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequestError(f"request body must be a JSON object, not {_json_type(body)}")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequestError("'stream' must be true or false", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequestError("'stream_options' must be an object", param="stream_options")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequestError("'model' must be a string", param="model")
+    wants_usage = bool(options and options.get("include_usage") is True)
+    return ChatRequest(body, model or public_model, stream, wants_usage)
+
+
+def upstream_body(request: ChatRequest, backend_model: str) -> bytes:
+    body = {k: v for k, v in request.body.items() if k not in _DROPPED_FIELDS}
+    body["model"] = backend_model
+    if request.stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+def upstream_headers(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[
+    tuple[bytes, bytes]
+]:
+    """The client's headers minus hop-by-hop ones and `drop` (lower-case names).
+
+    `Authorization` is forwarded: the backend may check it. It is never logged.
+    """
+    return [
+        (name, value)
+        for name, value in headers
+        if name.decode("latin-1") not in _NOT_FORWARDED and name not in drop
+    ]
+
+
+def model_rewriter(backend_model: str, client_model: str) -> tuple[bytes, bytes] | None:
+    """The byte substitution that puts the client's model name back into answers.
+
+    Answers are relayed as bytes, not re-serialised, so the rewrite is a replace of the
+    exact JSON member as Python's and most servers' encoders write it.
+    """
+    if backend_model == client_model:
+        return None
+    old = b'"model": ' + json.dumps(backend_model).encode()
+    new = b'"model": ' + json.dumps(client_model).encode()
+    return old, new
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )

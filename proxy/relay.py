@@ -1,0 +1,205 @@
+"""Talking to a backend and relaying its answer to the client, as raw ASGI.
+
+The upstream response is opened before anything is sent to the client, so a dead backend
+becomes a clean 502/504 instead of a broken stream. Stream events are forwarded as soon as
+each one is complete, never collected. The upstream response is closed in `finally`, and a
+client that goes away closes it at once: a speculative mlx_lm.server serves one request at
+a time, and generating for nobody would block everyone else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from proxy.accesslog import RequestRecord
+from proxy.errors import (
+    BackendStatusError,
+    BackendTimeoutError,
+    BackendUnreachableError,
+    ProxyError,
+)
+from proxy.sse import EventSplitter, Kind, classify
+from proxy.timing import Clock
+
+Message = MutableMapping[str, Any]
+Send = Callable[[Message], Awaitable[None]]
+Receive = Callable[[], Awaitable[Message]]
+
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request on its way to one backend, and what is learnt about it."""
+
+    backend: str
+    request: httpx.Request
+    record: RequestRecord
+    clock: Clock
+    response_headers: list[tuple[bytes, bytes]]  # x-request-id and x-backend
+    wants_usage: bool
+    rewrite: tuple[bytes, bytes] | None  # backend model name -> client model name
+    # Set just before the last byte goes out: once the answer is complete, uvicorn reports
+    # a disconnect to anyone still listening, and that is not the client leaving early.
+    complete: bool = False
+
+
+async def open_upstream(client: httpx.AsyncClient, exchange: Exchange) -> httpx.Response:
+    """Send the request and wait for the response headers; errors become `ProxyError`s."""
+    try:
+        response = await client.send(exchange.request, stream=True)
+    except httpx.TimeoutException:
+        raise BackendTimeoutError(f"backend {exchange.backend!r} timed out") from None
+    except httpx.TransportError as exc:
+        raise BackendUnreachableError(
+            f"backend {exchange.backend!r} is unreachable: {_describe(exc)}"
+        ) from None
+    if response.status_code >= 400:
+        try:
+            body = await _read(response, exchange.backend)
+        finally:
+            await response.aclose()
+        raise BackendStatusError(response.status_code, body, exchange.backend)
+    return response
+
+
+async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -> None:
+    """A non-stream answer: read it whole (it is one JSON object) and send it on."""
+    exchange.clock.headers()
+    body = await _read(response, exchange.backend)
+    _count_tokens(exchange.record, _usage_of(body))
+    if exchange.rewrite is not None:
+        body = body.replace(*exchange.rewrite)
+    headers = [
+        (b"content-type", response.headers.get("content-type", "application/json").encode()),
+        (b"content-length", str(len(body)).encode()),
+        *exchange.response_headers,
+    ]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    exchange.record.status = response.status_code
+    exchange.complete = True
+    await send({"type": "http.response.body", "body": body})
+
+
+async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send) -> None:
+    """An SSE answer: forward each whole event as it arrives, watching what passes."""
+    record, clock = exchange.record, exchange.clock
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": _SSE_HEADERS + exchange.response_headers,
+        }
+    )
+    record.status = response.status_code
+    splitter = EventSplitter()
+    done = False
+    try:
+        async for chunk in response.aiter_raw():
+            out = []
+            for raw in splitter.feed(chunk):
+                event = classify(raw)
+                if event.kind is Kind.CONTENT:
+                    clock.token()
+                elif event.kind is Kind.DONE:
+                    done = True
+                elif event.kind is Kind.ERROR:
+                    record.error = "backend_stream_error"
+                if event.usage is not None:
+                    _count_tokens(record, event.usage)
+                    if event.kind is Kind.USAGE and not exchange.wants_usage:
+                        continue
+                if exchange.rewrite is not None:
+                    raw = raw.replace(*exchange.rewrite)
+                out.append(raw)
+            if out:
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+    except httpx.TimeoutException:
+        await _fail_stream(send, exchange, BackendTimeoutError(_stalled(exchange)))
+        return
+    except httpx.TransportError as exc:
+        message = f"backend {exchange.backend!r} failed mid-stream: {_describe(exc)}"
+        error = BackendUnreachableError(message, code="stream_interrupted")
+        await _fail_stream(send, exchange, error)
+        return
+    if not done and record.error is None:
+        # mlx_lm.server speaks HTTP/1.0: a backend that dies mid-stream looks like a clean
+        # end of the body. Only `[DONE]` says the answer is complete.
+        message = f"backend {exchange.backend!r} ended the stream before [DONE]"
+        await _fail_stream(send, exchange, BackendUnreachableError(message, code="stream_incomplete"))
+        return
+    exchange.complete = True
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def watch_disconnect(receive: Receive, exchange: Exchange, scope: anyio.CancelScope) -> None:
+    """Cancel the exchange as soon as the client goes away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not exchange.complete:
+                exchange.record.client_disconnected = True
+                scope.cancel()
+            return
+
+
+async def send_error(send: Send, exc: ProxyError, headers: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps(exc.body()).encode()
+    start_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *headers,
+    ]
+    await send({"type": "http.response.start", "status": exc.status, "headers": start_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _fail_stream(send: Send, exchange: Exchange, exc: ProxyError) -> None:
+    """End a started stream with an error event: the openai SDK raises on it, where a
+    stream that just stops would look complete."""
+    exchange.record.error = exc.code or exc.kind
+    exchange.complete = True
+    event = b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+    await send({"type": "http.response.body", "body": event, "more_body": False})
+
+
+async def _read(response: httpx.Response, backend: str) -> bytes:
+    try:
+        return await response.aread()
+    except httpx.TimeoutException:
+        raise BackendTimeoutError(f"backend {backend!r} timed out while answering") from None
+    except httpx.TransportError as exc:
+        raise BackendUnreachableError(
+            f"backend {backend!r} failed while answering: {_describe(exc)}"
+        ) from None
+
+
+def _usage_of(body: bytes) -> dict[str, Any] | None:
+    try:
+        usage = json.loads(body).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _count_tokens(record: RequestRecord, usage: dict[str, Any] | None) -> None:
+    if usage is None:
+        return
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    record.prompt_tokens = prompt if isinstance(prompt, int) else None
+    record.completion_tokens = completion if isinstance(completion, int) else None
+
+
+def _stalled(exchange: Exchange) -> str:
+    seconds = exchange.request.extensions["timeout"]["read"]
+    return f"backend {exchange.backend!r} sent nothing for {seconds:g} s mid-stream"
+
+
+def _describe(exc: httpx.TransportError) -> str:
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,101 @@
+"""Reading an OpenAI-style server-sent event stream as it passes through.
+
+The proxy forwards events untouched, but it must know a few things about each one: is it a
+`: keepalive` comment (mlx_lm.server sends them during prefill), does it carry generated
+content (the first one fixes TTFT, the last one ends the decode clock), is it the usage-only
+chunk (token counts; removed when the client did not ask for it), an error, or `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Kind(Enum):
+    COMMENT = "comment"  # `: keepalive 10/200`
+    CONTENT = "content"  # a chunk with generated text, tool calls or reasoning
+    USAGE = "usage"  # `choices: []` with `usage`: the include_usage chunk
+    ERROR = "error"  # `{"error": ...}` sent by the backend mid-stream
+    DONE = "done"  # `data: [DONE]`
+    OTHER = "other"  # role-only deltas, the finish_reason chunk, anything else
+
+
+@dataclass(slots=True)
+class Event:
+    raw: bytes  # the whole event, blank-line terminator included, as it will be forwarded
+    kind: Kind
+    usage: dict[str, Any] | None = None
+
+
+class EventSplitter:
+    """Cuts a byte stream into whole events; a partial event waits for the rest of it."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if b"\r" in chunk:  # CRLF framing is legal SSE; normalise so one delimiter suffices
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._pending + chunk if self._pending else chunk
+        events = []
+        start = 0
+        while (end := data.find(b"\n\n", start)) != -1:
+            events.append(data[start : end + 2])
+            start = end + 2
+        self._pending = data[start:]
+        return events
+
+    def leftover(self) -> bytes:
+        """Bytes of an event that never ended (the stream stopped inside it)."""
+        return self._pending
+
+
+def classify(raw: bytes) -> Event:
+    if raw.startswith(b":"):
+        return Event(raw, Kind.COMMENT)
+    data = _data_of(raw)
+    if data is None:
+        return Event(raw, Kind.OTHER)
+    if data == b"[DONE]":
+        return Event(raw, Kind.DONE)
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return Event(raw, Kind.OTHER)
+    if not isinstance(payload, dict):
+        return Event(raw, Kind.OTHER)
+    if "error" in payload:
+        return Event(raw, Kind.ERROR)
+    usage = payload.get("usage")
+    usage = usage if isinstance(usage, dict) else None
+    choices = payload.get("choices")
+    if choices and any(_has_content(choice) for choice in choices):
+        return Event(raw, Kind.CONTENT, usage)
+    if usage is not None and not choices:
+        return Event(raw, Kind.USAGE, usage)
+    return Event(raw, Kind.OTHER, usage)
+
+
+def _data_of(raw: bytes) -> bytes | None:
+    """The `data:` payload of an event, multi-line data joined with newlines."""
+    if raw.startswith(b"data:") and raw.count(b"\n") == 2:  # the common one-line event
+        return raw[5:].strip()
+    lines = [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def _has_content(choice: Any) -> bool:
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return bool(
+            delta.get("content")
+            or delta.get("tool_calls")
+            or delta.get("reasoning")
+            or delta.get("reasoning_content")
+        )
+    return bool(choice.get("text"))  # legacy /v1/completions chunks

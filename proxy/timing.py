@@ -1,0 +1,56 @@
+"""The per-request clock: what is measured, and how the logged figures derive from it.
+
+All marks are `time.perf_counter()` seconds; the figures are milliseconds (or tokens/s).
+- ttft:    request received -> first chunk with generated content (stream), or -> the
+           backend's response headers (non-stream).
+- latency: request received -> last byte sent to the client.
+- decode:  (completion_tokens - 1) / (last content chunk - first content chunk), streams
+           only: it leaves prefill out, which is what a draft model cannot speed up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Clock:
+    start: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    last_token: float | None = None
+    end: float | None = None
+
+    def token(self) -> None:
+        """A chunk carrying generated content has just arrived."""
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+        self.last_token = now
+
+    def headers(self) -> None:
+        """The backend's response headers arrived: TTFT for a non-stream answer."""
+        self.first_token = time.perf_counter()
+
+    def finish(self) -> None:
+        self.end = time.perf_counter()
+
+    def ttft_ms(self) -> float | None:
+        return _ms(self.first_token - self.start) if self.first_token is not None else None
+
+    def latency_ms(self) -> float | None:
+        return _ms(self.end - self.start) if self.end is not None else None
+
+    def decode_tps(self, completion_tokens: int | None) -> float | None:
+        if completion_tokens is None or completion_tokens < 2:
+            return None
+        if self.first_token is None or self.last_token is None:
+            return None
+        elapsed = self.last_token - self.first_token
+        if elapsed <= 0:
+            return None
+        return round((completion_tokens - 1) / elapsed, 3)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)

@@ -1,0 +1,509 @@
+"""Measure the latency and throughput the proxy adds on top of a backend.
+
+Three processes: a fake OpenAI backend, the proxy in front of it, and this script as the load
+generator. Each scenario (non-stream / stream, concurrency 1 / 16) runs in interleaved rounds
+against the backend directly and through the proxy, so slow drift on a noisy machine hits both
+arms alike; the report gives the proxy arm as a ratio of, and an added delta over, the direct
+arm rather than as absolute figures.
+
+The fake backend and the load generator are raw asyncio (a Protocol server, a streams client
+speaking just enough HTTP/1.1 keep-alive). A web framework on either side would cost about as
+much CPU per request as the proxy itself, and the direct arm would then measure the framework
+instead of a baseline. The fake answers `POST /v1/chat/completions` (JSON, or SSE over chunked
+transfer encoding) and `GET /health` (and `/healthz`, so a second fake can stand in for the
+proxy via `--proxy-url`).
+
+    python scripts/bench_overhead.py                       # start fake + proxy, run, report
+    python scripts/bench_overhead.py --proxy-url http://127.0.0.1:8000 --json out.json
+    python scripts/bench_overhead.py --serve-fake 9000     # only the fake backend
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import platform
+import re
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+MODEL = "bench-model"
+HOST = "127.0.0.1"
+SCENARIOS = (("non-stream c=1", False, 1), ("stream c=1", True, 1),
+             ("non-stream c=16", False, 16), ("stream c=16", True, 16))
+PROMPT_TOKENS = 24
+REQUEST_TIMEOUT_S = 30.0
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
+# A content delta with non-empty text, matched in a chunk plus the tail of the previous one.
+CONTENT_RE = re.compile(rb'"content":\s*"[^"]')
+DONE_MARK = b"data: [DONE]"
+TAIL_BYTES = 64
+
+
+class ProtocolError(Exception):
+    """The peer did not speak the HTTP we expected."""
+
+
+# ---------------------------------------------------------------- fake backend (server side)
+
+
+def _chunk_json(model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+    return {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": model, "system_fingerprint": "fp_bench",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def _usage(tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": tokens,
+            "total_tokens": PROMPT_TOKENS + tokens}
+
+
+def _http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _sse(obj: Any) -> bytes:
+    return _http_chunk(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+
+@functools.lru_cache(maxsize=64)
+def stream_frames(model: str, tokens: int, usage: bool) -> tuple[bytes, ...]:
+    """Every write of one streamed answer, already in chunked transfer encoding."""
+    frames = [_sse(_chunk_json(model, {"role": "assistant", "content": ""}, None))]
+    frames += [_sse(_chunk_json(model, {"content": "tok "}, None))] * tokens
+    frames.append(_sse(_chunk_json(model, {}, "stop")))
+    if usage:
+        frames.append(_sse({**_chunk_json(model, {}, None), "choices": [], "usage": _usage(tokens)}))
+    frames += [_http_chunk(DONE_MARK + b"\n\n"), b"0\r\n\r\n"]
+    return tuple(frames)
+
+
+@functools.lru_cache(maxsize=64)
+def completion_body(model: str, tokens: int) -> bytes:
+    body = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
+            "model": model, "system_fingerprint": "fp_bench",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "tok " * tokens},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": _usage(tokens)}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def response_head(status: str, ctype: str, length: int | None) -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{framing}\r\n"
+            "Connection: keep-alive\r\n\r\n").encode()
+
+
+def parse_request(buf: bytearray) -> tuple[str, str, bytes, bool, int] | None:
+    """(method, path, body, keep_alive, bytes used) of the first full request in buf, or None."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    method, path, _version = lines[0].split(" ", 2)
+    headers = dict(line.lower().split(":", 1) for line in lines[1:] if ":" in line)
+    length = int(headers.get("content-length", "0"))
+    if len(buf) < end + 4 + length:
+        return None
+    keep_alive = headers.get("connection", "").strip() != "close"
+    return method, path, bytes(buf[end + 4:end + 4 + length]), keep_alive, end + 4 + length
+
+
+class FakeBackend(asyncio.Protocol):
+    """One keep-alive connection; requests are answered in order, one at a time."""
+
+    def __init__(self, tokens: int, token_delay: float) -> None:
+        self.tokens, self.token_delay = tokens, token_delay
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.busy: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.process()
+
+    def process(self, _done: object = None) -> None:
+        self.busy = None
+        while self.busy is None and self.transport and not self.transport.is_closing():
+            try:
+                request = parse_request(self.buf)
+            except ValueError:
+                self.transport.close()
+                return
+            if request is None:
+                return
+            del self.buf[:request[4]]
+            self.answer(*request[:4])
+
+    def answer(self, method: str, path: str, body: bytes, keep_alive: bool) -> None:
+        assert self.transport is not None
+        if method == "GET" and path in ("/health", "/healthz"):
+            self.transport.write(response_head("200 OK", "application/json", 15) + b'{"status":"ok"}')
+        elif method == "POST" and path == "/v1/chat/completions":
+            req = json.loads(body or b"{}")
+            model = str(req.get("model", MODEL))
+            if req.get("stream"):
+                usage = bool((req.get("stream_options") or {}).get("include_usage"))
+                frames = stream_frames(model, self.tokens, usage)
+                self.busy = asyncio.get_running_loop().create_task(self.stream(frames, keep_alive))
+                self.busy.add_done_callback(self.process)
+                return
+            payload = completion_body(model, self.tokens)
+            self.transport.write(response_head("200 OK", "application/json", len(payload)) + payload)
+        else:
+            self.transport.write(response_head("404 Not Found", "text/plain", 9) + b"not found")
+        if not keep_alive:
+            self.transport.close()
+
+    async def stream(self, frames: tuple[bytes, ...], keep_alive: bool) -> None:
+        assert self.transport is not None
+        self.transport.write(response_head("200 OK", "text/event-stream", None))
+        for frame in frames:  # one write per SSE event
+            if self.transport.is_closing():
+                return
+            self.transport.write(frame)
+            if self.token_delay:
+                await asyncio.sleep(self.token_delay)
+        if not keep_alive:
+            self.transport.close()
+
+
+async def serve_fake(port: int, tokens: int, token_delay: float) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: FakeBackend(tokens, token_delay), HOST, port)
+    print(server.sockets[0].getsockname()[1], flush=True)  # the parent waits for this line
+    async with server:
+        await server.serve_forever()
+
+
+# ---------------------------------------------------------------- load generator (client side)
+
+
+@dataclass
+class ArmResult:
+    """Pooled samples of one arm (direct or proxy) in one scenario."""
+
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+
+
+def build_request(port: int, stream: bool, tokens: int) -> bytes:
+    body: dict[str, Any] = {
+        "model": MODEL, "max_tokens": tokens, "temperature": 0, "stream": stream,
+        "messages": [{"role": "system", "content": "You are a terse benchmarking assistant."},
+                     {"role": "user", "content": "Count from one to sixteen, one word each."}]}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    data = json.dumps(body).encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(data)}\r\n"
+            "\r\n").encode() + data
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise ProtocolError(f"bad status line {lines[0]!r}")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(parts[1]), headers
+
+
+async def read_chunks(reader: asyncio.StreamReader, t0: float) -> tuple[float | None, bool]:
+    """Consume a chunked body; return (time of first non-empty content, saw [DONE])."""
+    ttft: float | None = None
+    tail = b""
+    done = False
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                pass
+            return ttft, done
+        data = (await reader.readexactly(size + 2))[:-2]
+        window = tail + data
+        if ttft is None and CONTENT_RE.search(window):
+            ttft = time.perf_counter() - t0
+        done = done or DONE_MARK in window
+        tail = window[-TAIL_BYTES:]
+
+
+async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      request: bytes, stream: bool) -> tuple[float, float, bool]:
+    """Send one request, read the whole answer: (ttft, total, connection reusable)."""
+    t0 = time.perf_counter()
+    writer.write(request)
+    status, headers = await read_head(reader)
+    ttft: float | None = time.perf_counter() - t0
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        content_ttft, done = await read_chunks(reader, t0)
+        if stream:
+            ttft = content_ttft
+            if not done:
+                raise ProtocolError("stream ended without data: [DONE]")
+    elif "content-length" in headers:
+        await reader.readexactly(int(headers["content-length"]))
+    else:
+        raise ProtocolError("response has neither Content-Length nor chunked encoding")
+    if status != 200 or ttft is None:
+        raise ProtocolError(f"status {status}, content seen: {ttft is not None}")
+    return ttft, time.perf_counter() - t0, headers.get("connection", "").lower() != "close"
+
+
+async def close_writer(writer: asyncio.StreamWriter | None) -> None:
+    if writer is not None:
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), STOP_TIMEOUT_S)
+
+
+async def worker(port: int, request: bytes, stream: bool, deadline: float,
+                 result: ArmResult) -> None:
+    """One connection sending requests back to back until the deadline."""
+    writer: asyncio.StreamWriter | None = None
+    while time.perf_counter() < deadline:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(HOST, port)
+                ttft, total, reusable = await one_request(reader, writer, request, stream)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, ProtocolError):
+            result.errors += 1
+            reusable = False
+        else:
+            result.requests += 1
+            result.ttft.append(ttft)
+            result.total.append(total)
+        if not reusable:
+            await close_writer(writer)
+            writer = None
+    await close_writer(writer)
+
+
+async def run_load(port: int, stream: bool, conc: int, seconds: float, tokens: int,
+                   result: ArmResult) -> None:
+    request = build_request(port, stream, tokens)
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(port, request, stream, start + seconds, result)
+                           for _ in range(conc)))
+    result.seconds += time.perf_counter() - start  # includes the last in-flight requests
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+async def start_fake(tokens: int, token_delay_ms: float, log: Path) -> tuple[Any, int]:
+    with log.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--serve-fake", "0", "--tokens", str(tokens),
+            "--token-delay-ms", str(token_delay_ms),
+            stdout=asyncio.subprocess.PIPE, stderr=stderr)
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT_S)
+        return proc, int(line)
+    except (TimeoutError, ValueError):
+        await stop(proc)
+        raise SystemExit(f"fake backend did not start:\n{log.read_text()}") from None
+
+
+async def start_proxy(tmp: Path, fake_port: int) -> tuple[Any, int]:
+    port = free_port()
+    config = tmp / "routes.yaml"
+    config.write_text(
+        f"listen: {{host: {HOST}, port: {port}}}\nmodel: {MODEL}\n"
+        f"backends:\n  baseline: {{url: http://{HOST}:{fake_port}}}\n"
+        "routing:\n  split: {baseline: 100}\n"
+        f"logging: {{path: {json.dumps(str(tmp / 'requests.jsonl'))}, stdout: false}}\n")
+    python = str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable)
+    log = tmp / "proxy.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            python, "-m", "proxy", "serve", "--config", str(config), "--host", HOST,
+            "--port", str(port), cwd=REPO_ROOT, stdout=out, stderr=out)
+    if not await wait_healthy(port, "/healthz", proc):
+        await stop(proc)
+        raise SystemExit(f"proxy not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{log.read_text()}")
+    return proc, port
+
+
+async def wait_healthy(port: int, path: str, proc: Any = None) -> bool:
+    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
+    deadline = time.perf_counter() + STARTUP_TIMEOUT_S
+    while time.perf_counter() < deadline and (proc is None or proc.returncode is None):
+        writer = None
+        try:
+            async with asyncio.timeout(2.0):
+                reader, writer = await asyncio.open_connection(HOST, port)
+                writer.write(request)
+                if (await read_head(reader))[0] == 200:
+                    return True
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, ProtocolError):
+            pass
+        finally:
+            await close_writer(writer)
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def stop(proc: Any) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------- measurement and report
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Linear-interpolated percentile in ms (NaN without samples)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * pct / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return 1000 * (ordered[low] + (ordered[high] - ordered[low]) * (pos - low))
+
+
+def summarize(arm: ArmResult) -> dict[str, float]:
+    return {"requests": arm.requests, "errors": arm.errors, "seconds": arm.seconds,
+            "rps": arm.requests / arm.seconds if arm.seconds else 0.0,
+            **{f"{kind}_p{p}_ms": percentile(getattr(arm, kind), p)
+               for kind in ("ttft", "total") for p in (50, 99)}}
+
+
+async def run_scenario(ports: dict[str, int], stream: bool, conc: int,
+                       args: argparse.Namespace) -> dict[str, ArmResult]:
+    for port in ports.values():  # warm-up: connections, caches, JIT-less code paths
+        await run_load(port, stream, conc, args.warmup, args.tokens, ArmResult())
+    arms = {arm: ArmResult() for arm in ports}
+    for rnd in range(args.rounds):  # alternate the order too, so neither arm always goes first
+        for arm in (list(ports) if rnd % 2 == 0 else list(ports)[::-1]):
+            await run_load(ports[arm], stream, conc, args.seconds, args.tokens, arms[arm])
+    return arms
+
+
+def scenario_record(name: str, stream: bool, conc: int,
+                    arms: dict[str, ArmResult]) -> dict[str, Any]:
+    direct, proxy = summarize(arms["direct"]), summarize(arms["proxy"])
+    ratio = proxy["rps"] / direct["rps"] if direct["rps"] else float("nan")
+    added = {key: proxy[key] - direct[key] for key in direct if key.endswith("_ms")}
+    return {"scenario": name, "stream": stream, "concurrency": conc, "direct": direct,
+            "proxy": proxy, "throughput_ratio": ratio, "added_ms": added}
+
+
+def print_report(records: list[dict[str, Any]]) -> None:
+    print(f"\n{'scenario':<16}{'req/s direct':>14}{'req/s proxy':>13}{'ratio':>9}"
+          f"{'errors d/p':>12}")
+    for rec in records:
+        d, p = rec["direct"], rec["proxy"]
+        print(f"{rec['scenario']:<16}{d['rps']:>14.1f}{p['rps']:>13.1f}"
+              f"{rec['throughput_ratio']:>9.1%}{d['errors']:>7}/{p['errors']}")
+    print(f"\n{'latency (ms)':<16}{'metric':<11}{'direct':>9}{'proxy':>9}{'added':>9}")
+    for rec in records:
+        for i, key in enumerate(("ttft_p50_ms", "ttft_p99_ms", "total_p50_ms", "total_p99_ms")):
+            label = key.removesuffix("_ms").replace("_", " ").replace("ttft", "TTFT")
+            print(f"{rec['scenario'] if i == 0 else '':<16}{label:<11}{rec['direct'][key]:>9.3f}"
+                  f"{rec['proxy'][key]:>9.3f}{rec['added_ms'][key]:>+9.3f}")
+    print("\nTTFT: first chunk with non-empty content for streams, response headers otherwise.")
+
+
+def header(args: argparse.Namespace) -> dict[str, Any]:
+    return {"cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup,
+            "tokens": args.tokens, "token_delay_ms": args.token_delay_ms,
+            "proxy_url": args.proxy_url or "(started by this script)"}
+
+
+async def bench(args: argparse.Namespace) -> None:
+    meta = header(args)
+    print("bench_overhead: " + ", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
+    procs: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmpdir:
+        tmp = Path(tmpdir)
+        try:
+            fake, fake_port = await start_fake(args.tokens, args.token_delay_ms, tmp / "fake.log")
+            procs.append(fake)
+            if args.proxy_url:
+                proxy_port = urlsplit(args.proxy_url).port or 80
+                if not await wait_healthy(proxy_port, "/healthz"):
+                    raise SystemExit(f"{args.proxy_url}/healthz did not answer 200")
+            else:
+                proxy, proxy_port = await start_proxy(tmp, fake_port)
+                procs.append(proxy)
+            ports = {"direct": fake_port, "proxy": proxy_port}
+            records = []
+            for name, stream, conc in SCENARIOS:
+                print(f"running {name} ...", flush=True)
+                arms = await run_scenario(ports, stream, conc, args)
+                records.append(scenario_record(name, stream, conc, arms))
+        finally:
+            for proc in procs:
+                await stop(proc)
+    print_report(records)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "scenarios": records}, indent=2))
+        print(f"wrote {args.json}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per arm and scenario")
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of one round")
+    ap.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per arm")
+    ap.add_argument("--tokens", type=int, default=16, help="content chunks per answer")
+    ap.add_argument("--token-delay-ms", type=float, default=0.0,
+                    help="fake backend sleep between stream chunks (default: none)")
+    ap.add_argument("--proxy-url", help="use this running proxy instead of starting one")
+    ap.add_argument("--json", metavar="FILE", help="also write all figures to FILE")
+    ap.add_argument("--serve-fake", type=int, metavar="PORT",
+                    help="only run the fake backend on PORT (0: any) and print the port")
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.serve_fake is not None:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_fake(args.serve_fake, args.tokens, args.token_delay_ms / 1000))
+        return
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Shared fixtures: fake backends on real sockets, and the proxy under a real uvicorn."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from proxy.app import create_app
+from proxy.config import Config, parse_config
+from tests.fakebackend import FakeBackend
+
+
+def make_config(tmp_path: Path, backends: dict[str, str], **overrides: Any) -> Config:
+    """A valid config over `backends` (name -> url), split evenly unless overridden."""
+    names = list(backends)
+    share = 100 / len(names)
+    data: dict[str, Any] = {
+        "model": "test-model",
+        "backends": {name: {"url": url} for name, url in backends.items()},
+        "routing": {"header": "X-Backend", "split": dict.fromkeys(names, share)},
+        "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+    }
+    for key, value in overrides.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    return parse_config(data)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBackend]:
+    backend = FakeBackend().start()
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture
+def fake2() -> Iterator[FakeBackend]:
+    backend = FakeBackend().start()
+    yield backend
+    backend.stop()
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    log_path: Path
+    server: uvicorn.Server
+
+    def log(self) -> list[dict[str, Any]]:
+        return read_log(self.log_path)
+
+    def wait_for_log(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Log lines are written after the last byte; wait until `count` have landed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.log()
+            if len(lines) >= count:
+                return lines
+            time.sleep(0.01)
+        return self.log()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def serve_proxy() -> Iterator[Any]:
+    """Start the proxy for a config under uvicorn on a loopback port, in a thread."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(config: Config) -> RunningProxy:
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
+                           log_level="warning", access_log=False)
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("proxy did not start")
+            time.sleep(0.01)
+        servers.append((server, thread))
+        assert config.logging.path is not None
+        return RunningProxy(f"http://127.0.0.1:{port}", config.logging.path, server)
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)

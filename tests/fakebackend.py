@@ -1,0 +1,214 @@
+"""A fake mlx_lm.server on a real socket, with faults on demand.
+
+It speaks like mlx_lm.server on the wire: HTTP/1.0, a stream's body ends when the connection
+closes, `: keepalive` comments during "prefill", `{"error": "text"}` error bodies, 411 without
+a Content-Length. A request picks its behaviour with an `X-Fake` header, for example
+`X-Fake: tokens=20; delay=0.05; die_after=3`:
+
+    tokens=N       completion length (default 5)
+    delay=S        seconds between tokens (default 0)
+    prefill=S      seconds before the first token, sending keepalives meanwhile
+    die_after=N    stream: drop the connection after N tokens, without [DONE]
+    status=N       answer with this error status and an mlx_lm-style body
+    stall=S        stream: after the first token, send nothing for S seconds
+
+Every request is recorded (path, headers, JSON body), and so is the moment the client
+closed the connection while the fake was still answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+    received_at: float
+    client_closed_at: float | None = None  # the peer went away before the answer was done
+    finished: bool = False
+
+
+@dataclass
+class FakeBackend:
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[Seen] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _server: asyncio.Server | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> FakeBackend:
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._handle, self.host, self.port)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+            self._loop.run_forever()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake backend did not start")
+        return self
+
+    def stop(self) -> None:
+        assert self._loop is not None and self._server is not None and self._thread
+        loop, server = self._loop, self._server
+
+        async def shutdown() -> None:
+            server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(5)
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.01)
+        return False
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, path, headers = _parse_head(head)
+            if method == "GET":
+                await _answer(writer, 200, {"status": "ok"} if path == "/health" else {})
+                return
+            if "content-length" not in headers:
+                await _answer(writer, 411, {"error": "Content-Length header is required"})
+                return
+            raw = await reader.readexactly(int(headers["content-length"]))
+            seen = Seen(path, headers, json.loads(raw), time.perf_counter())
+            self.requests.append(seen)
+            await self._respond(seen, reader, writer)
+            seen.finished = True
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(
+        self, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        mode = _mode(seen.headers.get("x-fake", ""))
+        assert seen.body is not None
+        if "status" in mode:
+            await _answer(writer, int(mode["status"]), {"error": "fake backend failure"})
+            return
+        watcher = asyncio.ensure_future(_watch_close(reader, seen))
+        try:
+            if seen.body.get("stream"):
+                await _stream(writer, seen.body, mode)
+            else:
+                await asyncio.sleep(mode.get("prefill", 0) + mode.get("delay", 0) * mode["tokens"])
+                await _answer(writer, 200, _completion(seen.body, int(mode["tokens"])))
+        finally:
+            watcher.cancel()
+
+
+async def _watch_close(reader: asyncio.StreamReader, seen: Seen) -> None:
+    """HTTP/1.0: the client sends nothing more, so EOF means it closed the connection."""
+    await reader.read(1)
+    seen.client_closed_at = time.perf_counter()
+
+
+async def _stream(writer: asyncio.StreamWriter, body: dict[str, Any], mode: dict[str, float]) -> None:
+    writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+    prefill = mode.get("prefill", 0.0)
+    while prefill > 0:
+        step = min(prefill, 0.05)
+        await asyncio.sleep(step)
+        prefill -= step
+        writer.write(b": keepalive 1/2\n\n")
+        await writer.drain()
+    _event(writer, _chunk(body, {"role": "assistant", "content": ""}))  # role-only delta
+    tokens = int(mode["tokens"])
+    for i in range(tokens):
+        if i and mode.get("delay"):
+            await asyncio.sleep(mode["delay"])
+        if "die_after" in mode and i == int(mode["die_after"]):
+            writer.transport.abort()
+            return
+        _event(writer, _chunk(body, {"content": f"tok{i} "}))
+        await writer.drain()
+        if i == 0 and mode.get("stall"):
+            await asyncio.sleep(mode["stall"])
+    _event(writer, _chunk(body, {}, finish="length"))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}
+        _event(writer, {"id": "chatcmpl-fake", "object": "chat.completion", "model": body["model"],
+                        "created": 0, "choices": [], "usage": usage})
+    writer.write(b"data: [DONE]\n\n")
+    await writer.drain()
+
+
+def _chunk(body: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+            "model": body["model"], "choices": [choice]}
+
+
+def _completion(body: dict[str, Any], tokens: int) -> dict[str, Any]:
+    text = "".join(f"tok{i} " for i in range(tokens))
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body["model"],
+        "choices": [{"index": 0, "finish_reason": "length",
+                     "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens},
+    }
+
+
+def _event(writer: asyncio.StreamWriter, payload: dict[str, Any]) -> None:
+    writer.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+
+async def _answer(writer: asyncio.StreamWriter, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    writer.write(
+        f"HTTP/1.0 {status} X\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+    )
+    await writer.drain()
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    return method, path, headers
+
+
+def _mode(spec: str) -> dict[str, float]:
+    mode: dict[str, float] = {"tokens": 5}
+    for part in spec.split(";"):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            mode[key.strip()] = float(value)
+    return mode
