@@ -150,7 +150,7 @@ def _exchange(
         clock=clock,
         response_headers=[],
         wants_usage=request.wants_usage,
-        rewrite=model_rewriter(target.model, request.model),
+        rewrites=model_rewriter(target.model, request.model),
     )
 
 

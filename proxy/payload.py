@@ -87,17 +87,22 @@ def upstream_headers(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes])
     ]
 
 
-def model_rewriter(backend_model: str, client_model: str) -> tuple[bytes, bytes] | None:
-    """The byte substitution that puts the client's model name back into answers.
+def model_rewriter(backend_model: str, client_model: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The byte substitutions that put the client's model name back into answers.
 
-    Answers are relayed as bytes, not re-serialised, so the rewrite is a replace of the
-    exact JSON member as Python's and most servers' encoders write it.
+    Answers are relayed as bytes, not re-serialised, so the rewrite replaces the exact JSON
+    member, as Python's encoder writes it (mlx_lm.server) and as compact encoders do.
     """
     if backend_model == client_model:
-        return None
-    old = b'"model": ' + json.dumps(backend_model).encode()
-    new = b'"model": ' + json.dumps(client_model).encode()
-    return old, new
+        return ()
+    old, new = json.dumps(backend_model).encode(), json.dumps(client_model).encode()
+    return tuple((b'"model"' + sep + old, b'"model"' + sep + new) for sep in (b": ", b":"))
+
+
+def rewrite(data: bytes, rewrites: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    for old, new in rewrites:
+        data = data.replace(old, new)
+    return data
 
 
 def _json_type(value: Any) -> str:

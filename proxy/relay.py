@@ -24,6 +24,7 @@ from proxy.errors import (
     BackendUnreachableError,
     ProxyError,
 )
+from proxy.payload import rewrite
 from proxy.sse import EventSplitter, Kind, classify
 from proxy.timing import Clock
 
@@ -44,7 +45,7 @@ class Exchange:
     clock: Clock
     response_headers: list[tuple[bytes, bytes]]  # x-request-id and x-backend
     wants_usage: bool
-    rewrite: tuple[bytes, bytes] | None  # backend model name -> client model name
+    rewrites: tuple[tuple[bytes, bytes], ...]  # backend model name -> client model name
     # Set just before the last byte goes out: once the answer is complete, uvicorn reports
     # a disconnect to anyone still listening, and that is not the client leaving early.
     complete: bool = False
@@ -74,8 +75,7 @@ async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -
     exchange.clock.headers()
     body = await _read(response, exchange.backend)
     _count_tokens(exchange.record, _usage_of(body))
-    if exchange.rewrite is not None:
-        body = body.replace(*exchange.rewrite)
+    body = rewrite(body, exchange.rewrites)
     headers = [
         (b"content-type", response.headers.get("content-type", "application/json").encode()),
         (b"content-length", str(len(body)).encode()),
@@ -115,9 +115,7 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
                     _count_tokens(record, event.usage)
                     if event.kind is Kind.USAGE and not exchange.wants_usage:
                         continue
-                if exchange.rewrite is not None:
-                    raw = raw.replace(*exchange.rewrite)
-                out.append(raw)
+                out.append(rewrite(raw, exchange.rewrites))
             if out:
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
     except httpx.TimeoutException:

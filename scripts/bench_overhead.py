@@ -9,9 +9,12 @@ arm rather than as absolute figures.
 The fake backend and the load generator are raw asyncio (a Protocol server, a streams client
 speaking just enough HTTP/1.1 keep-alive). A web framework on either side would cost about as
 much CPU per request as the proxy itself, and the direct arm would then measure the framework
-instead of a baseline. The fake answers `POST /v1/chat/completions` (JSON, or SSE over chunked
-transfer encoding) and `GET /health` (and `/healthz`, so a second fake can stand in for the
-proxy via `--proxy-url`).
+instead of a baseline. All three share the machine's CPUs, so the direct arm's req/s is the
+most this client gets from a free backend: the ratio says how much of that is left through the
+proxy, not the proxy's capacity on a dedicated core.
+
+The fake answers `POST /v1/chat/completions` (JSON, or SSE over chunked transfer encoding) and
+`GET /health` (and `/healthz`, so a second fake can stand in for the proxy via `--proxy-url`).
 
     python scripts/bench_overhead.py                       # start fake + proxy, run, report
     python scripts/bench_overhead.py --proxy-url http://127.0.0.1:8000 --json out.json
@@ -32,7 +35,8 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from asyncio.subprocess import Process
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,8 +57,15 @@ DONE_MARK = b"data: [DONE]"
 TAIL_BYTES = 64
 
 
+Target = tuple[str, int]  # (host, port)
+
+
 class ProtocolError(Exception):
     """The peer did not speak the HTTP we expected."""
+
+
+class BenchError(Exception):
+    """The benchmark cannot run (a process did not start); the message says why."""
 
 
 # ---------------------------------------------------------------- fake backend (server side)
@@ -86,7 +97,8 @@ def stream_frames(model: str, tokens: int, usage: bool) -> tuple[bytes, ...]:
     frames += [_sse(_chunk_json(model, {"content": "tok "}, None))] * tokens
     frames.append(_sse(_chunk_json(model, {}, "stop")))
     if usage:
-        frames.append(_sse({**_chunk_json(model, {}, None), "choices": [], "usage": _usage(tokens)}))
+        usage_chunk = {**_chunk_json(model, {}, None), "choices": [], "usage": _usage(tokens)}
+        frames.append(_sse(usage_chunk))
     frames += [_http_chunk(DONE_MARK + b"\n\n"), b"0\r\n\r\n"]
     return tuple(frames)
 
@@ -95,7 +107,8 @@ def stream_frames(model: str, tokens: int, usage: bool) -> tuple[bytes, ...]:
 def completion_body(model: str, tokens: int) -> bytes:
     body = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
             "model": model, "system_fingerprint": "fp_bench",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "tok " * tokens},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "tok " * tokens,
+                                     "refusal": None, "annotations": []},
                          "logprobs": None, "finish_reason": "stop"}],
             "usage": _usage(tokens)}
     return json.dumps(body, separators=(",", ":")).encode()
@@ -140,22 +153,22 @@ class FakeBackend(asyncio.Protocol):
         self.process()
 
     def process(self, _done: object = None) -> None:
+        """Answer each complete request in the buffer; pause while a stream is being written."""
         self.busy = None
         while self.busy is None and self.transport and not self.transport.is_closing():
             try:
                 request = parse_request(self.buf)
-            except ValueError:
+                if request is None:
+                    return
+                del self.buf[: request[4]]
+                self.answer(*request[:4])
+            except (ValueError, AttributeError):  # not HTTP, or a body that is not a JSON object
                 self.transport.close()
-                return
-            if request is None:
-                return
-            del self.buf[:request[4]]
-            self.answer(*request[:4])
 
     def answer(self, method: str, path: str, body: bytes, keep_alive: bool) -> None:
         assert self.transport is not None
         if method == "GET" and path in ("/health", "/healthz"):
-            self.transport.write(response_head("200 OK", "application/json", 15) + b'{"status":"ok"}')
+            self.reply("200 OK", "application/json", b'{"status":"ok"}')
         elif method == "POST" and path == "/v1/chat/completions":
             req = json.loads(body or b"{}")
             model = str(req.get("model", MODEL))
@@ -165,12 +178,15 @@ class FakeBackend(asyncio.Protocol):
                 self.busy = asyncio.get_running_loop().create_task(self.stream(frames, keep_alive))
                 self.busy.add_done_callback(self.process)
                 return
-            payload = completion_body(model, self.tokens)
-            self.transport.write(response_head("200 OK", "application/json", len(payload)) + payload)
+            self.reply("200 OK", "application/json", completion_body(model, self.tokens))
         else:
-            self.transport.write(response_head("404 Not Found", "text/plain", 9) + b"not found")
+            self.reply("404 Not Found", "text/plain", b"not found")
         if not keep_alive:
             self.transport.close()
+
+    def reply(self, status: str, ctype: str, body: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(response_head(status, ctype, len(body)) + body)
 
     async def stream(self, frames: tuple[bytes, ...], keep_alive: bool) -> None:
         assert self.transport is not None
@@ -207,7 +223,7 @@ class ArmResult:
     total: list[float] = field(default_factory=list)
 
 
-def build_request(port: int, stream: bool, tokens: int) -> bytes:
+def build_request(target: Target, stream: bool, tokens: int) -> bytes:
     body: dict[str, Any] = {
         "model": MODEL, "max_tokens": tokens, "temperature": 0, "stream": stream,
         "messages": [{"role": "system", "content": "You are a terse benchmarking assistant."},
@@ -215,7 +231,7 @@ def build_request(port: int, stream: bool, tokens: int) -> bytes:
     if stream:
         body["stream_options"] = {"include_usage": True}
     data = json.dumps(body).encode()
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {target[0]}:{target[1]}\r\n"
             f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(data)}\r\n"
             "\r\n").encode() + data
 
@@ -254,20 +270,23 @@ async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     t0 = time.perf_counter()
     writer.write(request)
     status, headers = await read_head(reader)
-    ttft: float | None = time.perf_counter() - t0
+    head_time = time.perf_counter() - t0
+    content_ttft, done = None, False
     if headers.get("transfer-encoding", "").lower() == "chunked":
         content_ttft, done = await read_chunks(reader, t0)
-        if stream:
-            ttft = content_ttft
-            if not done:
-                raise ProtocolError("stream ended without data: [DONE]")
     elif "content-length" in headers:
         await reader.readexactly(int(headers["content-length"]))
     else:
         raise ProtocolError("response has neither Content-Length nor chunked encoding")
-    if status != 200 or ttft is None:
-        raise ProtocolError(f"status {status}, content seen: {ttft is not None}")
-    return ttft, time.perf_counter() - t0, headers.get("connection", "").lower() != "close"
+    total = time.perf_counter() - t0
+    if status != 200:
+        raise ProtocolError(f"status {status}")
+    reusable = headers.get("connection", "").lower() != "close"
+    if not stream:
+        return head_time, total, reusable
+    if content_ttft is None or not done:
+        raise ProtocolError("stream without content delta or without data: [DONE]")
+    return content_ttft, total, reusable
 
 
 async def close_writer(writer: asyncio.StreamWriter | None) -> None:
@@ -277,16 +296,16 @@ async def close_writer(writer: asyncio.StreamWriter | None) -> None:
             await asyncio.wait_for(writer.wait_closed(), STOP_TIMEOUT_S)
 
 
-async def worker(port: int, request: bytes, stream: bool, deadline: float,
+async def worker(target: Target, request: bytes, stream: bool, deadline: float,
                  result: ArmResult) -> None:
     """One connection sending requests back to back until the deadline."""
-    writer: asyncio.StreamWriter | None = None
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     while time.perf_counter() < deadline:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                if writer is None:
-                    reader, writer = await asyncio.open_connection(HOST, port)
-                ttft, total, reusable = await one_request(reader, writer, request, stream)
+                if conn is None:
+                    conn = await asyncio.open_connection(*target)
+                ttft, total, reusable = await one_request(*conn, request, stream)
         except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError, ProtocolError):
             result.errors += 1
@@ -295,17 +314,17 @@ async def worker(port: int, request: bytes, stream: bool, deadline: float,
             result.requests += 1
             result.ttft.append(ttft)
             result.total.append(total)
-        if not reusable:
-            await close_writer(writer)
-            writer = None
-    await close_writer(writer)
+        if not reusable and conn is not None:
+            await close_writer(conn[1])
+            conn = None
+    await close_writer(conn[1] if conn else None)
 
 
-async def run_load(port: int, stream: bool, conc: int, seconds: float, tokens: int,
+async def run_load(target: Target, stream: bool, conc: int, seconds: float, tokens: int,
                    result: ArmResult) -> None:
-    request = build_request(port, stream, tokens)
+    request = build_request(target, stream, tokens)
     start = time.perf_counter()
-    await asyncio.gather(*(worker(port, request, stream, start + seconds, result)
+    await asyncio.gather(*(worker(target, request, stream, start + seconds, result)
                            for _ in range(conc)))
     result.seconds += time.perf_counter() - start  # includes the last in-flight requests
 
@@ -319,7 +338,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def start_fake(tokens: int, token_delay_ms: float, log: Path) -> tuple[Any, int]:
+async def start_fake(tokens: int, token_delay_ms: float, log: Path) -> tuple[Process, int]:
     with log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--serve-fake", "0", "--tokens", str(tokens),
@@ -331,10 +350,10 @@ async def start_fake(tokens: int, token_delay_ms: float, log: Path) -> tuple[Any
         return proc, int(line)
     except (TimeoutError, ValueError):
         await stop(proc)
-        raise SystemExit(f"fake backend did not start:\n{log.read_text()}") from None
+        raise BenchError(f"fake backend did not start:\n{log.read_text()}") from None
 
 
-async def start_proxy(tmp: Path, fake_port: int) -> tuple[Any, int]:
+async def start_proxy(tmp: Path, fake_port: int) -> tuple[Process, int]:
     port = free_port()
     config = tmp / "routes.yaml"
     config.write_text(
@@ -348,20 +367,21 @@ async def start_proxy(tmp: Path, fake_port: int) -> tuple[Any, int]:
         proc = await asyncio.create_subprocess_exec(
             python, "-m", "proxy", "serve", "--config", str(config), "--host", HOST,
             "--port", str(port), cwd=REPO_ROOT, stdout=out, stderr=out)
-    if not await wait_healthy(port, "/healthz", proc):
+    if not await wait_healthy((HOST, port), "/healthz", proc):
         await stop(proc)
-        raise SystemExit(f"proxy not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{log.read_text()}")
+        raise BenchError(f"proxy not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{log.read_text()}")
     return proc, port
 
 
-async def wait_healthy(port: int, path: str, proc: Any = None) -> bool:
-    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
+async def wait_healthy(target: Target, path: str, proc: Process | None = None) -> bool:
+    host, port = target
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
     deadline = time.perf_counter() + STARTUP_TIMEOUT_S
     while time.perf_counter() < deadline and (proc is None or proc.returncode is None):
         writer = None
         try:
             async with asyncio.timeout(2.0):
-                reader, writer = await asyncio.open_connection(HOST, port)
+                reader, writer = await asyncio.open_connection(host, port)
                 writer.write(request)
                 if (await read_head(reader))[0] == 200:
                     return True
@@ -373,7 +393,7 @@ async def wait_healthy(port: int, path: str, proc: Any = None) -> bool:
     return False
 
 
-async def stop(proc: Any) -> None:
+async def stop(proc: Process) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
@@ -406,14 +426,14 @@ def summarize(arm: ArmResult) -> dict[str, float]:
                for kind in ("ttft", "total") for p in (50, 99)}}
 
 
-async def run_scenario(ports: dict[str, int], stream: bool, conc: int,
+async def run_scenario(targets: dict[str, Target], stream: bool, conc: int,
                        args: argparse.Namespace) -> dict[str, ArmResult]:
-    for port in ports.values():  # warm-up: connections, caches, JIT-less code paths
-        await run_load(port, stream, conc, args.warmup, args.tokens, ArmResult())
-    arms = {arm: ArmResult() for arm in ports}
+    for target in targets.values():  # warm-up: connections, pools, caches; samples dropped
+        await run_load(target, stream, conc, args.warmup, args.tokens, ArmResult())
+    arms = {arm: ArmResult() for arm in targets}
     for rnd in range(args.rounds):  # alternate the order too, so neither arm always goes first
-        for arm in (list(ports) if rnd % 2 == 0 else list(ports)[::-1]):
-            await run_load(ports[arm], stream, conc, args.seconds, args.tokens, arms[arm])
+        for arm in (list(targets) if rnd % 2 == 0 else list(targets)[::-1]):
+            await run_load(targets[arm], stream, conc, args.seconds, args.tokens, arms[arm])
     return arms
 
 
@@ -443,7 +463,8 @@ def print_report(records: list[dict[str, Any]]) -> None:
 
 
 def header(args: argparse.Namespace) -> dict[str, Any]:
-    return {"cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"cpu_count": os.cpu_count(), "usable_cpus": usable,
             "python": platform.python_version(), "platform": platform.platform(),
             "rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup,
             "tokens": args.tokens, "token_delay_ms": args.token_delay_ms,
@@ -453,24 +474,26 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
 async def bench(args: argparse.Namespace) -> None:
     meta = header(args)
     print("bench_overhead: " + ", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
-    procs: list[Any] = []
+    procs: list[Process] = []
+    records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmpdir:
         tmp = Path(tmpdir)
         try:
             fake, fake_port = await start_fake(args.tokens, args.token_delay_ms, tmp / "fake.log")
             procs.append(fake)
             if args.proxy_url:
-                proxy_port = urlsplit(args.proxy_url).port or 80
-                if not await wait_healthy(proxy_port, "/healthz"):
-                    raise SystemExit(f"{args.proxy_url}/healthz did not answer 200")
+                url = urlsplit(args.proxy_url)
+                proxy_target = (url.hostname or HOST, url.port or 80)
+                if not await wait_healthy(proxy_target, "/healthz"):
+                    raise BenchError(f"{args.proxy_url}/healthz did not answer 200")
             else:
                 proxy, proxy_port = await start_proxy(tmp, fake_port)
                 procs.append(proxy)
-            ports = {"direct": fake_port, "proxy": proxy_port}
-            records = []
+                proxy_target = (HOST, proxy_port)
+            targets = {"direct": (HOST, fake_port), "proxy": proxy_target}
             for name, stream, conc in SCENARIOS:
                 print(f"running {name} ...", flush=True)
-                arms = await run_scenario(ports, stream, conc, args)
+                arms = await run_scenario(targets, stream, conc, args)
                 records.append(scenario_record(name, stream, conc, arms))
         finally:
             for proc in procs:
@@ -502,7 +525,10 @@ def main() -> None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_fake(args.serve_fake, args.tokens, args.token_delay_ms / 1000))
         return
-    asyncio.run(bench(args))
+    try:
+        asyncio.run(bench(args))
+    except BenchError as exc:
+        sys.exit(f"bench_overhead: {exc}")
 
 
 if __name__ == "__main__":

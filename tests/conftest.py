@@ -19,18 +19,19 @@ from proxy.config import Config, parse_config
 from tests.fakebackend import FakeBackend
 
 
-def make_config(tmp_path: Path, backends: dict[str, str], **overrides: Any) -> Config:
-    """A valid config over `backends` (name -> url), split evenly unless overridden."""
-    names = list(backends)
+def make_config(tmp_path: Path, urls: dict[str, str], **overrides: Any) -> Config:
+    """A valid config over backends `urls` (name -> url), split evenly unless overridden;
+    each override is merged into the top-level section of its name."""
+    names = list(urls)
     share = 100 / len(names)
     data: dict[str, Any] = {
         "model": "test-model",
-        "backends": {name: {"url": url} for name, url in backends.items()},
+        "backends": {name: {"url": url} for name, url in urls.items()},
         "routing": {"header": "X-Backend", "split": dict.fromkeys(names, share)},
         "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
     }
     for key, value in overrides.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_config(data)
 
 

@@ -105,8 +105,8 @@ class FakeBackend:
             self.requests.append(seen)
             await self._respond(seen, reader, writer)
             seen.finished = True
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the peer left, or the fake is shutting down
         finally:
             writer.close()
 

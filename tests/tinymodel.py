@@ -12,6 +12,11 @@ lm_head column 0 acts as a logit bias of about -1e3 or worse for those tokens.
 Generation therefore always runs to ``max_tokens`` and every token decodes at once
 to printable ASCII. Models built with different seeds share the same tokenizer, so
 one can serve as the other's draft model.
+
+Caveat (mlx-lm 0.32.2): with a draft model that rejects drafts (e.g. another seed), the
+server's prompt-cache reuse corrupts greedy output: repeated identical requests differ from
+each other and from the plain server. Pass ``extra_args=("--prompt-cache-size", "0")`` for
+outputs identical to the plain server; a model drafting for itself is unaffected.
 """
 
 from __future__ import annotations
@@ -19,12 +24,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -35,25 +39,17 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-# Multi-character tokens, each built by merging (s[:-1], s[-1]); "_" stands for a space.
-MERGED = (
-    "_t _a _s _o _i _w _th _the _an _and _to _of _in th he in er an re on at en nd es"
-    " or te ed is it al ar st to ng ou the ing ent"
-).split()
-_EOS_PENALTY = -1e4
+# Multi-character tokens, each merged as (s[:-1], s[-1]) in this order; "_" is a space.
+MERGED = "_t _a _s _o _i _w _th _the _an _and _to _of _in th he in er an re on at en nd es or te ed"
+MERGED += " is it al ar st to ng ou the ing ent"
+_BANNED_LOGIT = -1e4
 
 
 def _byte_chars() -> list[str]:
     """GPT-2's byte -> printable unicode character table, indexed by byte value."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
+    keep = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    moved = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(moved)) for b in range(256)]
 
 
 def _write_tokenizer(path: Path) -> tuple[int, list[int]]:
@@ -63,7 +59,7 @@ def _write_tokenizer(path: Path) -> tuple[int, list[int]]:
     chars = _byte_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     merges: list[tuple[str, str]] = []
-    for word in MERGED:
+    for word in MERGED.split():
         s = "".join(chars[ord(" ")] if ch == "_" else ch for ch in word)
         assert s[:-1] in vocab and s not in vocab, word
         merges.append((s[:-1], s[-1]))
@@ -91,7 +87,7 @@ def _write_tokenizer(path: Path) -> tuple[int, list[int]]:
     return tok.get_vocab_size(), banned
 
 
-def build_tiny_model(path: pathlib.Path, *, seed: int = 0, num_layers: int = 2) -> pathlib.Path:
+def build_tiny_model(path: Path, *, seed: int = 0, num_layers: int = 2) -> Path:
     """Write a tiny random-weight llama model that mlx_lm can load and serve offline."""
     import mlx.core as mx
 
@@ -128,7 +124,7 @@ def build_tiny_model(path: pathlib.Path, *, seed: int = 0, num_layers: int = 2) 
     embed[:, 0] = 1.0  # the constant "bias" feature
     lm_head = linear(vocab_size, hidden)
     lm_head[:, 0] = 0.0
-    lm_head[banned, 0] = _EOS_PENALTY
+    lm_head[banned, 0] = _BANNED_LOGIT
     w: dict[str, np.ndarray] = {
         "model.embed_tokens.weight": embed,
         "model.norm.weight": np.ones(hidden, np.float32),
@@ -175,14 +171,19 @@ def run_mlx_server(
     num_draft_tokens: int | None = None,
     log_path: Path,
     timeout: float = 120,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[str]:
-    """Run ``mlx_lm.server`` until exit; yield its base URL once a real completion succeeds."""
+    """Run ``mlx_lm.server`` until exit; yield its base URL once a real completion succeeds.
+
+    ``extra_args`` go to the server as they are, e.g. ``("--prompt-cache-size", "0")``.
+    """
     cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(model)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     if draft_model is not None:
         cmd += ["--draft-model", str(draft_model)]
     if num_draft_tokens is not None:
         cmd += ["--num-draft-tokens", str(num_draft_tokens)]
+    cmd += extra_args
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     base = f"http://127.0.0.1:{port}"
     probe = {"model": "default_model", "messages": [{"role": "user", "content": "hi"}]}
@@ -208,12 +209,18 @@ def run_mlx_server(
                     json={**probe, "max_tokens": 1},
                     timeout=max(min(remaining, 30.0), 0.1),
                 )
-                if r.status_code == 200:
-                    break
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-            except httpx.HTTPError as e:
+            except httpx.HTTPError as e:  # not listening yet
                 last = repr(e)
-            time.sleep(0.2)
+                time.sleep(0.2)
+                continue
+            if r.status_code == 200:
+                break
+            # Once listening, the server holds requests until the model is loaded, so any
+            # other answer (e.g. 404 "generation thread died" after a failed load) is final.
+            raise RuntimeError(
+                f"mlx_lm.server probe got HTTP {r.status_code}: {r.text[:500]}; "
+                f"log tail:\n{_log_tail(log_path)}"
+            )
         yield base
     finally:
         proc.terminate()

@@ -1,0 +1,121 @@
+"""routes.yaml validation: each kind of mistake gets one message naming the key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import load_config
+from proxy.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+VALID = """\
+model: m
+backends:
+  baseline: {url: http://127.0.0.1:8080}
+  speculative: {url: http://127.0.0.1:8081}
+routing:
+  split: {baseline: 50, speculative: 50}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_routes_yaml_is_valid() -> None:
+    config = load_config(ROOT / "routes.yaml")
+    assert set(config.backends) == {"baseline", "speculative"}
+
+
+def test_defaults_are_filled_in(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, VALID))
+    assert (config.listen.host, config.listen.port) == ("127.0.0.1", 8000)
+    assert config.routing.header == "X-Backend"
+    assert config.backends["baseline"].model == "default_model"
+    assert config.limits.max_body_bytes == 10 * 1024 * 1024
+
+
+def test_backend_left_out_of_the_split_gets_weight_zero(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, VALID.replace("baseline: 50, speculative: 50", "baseline: 100")))
+    assert config.weights() == [("baseline", 100.0), ("speculative", 0.0)]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("baseline: 50, speculative: 50", "baseline: 50, speculative: 40"),
+         "routing.split: percentages add up to 90, not 100"),
+        (("baseline: 50, speculative: 50", "baseline: 50, other: 50"),
+         "routing.split: unknown backend other (backends are: baseline, speculative)"),
+        (("baseline: 50, speculative: 50", "baseline: 150, speculative: -50"),
+         "routing.split: speculative: percentage must be between 0 and 100, not -50"),
+        (("baseline: 50, speculative: 50", "baseline: 50, speculative: lots"),
+         "routing.split.speculative: Input should be a valid number"),
+        (("http://127.0.0.1:8081", "localhost:8081"),
+         "backends.speculative.url: must be an http(s) URL"),
+        (("routing:", "routing:\n  spilt: 1"), "routing.spilt: unknown key"),
+        (("model: m\n", ""), "model: required key is missing"),
+        (("model: m\n", "model: m\nlisten: {port: 70000}\n"),
+         "listen.port: Input should be less than or equal to 65535"),
+    ],
+)
+def test_invalid_file_names_the_key_and_problem(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, VALID.replace(*change)))
+    assert message in str(info.value)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected a mapping at the top level, got an empty file"):
+        load_config(write(tmp_path, ""))
+
+
+def test_yaml_syntax_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, VALID))
+    with pytest.raises(ValueError, match="frozen"):
+        config.model = "other"  # type: ignore[misc]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
+
+def test_serve_with_bad_config_exits_nonzero_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("speculative: 50", "speculative: 40"))
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: routing.split: percentages add up to 90, not 100"
+    assert "Traceback" not in result.stderr
+
+
+def test_check_accepts_a_valid_config(tmp_path: Path) -> None:
+    result = run_cli("check", "--config", str(write(tmp_path, VALID)))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout and "speculative" in result.stdout
+
+
+def test_check_rejects_an_invalid_config(tmp_path: Path) -> None:
+    result = run_cli("check", "--config", str(write(tmp_path, VALID.replace("model: m\n", ""))))
+    assert result.returncode == 2
+    assert "model: required key is missing" in result.stderr

@@ -1,0 +1,161 @@
+"""Real sockets: the proxy under uvicorn, a fake mlx_lm.server that takes its time.
+
+What only real sockets show: tokens reach the client while the backend still generates, a
+client that leaves closes the backend's connection, a backend that dies or stalls ends the
+stream with an error event, and each of these leaves exactly one sane log line.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import RunningProxy, free_port, make_config
+from tests.fakebackend import FakeBackend
+
+CHAT = "/v1/chat/completions"
+STREAM = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, fake: FakeBackend, serve_proxy: Any) -> RunningProxy:
+    config = make_config(tmp_path, {"baseline": fake.url},
+                         backends={"baseline": {"url": fake.url, "timeouts": {"read": 1.0}}})
+    running: RunningProxy = serve_proxy(config)
+    return running
+
+
+def content_events(lines: list[str]) -> list[dict[str, Any]]:
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    return [e for e in events if e.get("choices") and e["choices"][0]["delta"].get("content")]
+
+
+def assert_one_sane_line(proxy: RunningProxy) -> dict[str, Any]:
+    lines = proxy.wait_for_log(1)
+    time.sleep(0.1)  # and no second line follows
+    assert len(proxy.log()) == 1, proxy.log()
+    line = lines[0]
+    assert 0 < line["ttft_ms"] <= line["latency_ms"], line
+    return line
+
+
+def test_first_token_reaches_client_while_backend_still_generates(
+    proxy: RunningProxy, fake: FakeBackend
+) -> None:
+    started = time.perf_counter()
+    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
+                      headers={"X-Fake": "tokens=10; delay=0.2"}) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if content_events([line]):
+                first_token_s = time.perf_counter() - started
+                backend_done_then = fake.requests[-1].finished
+                break
+        rest = list(lines)
+    assert first_token_s < 1.0  # the whole answer takes 1.8 s
+    assert backend_done_then is False
+    assert rest[-2] == "data: [DONE]"
+    line = assert_one_sane_line(proxy)
+    assert (line["status"], line["error"], line["completion_tokens"]) == (200, None, 10)
+    assert line["latency_ms"] >= 1800
+    # 9 tokens after the first, 0.2 s apart: 5 tokens/s
+    assert line["decode_tps"] == pytest.approx(5.0, rel=0.15)
+
+
+def test_keepalives_are_forwarded_but_do_not_count_as_first_token(proxy: RunningProxy) -> None:
+    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
+                      headers={"X-Fake": "tokens=3; prefill=0.4"}) as response:
+        lines = list(response.iter_lines())
+    assert any(line.startswith(": keepalive") for line in lines)
+    line = assert_one_sane_line(proxy)
+    assert line["ttft_ms"] >= 400
+
+
+def test_client_disconnect_closes_the_backend_connection(
+    proxy: RunningProxy, fake: FakeBackend
+) -> None:
+    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
+                      headers={"X-Fake": "tokens=100; delay=0.1"}) as response:
+        seen = 0
+        for line in response.iter_lines():
+            seen += len(content_events([line]))
+            if seen == 2:
+                break
+        left_at = time.perf_counter()
+    assert fake.wait_for(lambda: fake.requests[-1].client_closed_at is not None, timeout=3)
+    closed_after = fake.requests[-1].client_closed_at - left_at  # type: ignore[operator]
+    assert closed_after < 1.0
+    assert not fake.requests[-1].finished
+    line = assert_one_sane_line(proxy)
+    assert line["client_disconnected"] is True
+    assert line["latency_ms"] < 5000  # logged when the client left, not at the 10 s mark
+
+
+def test_client_leaving_a_slow_non_stream_request_closes_the_backend_connection(
+    proxy: RunningProxy, fake: FakeBackend
+) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(proxy.url + CHAT, json={"messages": []}, timeout=0.3,
+                   headers={"X-Fake": "tokens=5; prefill=5"})
+    assert fake.wait_for(lambda: fake.requests[-1].client_closed_at is not None, timeout=3)
+    line = proxy.wait_for_log(1)[0]
+    assert (line["client_disconnected"], line["status"], line["ttft_ms"]) == (True, 499, None)
+
+
+def test_backend_dying_mid_stream_gives_the_client_an_error_event(proxy: RunningProxy) -> None:
+    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
+                      headers={"X-Fake": "tokens=10; delay=0.05; die_after=3"}) as response:
+        lines = list(response.iter_lines())
+    assert len(content_events(lines)) == 3
+    last = json.loads([line for line in lines if line.startswith("data: ")][-1][6:])
+    assert last["error"]["code"] in {"stream_incomplete", "stream_interrupted"}
+    assert "data: [DONE]" not in lines
+    line = assert_one_sane_line(proxy)
+    assert line["error"] in {"stream_incomplete", "stream_interrupted"}
+
+
+def test_stalled_stream_ends_with_timeout_event(proxy: RunningProxy) -> None:
+    started = time.perf_counter()
+    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
+                      headers={"X-Fake": "tokens=3; stall=5"}) as response:
+        lines = list(response.iter_lines())
+    assert time.perf_counter() - started < 3  # the read timeout is 1 s
+    last = json.loads([line for line in lines if line.startswith("data: ")][-1][6:])
+    assert last["error"]["code"] == "backend_timeout"
+    assert assert_one_sane_line(proxy)["error"] == "backend_timeout"
+
+
+def test_in_flight_counts_requests_already_at_the_backend(proxy: RunningProxy) -> None:
+    def one() -> None:
+        httpx.post(proxy.url + CHAT, json=STREAM, timeout=10, headers={"X-Fake": "tokens=5; delay=0.1"})
+
+    first = threading.Thread(target=one)
+    first.start()
+    time.sleep(0.2)  # the first one is now streaming
+    one()
+    first.join(10)
+    lines = proxy.wait_for_log(2)
+    assert sorted(line["in_flight"] for line in lines) == [0, 1]
+
+
+def test_unreachable_backend_is_502_over_real_sockets(tmp_path: Path, serve_proxy: Any) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proxy = serve_proxy(make_config(tmp_path, {"baseline": dead}))
+    response = httpx.post(proxy.url + CHAT, json=STREAM, timeout=10)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "backend_unreachable"
+    assert proxy.wait_for_log(1)[0]["error"] == "backend_unreachable"
+
+
+def test_proxy_keeps_serving_after_failures(proxy: RunningProxy) -> None:
+    for fault in ("status=500", "tokens=3; die_after=1", ""):
+        httpx.post(proxy.url + CHAT, json=STREAM, timeout=10, headers={"X-Fake": fault})
+    response = httpx.post(proxy.url + CHAT, json={"messages": []}, timeout=10)
+    assert response.status_code == 200
+    assert len(proxy.wait_for_log(4)) == 4
