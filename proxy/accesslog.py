@@ -15,6 +15,7 @@ from typing import IO, Any
 
 import structlog
 
+
 @dataclass(slots=True)
 class RequestRecord:
     """Everything the request line says, filled in as the request goes."""

@@ -74,8 +74,12 @@ async def get_model(request: Request) -> JSONResponse:
     runtime: Runtime = request.state.runtime
     model = request.path_params["model"]
     if model != runtime.config.model:
-        body = openai_error(f"The model {model!r} does not exist", "invalid_request_error",
-                            param="model", code="model_not_found")
+        body = openai_error(
+            f"The model {model!r} does not exist",
+            "invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
         return JSONResponse(body, status_code=404)
     return JSONResponse(_model_card(model))
 

@@ -7,6 +7,7 @@ while it waits on the backend, and to log after the last byte has been sent.
 from __future__ import annotations
 
 import uuid
+from collections.abc import MutableMapping
 from typing import Any
 
 import anyio
@@ -35,7 +36,6 @@ from proxy.routing import choose
 from proxy.runtime import Runtime
 from proxy.timing import Clock
 
-
 # nginx's status for "client closed the request before the answer": logged, never sent.
 CLIENT_CLOSED = 499
 
@@ -59,7 +59,7 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
     response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
     started = False
 
-    async def tracked_send(message: dict[str, Any]) -> None:
+    async def tracked_send(message: MutableMapping[str, Any]) -> None:
         nonlocal started
         started = True
         await send(message)

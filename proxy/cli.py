@@ -35,7 +35,9 @@ def serve(config: Config, *, host: str | None, port: int | None) -> int:
     try:
         log = AccessLog(config.logging.path, stdout=config.logging.stdout)
     except OSError as exc:
-        raise ConfigError(f"logging.path: cannot open {config.logging.path}: {exc.strerror}")
+        raise ConfigError(
+            f"logging.path: cannot open {config.logging.path}: {exc.strerror}"
+        ) from None
     print(f"specproxy on http://{host}:{port}\n{describe(config)}", file=sys.stderr, flush=True)
     try:
         # Our own log line per request replaces uvicorn's access log.

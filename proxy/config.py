@@ -134,7 +134,7 @@ def parse_config(data: Any, *, source: str = "config") -> Config:
 def _describe(error: Any) -> str:
     """One pydantic error as `key.path: problem`."""
     loc = ".".join(str(part) for part in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
+    message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     elif error["type"] == "missing":

@@ -99,9 +99,9 @@ def _parse(body: bytes) -> Any:
 def _openai_shaped(body: bytes) -> dict[str, Any] | None:
     """The backend's body if it already is an OpenAI error, else None."""
     data = _parse(body)
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        if isinstance(data["error"].get("message"), str):
-            return data
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return data  # type: ignore[no-any-return]
     return None
 
 

@@ -73,9 +73,9 @@ def upstream_body(request: ChatRequest, backend_model: str) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
-def upstream_headers(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[
-    tuple[bytes, bytes]
-]:
+def upstream_headers(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
     """The client's headers minus hop-by-hop ones and `drop` (lower-case names).
 
     `Authorization` is forwarded: the backend may check it. It is never logged.

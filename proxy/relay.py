@@ -130,7 +130,9 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
         # mlx_lm.server speaks HTTP/1.0: a backend that dies mid-stream looks like a clean
         # end of the body. Only `[DONE]` says the answer is complete.
         message = f"backend {exchange.backend!r} ended the stream before [DONE]"
-        await _fail_stream(send, exchange, BackendUnreachableError(message, code="stream_incomplete"))
+        await _fail_stream(
+            send, exchange, BackendUnreachableError(message, code="stream_incomplete")
+        )
         return
     exchange.complete = True
     await send({"type": "http.response.body", "body": b"", "more_body": False})

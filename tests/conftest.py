@@ -89,8 +89,13 @@ def serve_proxy() -> Iterator[Any]:
     def start(config: Config) -> RunningProxy:
         port = free_port()
         server = uvicorn.Server(
-            uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
-                           log_level="warning", access_log=False)
+            uvicorn.Config(
+                create_app(config),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                access_log=False,
+            )
         )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

@@ -135,7 +135,9 @@ async def _watch_close(reader: asyncio.StreamReader, seen: Seen) -> None:
     seen.client_closed_at = time.perf_counter()
 
 
-async def _stream(writer: asyncio.StreamWriter, body: dict[str, Any], mode: dict[str, float]) -> None:
+async def _stream(
+    writer: asyncio.StreamWriter, body: dict[str, Any], mode: dict[str, float]
+) -> None:
     writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
     prefill = mode.get("prefill", 0.0)
     while prefill > 0:
@@ -159,24 +161,48 @@ async def _stream(writer: asyncio.StreamWriter, body: dict[str, Any], mode: dict
     _event(writer, _chunk(body, {}, finish="length"))
     if (body.get("stream_options") or {}).get("include_usage"):
         usage = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}
-        _event(writer, {"id": "chatcmpl-fake", "object": "chat.completion", "model": body["model"],
-                        "created": 0, "choices": [], "usage": usage})
+        _event(
+            writer,
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "model": body["model"],
+                "created": 0,
+                "choices": [],
+                "usage": usage,
+            },
+        )
     writer.write(b"data: [DONE]\n\n")
     await writer.drain()
 
 
-def _chunk(body: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+def _chunk(
+    body: dict[str, Any], delta: dict[str, Any], finish: str | None = None
+) -> dict[str, Any]:
     choice = {"index": 0, "delta": delta, "finish_reason": finish}
-    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
-            "model": body["model"], "choices": [choice]}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": body["model"],
+        "choices": [choice],
+    }
 
 
 def _completion(body: dict[str, Any], tokens: int) -> dict[str, Any]:
     text = "".join(f"tok{i} " for i in range(tokens))
     return {
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "length",
-                     "message": {"role": "assistant", "content": text}}],
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": body["model"],
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "length",
+                "message": {"role": "assistant", "content": text},
+            }
+        ],
         "usage": {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens},
     }
 
@@ -189,7 +215,8 @@ async def _answer(writer: asyncio.StreamWriter, status: int, payload: dict[str, 
     data = json.dumps(payload).encode()
     writer.write(
         f"HTTP/1.0 {status} X\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
     )
     await writer.drain()
 

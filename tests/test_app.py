@@ -46,14 +46,27 @@ def mlx_like(request: httpx.Request) -> httpx.Response:
     body = json.loads(request.content)
     if body.get("stream"):
         # A stream (not `content=`), so the proxy reads it as it would a real one.
-        return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                              stream=httpx.ByteStream(sse(body, ["Hel", "lo"])))
-    return httpx.Response(200, json={
-        "id": "x", "object": "chat.completion", "model": body["model"],
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
-                     "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-    })
+        return httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream"},
+            stream=httpx.ByteStream(sse(body, ["Hel", "lo"])),
+        )
+    return httpx.Response(
+        200,
+        json={
+            "id": "x",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        },
+    )
 
 
 def sse(body: dict[str, Any], pieces: list[str]) -> bytes:
@@ -62,11 +75,22 @@ def sse(body: dict[str, Any], pieces: list[str]) -> bytes:
 
     out = ": keepalive 1/1\n\n"
     for piece in pieces:
-        out += event({"object": "chat.completion.chunk", "model": body["model"],
-                      "choices": [{"index": 0, "delta": {"content": piece}}]})
+        out += event(
+            {
+                "object": "chat.completion.chunk",
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": {"content": piece}}],
+            }
+        )
     if (body.get("stream_options") or {}).get("include_usage"):
-        out += event({"object": "chat.completion", "model": body["model"], "choices": [],
-                      "usage": {"prompt_tokens": 3, "completion_tokens": len(pieces)}})
+        out += event(
+            {
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": len(pieces)},
+            }
+        )
     return (out + "data: [DONE]\n\n").encode()
 
 
@@ -75,7 +99,9 @@ async def proxy_client(
     config: Config, backends: Backends | httpx.MockTransport, seed: int = 0
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan running, behind httpx's in-process transport."""
-    transport = backends if isinstance(backends, httpx.MockTransport) else httpx.MockTransport(backends)
+    transport = (
+        backends if isinstance(backends, httpx.MockTransport) else httpx.MockTransport(backends)
+    )
     app = create_app(config, transport=transport, rng=random.Random(seed))
     async with app.router.lifespan_context(app) as state:
 
@@ -91,8 +117,11 @@ async def proxy_client(
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path, {"baseline": "http://b:1", "speculative": "http://s:2"},
-                       routing={"sticky_header": "X-Session-Id"})
+    return make_config(
+        tmp_path,
+        {"baseline": "http://b:1", "speculative": "http://s:2"},
+        routing={"sticky_header": "X-Session-Id"},
+    )
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -115,8 +144,13 @@ async def test_non_stream_is_relayed_with_model_name_restored(config: Config) ->
 
 async def test_backend_model_name_comes_from_config(tmp_path: Path) -> None:
     config = make_config(tmp_path, {"b": "http://b:1"})
-    config = config.model_copy(update={"backends": {"b": config.backends["b"].model_copy(
-        update={"model": "mlx-community/Foo"})}})
+    config = config.model_copy(
+        update={
+            "backends": {
+                "b": config.backends["b"].model_copy(update={"model": "mlx-community/Foo"})
+            }
+        }
+    )
     backends = Backends()
     async with proxy_client(config, backends) as client:
         await client.post(CHAT, json={"messages": []})
@@ -125,22 +159,36 @@ async def test_backend_model_name_comes_from_config(tmp_path: Path) -> None:
 
 async def test_body_passes_through_except_draft_fields(config: Config) -> None:
     backends = Backends()
-    sent = {"model": "m", "messages": [{"role": "user", "content": "é"}], "temperature": 0,
-            "draft_model": "x", "num_draft_tokens": 9, "seed": 3, "custom": {"a": [1]}}
+    sent = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "é"}],
+        "temperature": 0,
+        "draft_model": "x",
+        "num_draft_tokens": 9,
+        "seed": 3,
+        "custom": {"a": [1]},
+    }
     async with proxy_client(config, backends) as client:
         await client.post(CHAT, json=sent)
     upstream = backends.body()
     assert "draft_model" not in upstream and "num_draft_tokens" not in upstream
     assert {k: upstream[k] for k in ("messages", "temperature", "seed", "custom")} == {
-        k: sent[k] for k in ("messages", "temperature", "seed", "custom")}
+        k: sent[k] for k in ("messages", "temperature", "seed", "custom")
+    }
     assert backends.seen[-1].headers["content-length"] == str(len(backends.seen[-1].content))
 
 
 async def test_headers_forwarded_and_hop_by_hop_dropped(config: Config) -> None:
     backends = Backends()
-    headers = {"Authorization": "Bearer sk-secret", "X-Backend": "speculative",
-               "Connection": "keep-alive, X-Custom-Hop", "Proxy-Authorization": "p",
-               "TE": "trailers", "X-Trace": "t1", "Accept-Encoding": "gzip"}
+    headers = {
+        "Authorization": "Bearer sk-secret",
+        "X-Backend": "speculative",
+        "Connection": "keep-alive, X-Custom-Hop",
+        "Proxy-Authorization": "p",
+        "TE": "trailers",
+        "X-Trace": "t1",
+        "Accept-Encoding": "gzip",
+    }
     async with proxy_client(config, backends) as client:
         await client.post(CHAT, json={"messages": []}, headers=headers)
     sent = backends.seen[-1].headers
@@ -154,15 +202,20 @@ async def test_headers_forwarded_and_hop_by_hop_dropped(config: Config) -> None:
 
 async def test_authorization_is_never_logged(config: Config) -> None:
     async with proxy_client(config, Backends()) as client:
-        await client.post(CHAT, json={"messages": []}, headers={"Authorization": "Bearer sk-secret"})
+        await client.post(
+            CHAT, json={"messages": []}, headers={"Authorization": "Bearer sk-secret"}
+        )
     assert config.logging.path is not None
     assert "sk-secret" not in config.logging.path.read_text()
 
 
 async def test_response_headers_carry_request_id_and_backend(config: Config) -> None:
     async with proxy_client(config, Backends()) as client:
-        given = await client.post(CHAT, json={"messages": []},
-                                  headers={"X-Request-Id": "req-1", "X-Backend": "speculative"})
+        given = await client.post(
+            CHAT,
+            json={"messages": []},
+            headers={"X-Request-Id": "req-1", "X-Backend": "speculative"},
+        )
         generated = await client.post(CHAT, json={"messages": [], "stream": True})
     assert given.headers["x-request-id"] == "req-1"
     assert given.headers["x-backend"] == "speculative"
@@ -213,9 +266,23 @@ async def test_log_line_has_every_field(config: Config) -> None:
         await client.post(CHAT, json={"messages": [], "model": "m"}, headers={"X-Request-Id": "r9"})
     line = read_log(config.logging.path)[-1]  # type: ignore[arg-type]
     assert set(line) == {
-        "event", "timestamp", "request_id", "backend", "reason", "model", "stream", "status",
-        "ttft_ms", "latency_ms", "prompt_tokens", "completion_tokens", "decode_tps",
-        "in_flight", "error", "client_disconnected"}
+        "event",
+        "timestamp",
+        "request_id",
+        "backend",
+        "reason",
+        "model",
+        "stream",
+        "status",
+        "ttft_ms",
+        "latency_ms",
+        "prompt_tokens",
+        "completion_tokens",
+        "decode_tps",
+        "in_flight",
+        "error",
+        "client_disconnected",
+    }
     assert line["event"] == "request" and line["request_id"] == "r9"
     assert line["timestamp"].endswith("Z")
     assert (line["status"], line["error"], line["in_flight"], line["model"]) == (200, None, 0, "m")
@@ -286,8 +353,14 @@ async def test_backend_error_body_becomes_openai_shape(config: Config) -> None:
 
 
 async def test_backend_openai_shaped_error_is_relayed_as_is(config: Config) -> None:
-    shaped = {"error": {"message": "bad temp", "type": "invalid_request_error",
-                        "param": "temperature", "code": None}}
+    shaped = {
+        "error": {
+            "message": "bad temp",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": None,
+        }
+    }
     async with proxy_client(config, Backends(lambda r: httpx.Response(422, json=shaped))) as client:
         response = await client.post(CHAT, json={"messages": []})
     assert response.status_code == 422 and response.json() == shaped

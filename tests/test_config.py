@@ -43,27 +43,41 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
 
 
 def test_backend_left_out_of_the_split_gets_weight_zero(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, VALID.replace("baseline: 50, speculative: 50", "baseline: 100")))
+    config = load_config(
+        write(tmp_path, VALID.replace("baseline: 50, speculative: 50", "baseline: 100"))
+    )
     assert config.weights() == [("baseline", 100.0), ("speculative", 0.0)]
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("baseline: 50, speculative: 50", "baseline: 50, speculative: 40"),
-         "routing.split: percentages add up to 90, not 100"),
-        (("baseline: 50, speculative: 50", "baseline: 50, other: 50"),
-         "routing.split: unknown backend other (backends are: baseline, speculative)"),
-        (("baseline: 50, speculative: 50", "baseline: 150, speculative: -50"),
-         "routing.split: speculative: percentage must be between 0 and 100, not -50"),
-        (("baseline: 50, speculative: 50", "baseline: 50, speculative: lots"),
-         "routing.split.speculative: Input should be a valid number"),
-        (("http://127.0.0.1:8081", "localhost:8081"),
-         "backends.speculative.url: must be an http(s) URL"),
+        (
+            ("baseline: 50, speculative: 50", "baseline: 50, speculative: 40"),
+            "routing.split: percentages add up to 90, not 100",
+        ),
+        (
+            ("baseline: 50, speculative: 50", "baseline: 50, other: 50"),
+            "routing.split: unknown backend other (backends are: baseline, speculative)",
+        ),
+        (
+            ("baseline: 50, speculative: 50", "baseline: 150, speculative: -50"),
+            "routing.split: speculative: percentage must be between 0 and 100, not -50",
+        ),
+        (
+            ("baseline: 50, speculative: 50", "baseline: 50, speculative: lots"),
+            "routing.split.speculative: Input should be a valid number",
+        ),
+        (
+            ("http://127.0.0.1:8081", "localhost:8081"),
+            "backends.speculative.url: must be an http(s) URL",
+        ),
         (("routing:", "routing:\n  spilt: 1"), "routing.spilt: unknown key"),
         (("model: m\n", ""), "model: required key is missing"),
-        (("model: m\n", "model: m\nlisten: {port: 70000}\n"),
-         "listen.port: Input should be less than or equal to 65535"),
+        (
+            ("model: m\n", "model: m\nlisten: {port: 70000}\n"),
+            "listen.port: Input should be less than or equal to 65535",
+        ),
     ],
 )
 def test_invalid_file_names_the_key_and_problem(
@@ -105,7 +119,9 @@ def test_serve_with_bad_config_exits_nonzero_with_one_line_and_no_traceback(tmp_
     path = write(tmp_path, VALID.replace("speculative: 50", "speculative: 40"))
     result = run_cli("serve", "--config", str(path))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {path}: routing.split: percentages add up to 90, not 100"
+    assert (
+        result.stderr.strip() == f"error: {path}: routing.split: percentages add up to 90, not 100"
+    )
     assert "Traceback" not in result.stderr
 
 

@@ -24,8 +24,8 @@ def test_events_split_across_reads_are_joined() -> None:
 
 def test_partial_event_waits_and_is_reported_as_leftover() -> None:
     splitter = EventSplitter()
-    assert splitter.feed(b"data: {\"a\"") == []
-    assert splitter.leftover() == b"data: {\"a\""
+    assert splitter.feed(b'data: {"a"') == []
+    assert splitter.leftover() == b'data: {"a"'
 
 
 def test_crlf_framing_is_understood() -> None:
@@ -56,5 +56,7 @@ def test_classify(raw: bytes, kind: Kind) -> None:
 
 
 def test_usage_is_read_from_a_content_chunk_too() -> None:
-    event = classify(data({"choices": [{"delta": {"content": "x"}}], "usage": {"completion_tokens": 1}}))
+    event = classify(
+        data({"choices": [{"delta": {"content": "x"}}], "usage": {"completion_tokens": 1}})
+    )
     assert event.kind is Kind.CONTENT and event.usage == {"completion_tokens": 1}

@@ -25,8 +25,11 @@ STREAM = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream
 
 @pytest.fixture
 def proxy(tmp_path: Path, fake: FakeBackend, serve_proxy: Any) -> RunningProxy:
-    config = make_config(tmp_path, {"baseline": fake.url},
-                         backends={"baseline": {"url": fake.url, "timeouts": {"read": 1.0}}})
+    config = make_config(
+        tmp_path,
+        {"baseline": fake.url},
+        backends={"baseline": {"url": fake.url, "timeouts": {"read": 1.0}}},
+    )
     running: RunningProxy = serve_proxy(config)
     return running
 
@@ -49,8 +52,13 @@ def test_first_token_reaches_client_while_backend_still_generates(
     proxy: RunningProxy, fake: FakeBackend
 ) -> None:
     started = time.perf_counter()
-    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
-                      headers={"X-Fake": "tokens=10; delay=0.2"}) as response:
+    with httpx.stream(
+        "POST",
+        proxy.url + CHAT,
+        json=STREAM,
+        timeout=10,
+        headers={"X-Fake": "tokens=10; delay=0.2"},
+    ) as response:
         lines = response.iter_lines()
         for line in lines:
             if content_events([line]):
@@ -69,8 +77,13 @@ def test_first_token_reaches_client_while_backend_still_generates(
 
 
 def test_keepalives_are_forwarded_but_do_not_count_as_first_token(proxy: RunningProxy) -> None:
-    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
-                      headers={"X-Fake": "tokens=3; prefill=0.4"}) as response:
+    with httpx.stream(
+        "POST",
+        proxy.url + CHAT,
+        json=STREAM,
+        timeout=10,
+        headers={"X-Fake": "tokens=3; prefill=0.4"},
+    ) as response:
         lines = list(response.iter_lines())
     assert any(line.startswith(": keepalive") for line in lines)
     line = assert_one_sane_line(proxy)
@@ -80,8 +93,13 @@ def test_keepalives_are_forwarded_but_do_not_count_as_first_token(proxy: Running
 def test_client_disconnect_closes_the_backend_connection(
     proxy: RunningProxy, fake: FakeBackend
 ) -> None:
-    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
-                      headers={"X-Fake": "tokens=100; delay=0.1"}) as response:
+    with httpx.stream(
+        "POST",
+        proxy.url + CHAT,
+        json=STREAM,
+        timeout=10,
+        headers={"X-Fake": "tokens=100; delay=0.1"},
+    ) as response:
         seen = 0
         for line in response.iter_lines():
             seen += len(content_events([line]))
@@ -101,16 +119,25 @@ def test_client_leaving_a_slow_non_stream_request_closes_the_backend_connection(
     proxy: RunningProxy, fake: FakeBackend
 ) -> None:
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(proxy.url + CHAT, json={"messages": []}, timeout=0.3,
-                   headers={"X-Fake": "tokens=5; prefill=5"})
+        httpx.post(
+            proxy.url + CHAT,
+            json={"messages": []},
+            timeout=0.3,
+            headers={"X-Fake": "tokens=5; prefill=5"},
+        )
     assert fake.wait_for(lambda: fake.requests[-1].client_closed_at is not None, timeout=3)
     line = proxy.wait_for_log(1)[0]
     assert (line["client_disconnected"], line["status"], line["ttft_ms"]) == (True, 499, None)
 
 
 def test_backend_dying_mid_stream_gives_the_client_an_error_event(proxy: RunningProxy) -> None:
-    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
-                      headers={"X-Fake": "tokens=10; delay=0.05; die_after=3"}) as response:
+    with httpx.stream(
+        "POST",
+        proxy.url + CHAT,
+        json=STREAM,
+        timeout=10,
+        headers={"X-Fake": "tokens=10; delay=0.05; die_after=3"},
+    ) as response:
         lines = list(response.iter_lines())
     assert len(content_events(lines)) == 3
     last = json.loads([line for line in lines if line.startswith("data: ")][-1][6:])
@@ -122,8 +149,9 @@ def test_backend_dying_mid_stream_gives_the_client_an_error_event(proxy: Running
 
 def test_stalled_stream_ends_with_timeout_event(proxy: RunningProxy) -> None:
     started = time.perf_counter()
-    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10,
-                      headers={"X-Fake": "tokens=3; stall=5"}) as response:
+    with httpx.stream(
+        "POST", proxy.url + CHAT, json=STREAM, timeout=10, headers={"X-Fake": "tokens=3; stall=5"}
+    ) as response:
         lines = list(response.iter_lines())
     assert time.perf_counter() - started < 3  # the read timeout is 1 s
     last = json.loads([line for line in lines if line.startswith("data: ")][-1][6:])
@@ -133,7 +161,9 @@ def test_stalled_stream_ends_with_timeout_event(proxy: RunningProxy) -> None:
 
 def test_in_flight_counts_requests_already_at_the_backend(proxy: RunningProxy) -> None:
     def one() -> None:
-        httpx.post(proxy.url + CHAT, json=STREAM, timeout=10, headers={"X-Fake": "tokens=5; delay=0.1"})
+        httpx.post(
+            proxy.url + CHAT, json=STREAM, timeout=10, headers={"X-Fake": "tokens=5; delay=0.1"}
+        )
 
     first = threading.Thread(target=one)
     first.start()
