@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -369,7 +370,8 @@ async def start_proxy(tmp: Path, fake_port: int) -> tuple[Process, int]:
             "--port", str(port), cwd=REPO_ROOT, stdout=out, stderr=out)
     if not await wait_healthy((HOST, port), "/healthz", proc):
         await stop(proc)
-        raise BenchError(f"proxy not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{log.read_text()}")
+        why = f"exited with code {proc.returncode}" if proc.returncode else "was not healthy"
+        raise BenchError(f"proxy {why} within {STARTUP_TIMEOUT_S:.0f}s:\n{log.read_text()}")
     return proc, port
 
 
@@ -474,6 +476,9 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
 async def bench(args: argparse.Namespace) -> None:
     meta = header(args)
     print("bench_overhead: " + ", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
+    task = asyncio.current_task()
+    if task is not None:  # SIGTERM unwinds like Ctrl-C, through the `finally` that stops children
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     procs: list[Process] = []
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmpdir:
@@ -529,6 +534,8 @@ def main() -> None:
         asyncio.run(bench(args))
     except BenchError as exc:
         sys.exit(f"bench_overhead: {exc}")
+    except (KeyboardInterrupt, asyncio.CancelledError):  # children are already stopped
+        sys.exit("bench_overhead: interrupted")
 
 
 if __name__ == "__main__":

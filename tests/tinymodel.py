@@ -13,10 +13,10 @@ Generation therefore always runs to ``max_tokens`` and every token decodes at on
 to printable ASCII. Models built with different seeds share the same tokenizer, so
 one can serve as the other's draft model.
 
-Caveat (mlx-lm 0.32.2): with a draft model that rejects drafts (e.g. another seed), the
-server's prompt-cache reuse corrupts greedy output: repeated identical requests differ from
-each other and from the plain server. Pass ``extra_args=("--prompt-cache-size", "0")`` for
-outputs identical to the plain server; a model drafting for itself is unaffected.
+Caveat (mlx-lm 0.32.2): with ``--draft-model`` (even the model itself), reusing the prompt
+cache corrupts greedy output once a request has shared a prefix with a cached one: repeats of
+the same request then differ from the plain server. ``extra_args=("--prompt-cache-size", "0")``
+restores output identical to the plain server.
 """
 
 from __future__ import annotations
