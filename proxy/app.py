@@ -20,9 +20,10 @@ from proxy.accesslog import AccessLog
 from proxy.chat import Completions
 from proxy.config import Config
 from proxy.errors import openai_error
-from proxy.runtime import Runtime, upstream_client
+from proxy.runtime import Runtime
+from proxy.upstream import UpstreamTransport
 
-_HEALTH_TIMEOUT = httpx.Timeout(2.0)
+_HEALTH_TIMEOUT = httpx.Timeout(2.0).as_dict()
 
 
 def create_app(
@@ -37,13 +38,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         access_log = log or AccessLog(config.logging.path, stdout=config.logging.stdout)
-        async with upstream_client(transport) as client:
-            runtime = Runtime(config, client, access_log, rng or random.Random())
-            try:
-                yield {"runtime": runtime}
-            finally:
-                if log is None:
-                    access_log.close()
+        upstream = transport or UpstreamTransport()
+        runtime = Runtime(config, upstream, access_log, rng or random.Random())
+        try:
+            yield {"runtime": runtime}
+        finally:
+            await upstream.aclose()
+            if log is None:
+                access_log.close()
 
     completions = Completions()
     routes = [
@@ -91,8 +93,10 @@ async def healthz(request: Request) -> JSONResponse:
 
     async def probe(name: str, url: str) -> None:
         started = time.perf_counter()
+        request = httpx.Request("GET", url + "/health", extensions={"timeout": _HEALTH_TIMEOUT})
         try:
-            response = await runtime.client.get(url + "/health", timeout=_HEALTH_TIMEOUT)
+            response = await runtime.transport.handle_async_request(request)
+            await response.aclose()
             reachable, detail = response.status_code < 500, f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             reachable, detail = False, str(exc) or type(exc).__name__

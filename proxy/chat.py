@@ -99,7 +99,7 @@ async def _dispatch(runtime: Runtime, exchange: Exchange, receive: Receive, send
         async with anyio.create_task_group() as group:
             group.start_soon(watch_disconnect, receive, exchange, group.cancel_scope)
             try:
-                await _exchange_once(runtime.client, exchange, send)
+                await _exchange_once(runtime.transport, exchange, send)
             except ProxyError as exc:  # raised from here, not wrapped in an ExceptionGroup
                 error = exc
             group.cancel_scope.cancel()
@@ -111,8 +111,10 @@ async def _dispatch(runtime: Runtime, exchange: Exchange, receive: Receive, send
         exchange.record.status = CLIENT_CLOSED
 
 
-async def _exchange_once(client: httpx.AsyncClient, exchange: Exchange, send: Send) -> None:
-    response = await open_upstream(client, exchange)
+async def _exchange_once(
+    transport: httpx.AsyncBaseTransport, exchange: Exchange, send: Send
+) -> None:
+    response = await open_upstream(transport, exchange)
     try:
         if exchange.record.stream:
             await relay_stream(response, exchange, send)
@@ -136,12 +138,12 @@ def _exchange(
     target = runtime.config.backends[backend]
     headers = upstream_headers(scope["headers"], runtime.private_headers)
     headers.append((b"x-request-id", record.request_id.encode("latin-1")))
-    upstream = runtime.client.build_request(
+    upstream = httpx.Request(
         "POST",
         target.url + scope["path"],
         content=upstream_body(request, target.model),
         headers=headers,
-        timeout=runtime.timeouts[backend],
+        extensions={"timeout": runtime.timeouts[backend]},
     )
     return Exchange(
         backend=backend,

@@ -51,16 +51,21 @@ class Exchange:
     complete: bool = False
 
 
-async def open_upstream(client: httpx.AsyncClient, exchange: Exchange) -> httpx.Response:
-    """Send the request and wait for the response headers; errors become `ProxyError`s."""
+async def open_upstream(transport: httpx.AsyncBaseTransport, exchange: Exchange) -> httpx.Response:
+    """Send the request and wait for the response headers; errors become `ProxyError`s.
+
+    Straight to the transport: `AsyncClient.send` adds auth, redirect and cookie handling
+    that a proxy must not do anyway, at a measurable cost per request.
+    """
     try:
-        response = await client.send(exchange.request, stream=True)
+        response = await transport.handle_async_request(exchange.request)
     except httpx.TimeoutException:
         raise BackendTimeoutError(f"backend {exchange.backend!r} timed out") from None
     except httpx.TransportError as exc:
         raise BackendUnreachableError(
             f"backend {exchange.backend!r} is unreachable: {_describe(exc)}"
         ) from None
+    response.request = exchange.request
     if response.status_code >= 400:
         try:
             body = await _read(response, exchange.backend)

@@ -1,6 +1,6 @@
 """What a running proxy shares between requests, built once from the config.
 
-The app's lifespan owns it (and the httpx client in it) and hands it to every request through
+The app's lifespan owns it (and the upstream transport in it) and hands it to every request through
 the ASGI scope's state: no globals.
 """
 
@@ -20,11 +20,11 @@ from proxy.routing import Router
 @dataclass
 class Runtime:
     config: Config
-    client: httpx.AsyncClient
+    transport: httpx.AsyncBaseTransport
     log: AccessLog
     rng: random.Random
     router: Router = field(init=False)
-    timeouts: dict[str, httpx.Timeout] = field(init=False)
+    timeouts: dict[str, dict[str, float | None]] = field(init=False)  # httpx's "timeout" extension
     # Request headers that steer the proxy itself: not forwarded to backends.
     private_headers: frozenset[bytes] = field(init=False)
     in_flight: Counter[str] = field(default_factory=Counter)
@@ -38,23 +38,7 @@ class Runtime:
                 read=backend.timeouts.read,
                 write=backend.timeouts.read,
                 pool=backend.timeouts.connect,
-            )
+            ).as_dict()
             for name, backend in self.config.backends.items()
         }
         self.private_headers = frozenset({routing.header.lower().encode(), b"x-request-id"})
-
-
-def upstream_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """The one pooled client for every backend.
-
-    No connection cap: how many requests a backend takes at once is its own business (and
-    later, the config's). `trust_env=False`: an HTTP_PROXY meant for the internet must not
-    capture loopback backends.
-    """
-    return httpx.AsyncClient(
-        transport=transport,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        trust_env=False,
-        headers={"accept-encoding": "identity"},  # answers are relayed as bytes
-        follow_redirects=False,
-    )
