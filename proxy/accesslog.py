@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,7 +36,11 @@ class RequestRecord:
     client_disconnected: bool = False
 
     def fields(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: it deep-copies, and this runs once per request.
+        return {name: getattr(self, name) for name in _RECORD_FIELDS}
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord))
 
 
 class _Sinks:
@@ -64,7 +68,6 @@ class AccessLog:
         self.logger = structlog.wrap_logger(
             _Sinks(streams),
             processors=[
-                structlog.contextvars.merge_contextvars,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 structlog.processors.JSONRenderer(serializer=json.dumps),
             ],

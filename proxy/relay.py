@@ -9,12 +9,12 @@ a time, and generating for nobody would block everyone else.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import httpx
 
 from proxy.accesslog import RequestRecord
@@ -106,7 +106,7 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
     splitter = EventSplitter()
     done = False
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in _raw(response):
             out = []
             for raw in splitter.feed(chunk):
                 event = classify(raw)
@@ -143,14 +143,14 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def watch_disconnect(receive: Receive, exchange: Exchange, scope: anyio.CancelScope) -> None:
-    """Cancel the exchange as soon as the client goes away."""
+async def watch_disconnect(receive: Receive, exchange: Exchange, task: asyncio.Task[Any]) -> None:
+    """Cancel the exchange's task as soon as the client goes away."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             if not exchange.complete:
                 exchange.record.client_disconnected = True
-                scope.cancel()
+                task.cancel()
             return
 
 
@@ -174,9 +174,16 @@ async def _fail_stream(send: Send, exchange: Exchange, exc: ProxyError) -> None:
     await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
+def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as the backend sent it. Straight from the transport's stream: httpx's
+    `aiter_raw` adds a chunker and a context manager on every chunk of every stream, and
+    there is nothing to decode (the proxy asks for no compression)."""
+    return response.stream.__aiter__()  # type: ignore[union-attr]
+
+
 async def _read(response: httpx.Response, backend: str) -> bytes:
     try:
-        return await response.aread()
+        return b"".join([chunk async for chunk in _raw(response)])
     except httpx.TimeoutException:
         raise BackendTimeoutError(f"backend {backend!r} timed out while answering") from None
     except httpx.TransportError as exc:

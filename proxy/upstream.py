@@ -46,6 +46,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self.complete = False
+        self._keep_alive = False
         self._error: Exception | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
@@ -101,12 +102,14 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        # Asked here: once the callback returns, the parser is reset for the next message.
+        self._keep_alive = self._parser.should_keep_alive()
         self.complete = True
         self._wake()
 
     # --- used by the pool ---------------------------------------------------------------
     def reusable(self) -> bool:
-        return self.complete and not self.closed and self._parser.should_keep_alive()
+        return self.complete and not self.closed and self._keep_alive
 
     def send(self, data: bytes) -> None:
         assert self._transport is not None
