@@ -14,8 +14,9 @@ Each `ProxyError` carries `kind`, the short name written to the `error` field of
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 
 class ConfigError(Exception):
@@ -91,7 +92,7 @@ def openai_error(
 
 def _parse(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return orjson.loads(body)
     except ValueError:
         return None
 

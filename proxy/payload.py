@@ -9,9 +9,10 @@ Pure functions. The body is passed through as the client sent it, except:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from proxy.errors import BadRequestError
 
@@ -47,7 +48,7 @@ class ChatRequest:
 def parse_body(raw: bytes, public_model: str) -> ChatRequest:
     """Validate the client's JSON just enough to route and measure it."""
     try:
-        body = json.loads(raw)
+        body = orjson.loads(raw)
     except ValueError as exc:
         raise BadRequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -70,7 +71,7 @@ def upstream_body(request: ChatRequest, backend_model: str) -> bytes:
     body["model"] = backend_model
     if request.stream:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    return orjson.dumps(body)
 
 
 def upstream_headers(
@@ -95,7 +96,7 @@ def model_rewriter(backend_model: str, client_model: str) -> tuple[tuple[bytes, 
     """
     if backend_model == client_model:
         return ()
-    old, new = json.dumps(backend_model).encode(), json.dumps(client_model).encode()
+    old, new = orjson.dumps(backend_model), orjson.dumps(client_model)
     return tuple((b'"model"' + sep + old, b'"model"' + sep + new) for sep in (b": ", b":"))
 
 

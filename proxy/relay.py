@@ -10,12 +10,12 @@ a time, and generating for nobody would block everyone else.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 
 from proxy.accesslog import RequestRecord
 from proxy.errors import (
@@ -82,7 +82,7 @@ async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -
     _count_tokens(exchange.record, _usage_of(body))
     body = rewrite(body, exchange.rewrites)
     headers = [
-        (b"content-type", response.headers.get("content-type", "application/json").encode()),
+        (b"content-type", _content_type(response)),
         (b"content-length", str(len(body)).encode()),
         *exchange.response_headers,
     ]
@@ -120,9 +120,10 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
                     _count_tokens(record, event.usage)
                     if event.kind is Kind.USAGE and not exchange.wants_usage:
                         continue
-                out.append(rewrite(raw, exchange.rewrites))
+                out.append(raw)
             if out:
-                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                body = rewrite(b"".join(out), exchange.rewrites)  # events are whole: no split
+                await send({"type": "http.response.body", "body": body, "more_body": True})
     except httpx.TimeoutException:
         await _fail_stream(send, exchange, BackendTimeoutError(_stalled(exchange)))
         return
@@ -155,7 +156,7 @@ async def watch_disconnect(receive: Receive, exchange: Exchange, task: asyncio.T
 
 
 async def send_error(send: Send, exc: ProxyError, headers: list[tuple[bytes, bytes]]) -> None:
-    body = json.dumps(exc.body()).encode()
+    body = orjson.dumps(exc.body())
     start_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -170,7 +171,7 @@ async def _fail_stream(send: Send, exchange: Exchange, exc: ProxyError) -> None:
     stream that just stops would look complete."""
     exchange.record.error = exc.code or exc.kind
     exchange.complete = True
-    event = b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+    event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
     await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
@@ -192,9 +193,16 @@ async def _read(response: httpx.Response, backend: str) -> bytes:
         ) from None
 
 
+def _content_type(response: httpx.Response) -> bytes:
+    for name, value in response.headers.raw:  # not `.get()`: it re-guesses the encoding
+        if name.lower() == b"content-type":
+            return value
+    return b"application/json"
+
+
 def _usage_of(body: bytes) -> dict[str, Any] | None:
     try:
-        usage = json.loads(body).get("usage")
+        usage = orjson.loads(body).get("usage")
     except (ValueError, AttributeError):
         return None
     return usage if isinstance(usage, dict) else None

@@ -8,10 +8,11 @@ chunk (token counts; removed when the client did not ask for it), an error, or `
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+import orjson
 
 
 class Kind(Enum):
@@ -62,7 +63,7 @@ def classify(raw: bytes) -> Event:
     if data == b"[DONE]":
         return Event(raw, Kind.DONE)
     try:
-        payload = json.loads(data)
+        payload = orjson.loads(data)
     except ValueError:
         return Event(raw, Kind.OTHER)
     if not isinstance(payload, dict):
@@ -72,8 +73,10 @@ def classify(raw: bytes) -> Event:
     usage = payload.get("usage")
     usage = usage if isinstance(usage, dict) else None
     choices = payload.get("choices")
-    if choices and any(_has_content(choice) for choice in choices):
-        return Event(raw, Kind.CONTENT, usage)
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict) and _has_content(choice):
+                return Event(raw, Kind.CONTENT, usage)
     if usage is not None and not choices:
         return Event(raw, Kind.USAGE, usage)
     return Event(raw, Kind.OTHER, usage)
@@ -87,9 +90,7 @@ def _data_of(raw: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def _has_content(choice: Any) -> bool:
-    if not isinstance(choice, dict):
-        return False
+def _has_content(choice: dict[str, Any]) -> bool:
     delta = choice.get("delta")
     if isinstance(delta, dict):
         return bool(

@@ -497,6 +497,8 @@ async def bench(args: argparse.Namespace) -> None:
                 proxy_target = (HOST, proxy_port)
             targets = {"direct": (HOST, fake_port), "proxy": proxy_target}
             for name, stream, conc in SCENARIOS:
+                if args.only and args.only not in name:
+                    continue
                 print(f"running {name} ...", flush=True)
                 arms = await run_scenario(targets, stream, conc, args)
                 records.append(scenario_record(name, stream, conc, arms))
@@ -519,6 +521,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="fake backend sleep between stream chunks (default: none)")
     ap.add_argument("--proxy-url", help="use this running proxy instead of starting one")
     ap.add_argument("--json", metavar="FILE", help="also write all figures to FILE")
+    ap.add_argument("--only", metavar="TEXT",
+                    help="run only the scenarios whose name contains TEXT, e.g. 'stream c=16'")
     ap.add_argument("--serve-fake", type=int, metavar="PORT",
                     help="only run the fake backend on PORT (0: any) and print the port")
     return ap.parse_args(argv)
