@@ -8,6 +8,7 @@ crash loses nothing and `tail -f` sees every request at once.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +16,11 @@ from typing import IO, Any
 
 import orjson
 import structlog
+
+
+def request_id(given: str | None) -> str:
+    """The client's request id if it sent one, else a new random one."""
+    return given or os.urandom(16).hex()
 
 
 @dataclass(slots=True)

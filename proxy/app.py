@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from proxy.accesslog import AccessLog
+from proxy.accesslog import AccessLog, request_id
 from proxy.chat import Completions
 from proxy.config import Config
 from proxy.errors import openai_error
@@ -67,9 +67,17 @@ def _model_card(model: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "specproxy"}
 
 
+def _answer(
+    request: Request, body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """A JSON answer that carries `x-request-id`, as every answer of the proxy does."""
+    headers = {**(headers or {}), "x-request-id": request_id(request.headers.get("x-request-id"))}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 async def list_models(request: Request) -> JSONResponse:
     runtime: Runtime = request.state.runtime
-    return JSONResponse({"object": "list", "data": [_model_card(runtime.config.model)]})
+    return _answer(request, {"object": "list", "data": [_model_card(runtime.config.model)]})
 
 
 async def get_model(request: Request) -> JSONResponse:
@@ -82,8 +90,8 @@ async def get_model(request: Request) -> JSONResponse:
             param="model",
             code="model_not_found",
         )
-        return JSONResponse(body, status_code=404)
-    return JSONResponse(_model_card(model))
+        return _answer(request, body, 404)
+    return _answer(request, _model_card(model))
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -114,15 +122,26 @@ async def healthz(request: Request) -> JSONResponse:
             group.start_soon(probe, name, backend.url)
     status = "ok" if all(r["reachable"] for r in results.values()) else "degraded"
     ordered = {name: results[name] for name in runtime.config.backends}
-    return JSONResponse({"status": status, "model": runtime.config.model, "backends": ordered})
+    return _answer(request, {"status": status, "model": runtime.config.model, "backends": ordered})
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    """Starlette's own 404/405 in the OpenAI error shape."""
+    """Starlette's own 404/405 in the OpenAI error shape, and a log line for each."""
     kind = "not_found" if exc.status_code == 404 else "method_not_allowed"
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    return JSONResponse(
+    response = _answer(
+        request,
         openai_error(message, "invalid_request_error", code=kind),
-        status_code=exc.status_code,
-        headers=exc.headers,
+        exc.status_code,
+        dict(exc.headers or {}),
     )
+    runtime: Runtime = request.state.runtime
+    runtime.log.event(
+        "rejected",
+        request_id=response.headers["x-request-id"],
+        method=request.method,
+        path=request.url.path,
+        status=exc.status_code,
+        error=kind,
+    )
+    return response

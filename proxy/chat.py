@@ -7,13 +7,12 @@ while it waits on the backend, and to log after the last byte has been sent.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
 
-from proxy.accesslog import RequestRecord
+from proxy.accesslog import RequestRecord, request_id
 from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError
 from proxy.payload import (
     ChatRequest,
@@ -55,7 +54,7 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
     runtime: Runtime = scope["state"]["runtime"]
     clock = Clock()
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    record = RequestRecord(request_id=headers.get("x-request-id") or os.urandom(16).hex())
+    record = RequestRecord(request_id(headers.get("x-request-id")))
     response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
     started = False
 
@@ -138,7 +137,7 @@ def _exchange(
     target = runtime.config.backends[backend]
     url = runtime.upstream_url(backend, scope["path"])
     body = upstream_body(request, target.model)
-    headers = upstream_headers(scope["headers"], runtime.private_headers)
+    headers = upstream_headers(scope["headers"], runtime.not_forwarded)
     headers += [
         (b"host", url.netloc),
         (b"content-length", str(len(body)).encode()),  # mlx_lm.server answers 411 without

@@ -17,21 +17,21 @@ import orjson
 from proxy.errors import BadRequestError
 
 # RFC 9110 7.6.1, plus what is recomputed for the new body or must not leak upstream.
-_NOT_FORWARDED = frozenset(
+NOT_FORWARDED = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "accept-encoding",  # answers are relayed as bytes: keep them uncompressed
-        "expect",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"accept-encoding",  # answers are relayed as bytes: keep them uncompressed
+        b"expect",
     }
 )
 _DROPPED_FIELDS = ("draft_model", "num_draft_tokens")
@@ -77,15 +77,16 @@ def upstream_body(request: ChatRequest, backend_model: str) -> bytes:
 def upstream_headers(
     headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
 ) -> list[tuple[bytes, bytes]]:
-    """The client's headers minus hop-by-hop ones and `drop` (lower-case names).
+    """The client's headers (lower-case names, as ASGI has them) minus those in `drop` and
+    those the client's `Connection` header declares hop-by-hop.
 
     `Authorization` is forwarded: the backend may check it. It is never logged.
     """
-    return [
-        (name, value)
-        for name, value in headers
-        if name.decode("latin-1") not in _NOT_FORWARDED and name not in drop
-    ]
+    for name, value in headers:
+        if name == b"connection":
+            listed = {token.strip().lower() for token in value.split(b",")}
+            drop = drop | (listed - {b"keep-alive", b"close"})
+    return [(name, value) for name, value in headers if name not in drop]
 
 
 def model_rewriter(backend_model: str, client_model: str) -> tuple[tuple[bytes, bytes], ...]:

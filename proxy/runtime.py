@@ -14,6 +14,7 @@ import httpx
 
 from proxy.accesslog import AccessLog
 from proxy.config import Config
+from proxy.payload import NOT_FORWARDED
 from proxy.routing import Router
 
 
@@ -25,8 +26,8 @@ class Runtime:
     rng: random.Random
     router: Router = field(init=False)
     timeouts: dict[str, dict[str, float | None]] = field(init=False)  # httpx's "timeout" extension
-    # Request headers that steer the proxy itself: not forwarded to backends.
-    private_headers: frozenset[bytes] = field(init=False)
+    # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.
+    not_forwarded: frozenset[bytes] = field(init=False)
     in_flight: Counter[str] = field(default_factory=Counter)
     _urls: dict[tuple[str, str], httpx.URL] = field(default_factory=dict)
 
@@ -42,7 +43,8 @@ class Runtime:
             ).as_dict()
             for name, backend in self.config.backends.items()
         }
-        self.private_headers = frozenset({routing.header.lower().encode(), b"x-request-id"})
+        private = {routing.header.lower().encode(), b"x-request-id"}
+        self.not_forwarded = NOT_FORWARDED | private
 
     def upstream_url(self, backend: str, path: str) -> httpx.URL:
         """The backend's URL for `path`, parsed once: httpx's URL parsing is not cheap."""

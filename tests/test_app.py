@@ -188,13 +188,14 @@ async def test_headers_forwarded_and_hop_by_hop_dropped(config: Config) -> None:
         "TE": "trailers",
         "X-Trace": "t1",
         "Accept-Encoding": "gzip",
+        "X-Custom-Hop": "1",
     }
     async with proxy_client(config, backends) as client:
         await client.post(CHAT, json={"messages": []}, headers=headers)
     sent = backends.seen[-1].headers
     assert sent["authorization"] == "Bearer sk-secret"
     assert sent["x-trace"] == "t1"
-    for name in ("proxy-authorization", "te", "x-backend"):
+    for name in ("proxy-authorization", "te", "x-backend", "x-custom-hop", "connection"):
         assert name not in sent
     assert "accept-encoding" not in sent  # answers are relayed as bytes: no compression
     assert str(backends.seen[-1].url) == "http://s:2/v1/chat/completions"
@@ -406,6 +407,7 @@ async def test_models_lists_the_public_model(config: Config) -> None:
     assert listing["object"] == "list"
     assert [m["id"] for m in listing["data"]] == ["test-model"]
     assert one.json()["id"] == "test-model"
+    assert one.headers["x-request-id"]
     assert_openai_error(missing, 404, "model_not_found")
 
 
@@ -416,6 +418,12 @@ async def test_unknown_path_and_wrong_method_are_openai_errors(config: Config) -
     assert_openai_error(missing, 404, "not_found")
     assert_openai_error(wrong, 405, "method_not_allowed")
     assert wrong.headers["allow"] == "POST"
+    assert len(missing.headers["x-request-id"]) == 32
+    lines = read_log(config.logging.path)  # type: ignore[arg-type]
+    assert [(line["event"], line["status"], line["path"]) for line in lines] == [
+        ("rejected", 404, "/v1/nothing"),
+        ("rejected", 405, CHAT),
+    ]
 
 
 async def test_healthz_reports_each_backend(config: Config) -> None:
