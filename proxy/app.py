@@ -20,6 +20,7 @@ from proxy.accesslog import AccessLog, request_id
 from proxy.chat import Completions
 from proxy.config import Config
 from proxy.errors import openai_error
+from proxy.launch import Supervisor
 from proxy.runtime import Runtime
 from proxy.upstream import UpstreamTransport
 
@@ -32,14 +33,16 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     rng: random.Random | None = None,
     log: AccessLog | None = None,
+    supervisor: Supervisor | None = None,
 ) -> Starlette:
-    """Build the proxy. `transport` and `rng` are for tests; `log` defaults to the config's."""
+    """Build the proxy. `transport` and `rng` are for tests; `log` defaults to the config's;
+    `supervisor`, the launched backends, adds their process figures to /healthz."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         access_log = log or AccessLog(config.logging.path, stdout=config.logging.stdout)
         upstream = transport or UpstreamTransport()
-        runtime = Runtime(config, upstream, access_log, rng or random.Random())
+        runtime = Runtime(config, upstream, access_log, rng or random.Random(), supervisor)
         try:
             yield {"runtime": runtime}
         finally:
@@ -116,6 +119,8 @@ async def healthz(request: Request) -> JSONResponse:
             "in_flight": runtime.in_flight[name],
             "split": runtime.config.routing.split.get(name, 0.0),
         }
+        if runtime.supervisor is not None and name in runtime.supervisor.backends:
+            results[name]["process"] = runtime.supervisor.backends[name].status()
 
     async with anyio.create_task_group() as group:
         for name, backend in runtime.config.backends.items():

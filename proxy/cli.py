@@ -1,10 +1,13 @@
-"""`python -m proxy serve|check --config routes.yaml`."""
+"""`python -m proxy serve|check|backends --config routes.yaml`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import uvicorn
 
@@ -12,8 +15,11 @@ from proxy.accesslog import AccessLog
 from proxy.app import create_app
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
+from proxy.launch import LaunchError, Supervisor, build_command
 
 EXIT_CONFIG = 2
+EXIT_LAUNCH = 3
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,42 +29,122 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             print(f"{args.config}: OK\n{describe(config)}")
             return 0
-        return serve(config, host=args.host, port=args.port)
+        log = _open_log(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-
-
-def serve(config: Config, *, host: str | None, port: int | None) -> int:
-    host = host or config.listen.host
-    port = config.listen.port if port is None else port
     try:
-        log = AccessLog(config.logging.path, stdout=config.logging.stdout)
+        if args.command == "backends":
+            return _run(lambda stop: run_backends(config, log, stop))
+        host = args.host or config.listen.host
+        port = config.listen.port if args.port is None else args.port
+        print(f"specproxy on http://{host}:{port}\n{describe(config)}", file=sys.stderr, flush=True)
+        return _run(lambda stop: serve(config, log, host, port, stop))
+    finally:
+        log.close()
+
+
+async def serve(config: Config, log: AccessLog, host: str, port: int, stop: _Stop) -> int:
+    """Bring up the launched backends, serve until a signal, then stop them all."""
+    supervisor = Supervisor(config, log)
+    try:
+        await supervisor.start()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(config, log=log, supervisor=supervisor),
+                host=host,
+                port=port,
+                access_log=False,  # our own line per request replaces it
+                log_level="warning",
+                timeout_graceful_shutdown=30,
+            )
+        )
+        stop.server = server
+        await server.serve()
+        return 0 if server.started else 1
+    finally:
+        await supervisor.stop()
+
+
+async def run_backends(config: Config, log: AccessLog, stop: _Stop) -> int:
+    """Only the launched backends, in the foreground, until a signal."""
+    supervisor = Supervisor(config, log)
+    if not supervisor.backends:
+        print("error: no backend in the config has a `launch` block", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        await supervisor.start()
+        print("specproxy: backends running; Ctrl-C stops them", file=sys.stderr, flush=True)
+        stop.running = True
+        await stop.event.wait()
+        return 0
+    finally:
+        await supervisor.stop()
+
+
+class _Stop:
+    """What a SIGINT/SIGTERM does: during start-up, interrupt it; while serving, ask uvicorn
+    for its graceful shutdown (uvicorn gets the signal too, and hands it back on exit, which
+    then does nothing more); while only the backends run, end the wait."""
+
+    def __init__(self, task: asyncio.Task[Any]):
+        self.task = task
+        self.event = asyncio.Event()
+        self.server: uvicorn.Server | None = None
+        self.running = False
+
+    def __call__(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        elif not self.running and not self.event.is_set():
+            self.task.cancel()
+        self.event.set()
+
+
+def _run(body: Callable[[_Stop], Awaitable[int]]) -> int:
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        stop = _Stop(task)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        try:
+            return await body(stop)
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_LAUNCH
+        except asyncio.CancelledError:
+            print("specproxy: interrupted; backends stopped", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return _event_loop_run(guarded())
+
+
+def _event_loop_run(coroutine: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def _open_log(config: Config) -> AccessLog:
+    try:
+        return AccessLog(config.logging.path, stdout=config.logging.stdout)
     except OSError as exc:
         raise ConfigError(
             f"logging.path: cannot open {config.logging.path}: {exc.strerror}"
         ) from None
-    print(f"specproxy on http://{host}:{port}\n{describe(config)}", file=sys.stderr, flush=True)
-    try:
-        # Our own log line per request replaces uvicorn's access log.
-        uvicorn.run(
-            create_app(config, log=log),
-            host=host,
-            port=port,
-            access_log=False,
-            log_level="warning",
-            timeout_graceful_shutdown=30,
-        )
-    finally:
-        log.close()
-    return 0
 
 
 def describe(config: Config) -> str:
     lines = [f"  model {config.model!r}"]
     for name, weight in config.weights():
-        url = config.backends[name].url
-        lines.append(f"  backend {name:<12} {weight:>5g}%  {url}")
+        backend = config.backends[name]
+        lines.append(f"  backend {name:<12} {weight:>5g}%  {backend.url}")
+        if backend.launch is not None:
+            lines.append(f"    launched: {' '.join(build_command(name, backend, 'python'))}")
     routing = config.routing
     lines.append(f"  force with header {routing.header}")
     if routing.sticky_header:
@@ -72,7 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the proxy")
     check_cmd = commands.add_parser("check", help="validate the config and exit")
-    for command in (serve_cmd, check_cmd):
+    backends_cmd = commands.add_parser(
+        "backends", help="start only the backends that have a `launch` block, in the foreground"
+    )
+    for command in (serve_cmd, check_cmd, backends_cmd):
         command.add_argument("--config", default="routes.yaml", help="routes file (routes.yaml)")
     serve_cmd.add_argument("--host", help="listen address (default: listen.host)")
     serve_cmd.add_argument("--port", type=int, help="listen port (default: listen.port)")

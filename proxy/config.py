@@ -39,24 +39,60 @@ class Timeouts(_Frozen):
     read: float = Field(default=600.0, gt=0)
 
 
+class Launch(_Frozen):
+    """How the proxy starts a backend itself: an mlx_lm.server for `model` (with a draft model
+    when `draft_model` is set), or any OpenAI-compatible server given as `command`, whose
+    arguments may use {host}, {port} and {python} (this Python, to reach its packages)."""
+
+    model: str | None = None
+    draft_model: str | None = None
+    num_draft_tokens: int | None = Field(default=None, ge=1)
+    extra_args: list[str] = []
+    command: list[str] | None = Field(default=None, min_length=1)
+    env: dict[str, str] = {}
+    # CPU loading of a large model can take minutes; a tiny one, seconds.
+    startup_timeout: float = Field(default=600.0, gt=0)
+    log: Path | None = None  # default: logs/backends/<name>.log
+
+    @model_validator(mode="after")
+    def _one_way_to_start(self) -> Launch:
+        if (self.model is None) == (self.command is None):
+            raise ValueError("give either `model` (an mlx_lm.server) or `command`, not both")
+        if self.command is not None and (self.draft_model or self.num_draft_tokens):
+            raise ValueError("draft_model and num_draft_tokens go with `model`, not `command`")
+        if self.num_draft_tokens is not None and self.draft_model is None:
+            raise ValueError("num_draft_tokens needs a draft_model")
+        return self
+
+
 class Backend(_Frozen):
     url: str
     # What goes in the upstream body's `model` field. mlx_lm.server tries to load any model
     # name it does not know, so by default we send the name of the model it was started with.
     model: str = "default_model"
     timeouts: Timeouts = Timeouts()
+    launch: Launch | None = None
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http(s) URL like http://127.0.0.1:8080, not {url!r}")
+        # Backends are local servers: the pool speaks plain HTTP only.
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"must be an http:// URL like http://127.0.0.1:8080, not {url!r}")
         try:
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
             raise ValueError(f"bad port in {url!r}") from exc
         return url.rstrip("/")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 80
 
 
 class Routing(_Frozen):

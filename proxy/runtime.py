@@ -14,6 +14,7 @@ import httpx
 
 from proxy.accesslog import AccessLog
 from proxy.config import Config
+from proxy.launch import Supervisor
 from proxy.payload import NOT_FORWARDED
 from proxy.routing import Router
 
@@ -24,6 +25,7 @@ class Runtime:
     transport: httpx.AsyncBaseTransport
     log: AccessLog
     rng: random.Random
+    supervisor: Supervisor | None = None  # the backends this proxy launched, if any
     router: Router = field(init=False)
     timeouts: dict[str, dict[str, float | None]] = field(init=False)  # httpx's "timeout" extension
     # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.

@@ -166,7 +166,7 @@ async def _stream(
             {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion",
-                "model": body["model"],
+                "model": body.get("model", "default_model"),
                 "created": 0,
                 "choices": [],
                 "usage": usage,
@@ -184,7 +184,7 @@ def _chunk(
         "id": "chatcmpl-fake",
         "object": "chat.completion.chunk",
         "created": 0,
-        "model": body["model"],
+        "model": body.get("model", "default_model"),
         "choices": [choice],
     }
 
@@ -195,7 +195,7 @@ def _completion(body: dict[str, Any], tokens: int) -> dict[str, Any]:
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": 0,
-        "model": body["model"],
+        "model": body.get("model", "default_model"),
         "choices": [
             {
                 "index": 0,
@@ -239,3 +239,29 @@ def _mode(spec: str) -> dict[str, float]:
             key, value = part.split("=", 1)
             mode[key.strip()] = float(value)
     return mode
+
+
+def main() -> None:
+    """A stand-in backend program for the launcher's tests."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--listen-after", type=float, default=0.0, help="seconds of 'loading'")
+    parser.add_argument(
+        "--exit-after", type=float, help="exit with code 3 this long after listening"
+    )
+    args = parser.parse_args()
+    print("stand-in: loading", flush=True)
+    time.sleep(args.listen_after)
+    backend = FakeBackend(port=args.port).start()
+    print(f"stand-in: listening on {backend.url}", flush=True)
+    if args.exit_after is not None:
+        time.sleep(args.exit_after)
+        print("stand-in: crashing", flush=True)
+        raise SystemExit(3)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -70,7 +70,7 @@ def test_backend_left_out_of_the_split_gets_weight_zero(tmp_path: Path) -> None:
         ),
         (
             ("http://127.0.0.1:8081", "localhost:8081"),
-            "backends.speculative.url: must be an http(s) URL",
+            "backends.speculative.url: must be an http:// URL",
         ),
         (("routing:", "routing:\n  spilt: 1"), "routing.spilt: unknown key"),
         (("model: m\n", ""), "model: required key is missing"),

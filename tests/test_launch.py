@@ -1,0 +1,388 @@
+"""Launching backends: the command line, and supervision of stand-in backend programs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from proxy.accesslog import AccessLog
+from proxy.config import Backend, Config, parse_config
+from proxy.errors import ConfigError
+from proxy.launch import LaunchError, Supervisor, build_command
+from tests.conftest import free_port, read_log
+
+pytestmark = pytest.mark.anyio
+
+STANDIN = str(Path(__file__).with_name("fakebackend.py"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def backend(launch: dict[str, Any], url: str = "http://127.0.0.1:8081") -> Backend:
+    return Backend.model_validate({"url": url, "launch": launch})
+
+
+def test_command_for_a_plain_mlx_server() -> None:
+    command = build_command("b", backend({"model": "models/m"}), python="py")
+    assert command == [
+        "py",
+        "-m",
+        "mlx_lm.server",
+        "--model",
+        "models/m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8081",
+    ]
+
+
+def test_draft_flags_only_when_a_draft_is_set() -> None:
+    spec = backend(
+        {
+            "model": "m",
+            "draft_model": "d",
+            "num_draft_tokens": 3,
+            "extra_args": ["--max-tokens", "64"],
+        }
+    )
+    command = build_command("s", spec, python="py")
+    assert command[-6:] == ["--draft-model", "d", "--num-draft-tokens", "3", "--max-tokens", "64"]
+    plain = build_command("s", backend({"model": "m", "draft_model": "d"}), python="py")
+    assert "--draft-model" in plain and "--num-draft-tokens" not in plain
+
+
+def test_command_form_fills_placeholders() -> None:
+    spec = backend(
+        {"command": ["llama-server", "--host", "{host}", "--port", "{port}", "-m", "x.gguf"]},
+        url="http://127.0.0.2:9000",
+    )
+    assert build_command("l", spec) == [
+        "llama-server",
+        "--host",
+        "127.0.0.2",
+        "--port",
+        "9000",
+        "-m",
+        "x.gguf",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("launch", "message"),
+    [
+        ({}, "give either `model` (an mlx_lm.server) or `command`"),
+        ({"model": "m", "command": ["x"]}, "give either `model`"),
+        ({"model": "m", "num_draft_tokens": 2}, "num_draft_tokens needs a draft_model"),
+        ({"command": ["x"], "draft_model": "d"}, "go with `model`, not `command`"),
+        ({"model": "m", "num_draft_tokens": 0}, "num_draft_tokens: Input should be greater"),
+        ({"model": "m", "startup_timout": 5}, "startup_timout: unknown key"),
+    ],
+)
+def test_invalid_launch_blocks(launch: dict[str, Any], message: str) -> None:
+    data = {
+        "model": "x",
+        "backends": {"b": {"url": "http://127.0.0.1:1", "launch": launch}},
+        "routing": {"split": {"b": 100}},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert "backends.b.launch" in str(info.value) and message in str(info.value)
+
+
+def standin_config(tmp_path: Path, **backends: dict[str, Any]) -> Config:
+    """A config whose backends are stand-in programs: `name={"args": [...], ...launch}`."""
+    spec = {}
+    for name, launch in backends.items():
+        args = launch.pop("args", [])
+        launch.setdefault("command", ["{python}", STANDIN, "--port", "{port}", *args])
+        launch.setdefault("log", str(tmp_path / f"{name}.log"))
+        spec[name] = {"url": f"http://127.0.0.1:{free_port()}", "launch": launch}
+    return parse_config(
+        {
+            "model": "m",
+            "backends": spec,
+            "routing": {"split": {next(iter(spec)): 100}},
+            "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+        }
+    )
+
+
+def supervisor_for(config: Config) -> tuple[Supervisor, AccessLog, io.StringIO]:
+    log = AccessLog(config.logging.path, stdout=False)
+    progress = io.StringIO()
+    return Supervisor(config, log, progress=progress), log, progress
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_backends_start_in_parallel_and_are_ready_only_when_serving(tmp_path: Path) -> None:
+    config = standin_config(
+        tmp_path, a={"args": ["--listen-after", "1.5"]}, b={"args": ["--listen-after", "1.5"]}
+    )
+    supervisor, log, progress = supervisor_for(config)
+    started = time.perf_counter()
+    try:
+        await supervisor.start()
+        took = time.perf_counter() - started
+        assert 1.5 <= took < 2.9  # in parallel: not 2 x 1.5 s
+        for name, managed in supervisor.backends.items():
+            assert managed.ready
+            answer = httpx.post(
+                config.backends[name].url + "/v1/chat/completions", json={"messages": []}, timeout=5
+            )
+            assert answer.status_code == 200
+        assert "a ready in" in progress.getvalue() and "b ready in" in progress.getvalue()
+        events = [line["event"] for line in read_log(config.logging.path)]  # type: ignore[arg-type]
+        assert events.count("backend_ready") == 2
+        assert "backend_memory" in events
+        status = supervisor.status()["a"]
+        assert status["ready"] and status["rss_mb"] > 1
+    finally:
+        pids = [m.process.pid for m in supervisor.backends.values() if m.process]
+        await supervisor.stop()
+        log.close()
+    assert all(gone(pid) for pid in pids)
+
+
+async def test_a_backend_that_never_answers_fails_with_its_log_tail(tmp_path: Path) -> None:
+    config = standin_config(tmp_path, slow={"args": ["--listen-after", "30"], "startup_timeout": 1})
+    supervisor, log, _ = supervisor_for(config)
+    with pytest.raises(LaunchError) as info:
+        await supervisor.start()
+    log.close()
+    message = str(info.value)
+    assert "backend 'slow' did not answer within 1 s" in message
+    assert "stand-in: loading" in message  # the tail of its log
+    assert gone(supervisor.backends["slow"].process.pid)  # type: ignore[union-attr]
+
+
+async def test_a_backend_that_exits_at_start_fails_at_once(tmp_path: Path) -> None:
+    config = standin_config(
+        tmp_path,
+        broken={"command": ["{python}", "-c", "print('no such model: m'); raise SystemExit(4)"]},
+    )
+    supervisor, log, _ = supervisor_for(config)
+    started = time.perf_counter()
+    with pytest.raises(LaunchError, match=r"(?s)exited with code 4.*no such model: m"):
+        await supervisor.start()
+    log.close()
+    assert time.perf_counter() - started < 5
+
+
+async def test_one_failing_backend_stops_the_others(tmp_path: Path) -> None:
+    config = standin_config(
+        tmp_path,
+        good={},
+        bad={"command": ["{python}", "-c", "import time; time.sleep(1); raise SystemExit(1)"]},
+    )
+    supervisor, log, _ = supervisor_for(config)
+    with pytest.raises(LaunchError):
+        await supervisor.start()
+    log.close()
+    assert gone(supervisor.backends["good"].process.pid)  # type: ignore[union-attr]
+
+
+async def test_a_backend_that_exits_is_restarted(tmp_path: Path) -> None:
+    config = standin_config(tmp_path, flaky={"args": ["--exit-after", "0.5"]})
+    supervisor, log, _ = supervisor_for(config)
+    try:
+        await supervisor.start()
+        first = supervisor.backends["flaky"].process.pid  # type: ignore[union-attr]
+        deadline = time.monotonic() + 15
+        while supervisor.backends["flaky"].restarts < 1 or not supervisor.backends["flaky"].ready:
+            assert time.monotonic() < deadline, "not restarted"
+            await asyncio.sleep(0.1)
+        assert supervisor.backends["flaky"].process.pid != first  # type: ignore[union-attr]
+    finally:
+        await supervisor.stop()
+        log.close()
+    events = read_log(config.logging.path)  # type: ignore[arg-type]
+    exits = [e for e in events if e["event"] == "backend_exit"]
+    assert exits and exits[0]["returncode"] == 3 and exits[0]["restart_in_s"] == 1.0
+    assert any(e["event"] == "backend_restarted" for e in events)
+
+
+def test_serve_launches_backends_and_stops_them_on_sigterm(tmp_path: Path) -> None:
+    config = standin_config(tmp_path, baseline={}, speculative={})
+    port = free_port()
+    routes = {
+        "listen": {"port": port},
+        "model": "m",
+        "backends": {
+            name: b.model_dump(mode="json", exclude_none=True)
+            for name, b in config.backends.items()
+        },
+        "routing": {"split": {"baseline": 50, "speculative": 50}},
+        "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+    }
+    path = tmp_path / "routes.yaml"
+    path.write_text(json.dumps(routes))  # JSON is YAML
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proxy.poll() is None, proxy.stderr.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        pids = [health["backends"][name]["process"]["pid"] for name in ("baseline", "speculative")]
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"messages": []},
+            headers={"X-Backend": "speculative"},
+            timeout=10,
+        )
+        assert answer.status_code == 200
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        _, stderr = proxy.communicate(timeout=30)
+    assert proxy.returncode == 0
+    assert all(gone(pid) for pid in pids)
+    assert "all backends ready" in stderr
+
+
+def test_backends_command_runs_only_the_backends(tmp_path: Path) -> None:
+    config = standin_config(tmp_path, baseline={})
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "model": "m",
+                "routing": {"split": {"baseline": 100}},
+                "backends": {
+                    n: b.model_dump(mode="json", exclude_none=True)
+                    for n, b in config.backends.items()
+                },
+                "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+            }
+        )
+    )
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "backends", "--config", str(path)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = config.backends["baseline"].url
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert runner.poll() is None, runner.stderr.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            try:
+                if httpx.post(url + "/v1/chat/completions", json={}, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+    finally:
+        runner.send_signal(signal.SIGINT)
+        runner.communicate(timeout=30)
+    assert runner.returncode == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.post(url + "/v1/chat/completions", json={}, timeout=2)
+
+
+def test_pdeathsig_leaves_no_orphan_when_the_proxy_is_killed(tmp_path: Path) -> None:
+    if sys.platform != "linux":
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    config = standin_config(tmp_path, baseline={})
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "listen": {"port": free_port()},
+                "model": "m",
+                "routing": {"split": {"baseline": 100}},
+                "backends": {
+                    n: b.model_dump(mode="json", exclude_none=True)
+                    for n, b in config.backends.items()
+                },
+                "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+            }
+        )
+    )
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "backends", "--config", str(path)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        children: list[psutil.Process] = []
+        while not children:
+            assert time.monotonic() < deadline
+            children = psutil.Process(proxy.pid).children()
+            time.sleep(0.1)
+        child = children[0]
+        time.sleep(0.5)
+    finally:
+        os.kill(proxy.pid, signal.SIGKILL)
+        proxy.wait(10)
+    child.wait(10)  # raises psutil.TimeoutExpired if it outlived the proxy
+
+
+def test_ctrl_c_during_startup_stops_the_loading_backends(tmp_path: Path) -> None:
+    config = standin_config(tmp_path, baseline={"args": ["--listen-after", "60"]})
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "listen": {"port": free_port()},
+                "model": "m",
+                "routing": {"split": {"baseline": 100}},
+                "backends": {
+                    n: b.model_dump(mode="json", exclude_none=True)
+                    for n, b in config.backends.items()
+                },
+                "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+            }
+        )
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proxy:
+        deadline = time.monotonic() + 30
+        children: list[psutil.Process] = []
+        while not children:
+            assert time.monotonic() < deadline
+            children = psutil.Process(proxy.pid).children()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proxy.send_signal(signal.SIGINT)
+        _, stderr = proxy.communicate(timeout=20)
+    assert proxy.returncode == 130
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    children[0].wait(5)
