@@ -224,37 +224,48 @@ async def test_a_backend_that_exits_is_restarted(tmp_path: Path) -> None:
     assert any(e["event"] == "backend_restarted" for e in events)
 
 
-def test_serve_launches_backends_and_stops_them_on_sigterm(tmp_path: Path) -> None:
-    config = standin_config(tmp_path, baseline={}, speculative={})
-    port = free_port()
+def write_routes(tmp_path: Path, config: Config, **extra: Any) -> Path:
+    """routes.yaml for `python -m proxy` over the stand-in backends of `config`."""
+    names = list(config.backends)
     routes = {
-        "listen": {"port": port},
         "model": "m",
         "backends": {
-            name: b.model_dump(mode="json", exclude_none=True)
-            for name, b in config.backends.items()
+            n: b.model_dump(mode="json", exclude_none=True) for n, b in config.backends.items()
         },
-        "routing": {"split": {"baseline": 50, "speculative": 50}},
+        "routing": {"split": {name: 100 / len(names) for name in names}},
         "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+        **extra,
     }
     path = tmp_path / "routes.yaml"
     path.write_text(json.dumps(routes))  # JSON is YAML
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return path
+
+
+def run_proxy(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """`python -m proxy ARGS` with its stderr in a file (a pipe could fill up and block it)."""
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "proxy", *args], cwd=ROOT, stderr=err)
+    return process, stderr
+
+
+def wait_until(condition: Any, process: subprocess.Popen[bytes], stderr: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert process.poll() is None, stderr.read_text()
+        assert time.monotonic() < deadline, stderr.read_text()
+        time.sleep(0.1)
+
+
+def test_serve_launches_backends_and_stops_them_on_sigterm(tmp_path: Path) -> None:
+    config = standin_config(tmp_path, baseline={}, speculative={})
+    port = free_port()
+    path = write_routes(tmp_path, config, listen={"port": port})
+    proxy, stderr = run_proxy(tmp_path, "serve", "--config", str(path))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proxy.poll() is None, proxy.stderr.read()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until(lambda: "specproxy: all backends ready" in stderr.read_text(), proxy, stderr)
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), proxy, stderr)
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
         pids = [health["backends"][name]["process"]["pid"] for name in ("baseline", "speculative")]
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -265,124 +276,65 @@ def test_serve_launches_backends_and_stops_them_on_sigterm(tmp_path: Path) -> No
         assert answer.status_code == 200
     finally:
         proxy.send_signal(signal.SIGTERM)
-        _, stderr = proxy.communicate(timeout=30)
-    assert proxy.returncode == 0
+        proxy.wait(30)
+    assert proxy.returncode == 0, stderr.read_text()
     assert all(gone(pid) for pid in pids)
-    assert "all backends ready" in stderr
 
 
 def test_backends_command_runs_only_the_backends(tmp_path: Path) -> None:
     config = standin_config(tmp_path, baseline={})
-    path = tmp_path / "routes.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "model": "m",
-                "routing": {"split": {"baseline": 100}},
-                "backends": {
-                    n: b.model_dump(mode="json", exclude_none=True)
-                    for n, b in config.backends.items()
-                },
-                "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
-            }
-        )
-    )
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "backends", "--config", str(path)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     url = config.backends["baseline"].url
+    runner, stderr = run_proxy(
+        tmp_path, "backends", "--config", str(write_routes(tmp_path, config))
+    )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert runner.poll() is None, runner.stderr.read()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline
-            try:
-                if httpx.post(url + "/v1/chat/completions", json={}, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until(lambda: "backends running" in stderr.read_text(), runner, stderr)
+        assert httpx.post(url + "/v1/chat/completions", json={}, timeout=5).status_code == 200
     finally:
         runner.send_signal(signal.SIGINT)
-        runner.communicate(timeout=30)
-    assert runner.returncode == 0
+        runner.wait(30)
+    assert runner.returncode == 0, stderr.read_text()
     with pytest.raises(httpx.TransportError):
         httpx.post(url + "/v1/chat/completions", json={}, timeout=2)
 
 
-def test_pdeathsig_leaves_no_orphan_when_the_proxy_is_killed(tmp_path: Path) -> None:
+def test_ctrl_c_during_startup_stops_the_loading_backends(tmp_path: Path) -> None:
+    config = standin_config(tmp_path, baseline={"args": ["--listen-after", "60"]})
+    path = write_routes(tmp_path, config, listen={"port": free_port()})
+    proxy, stderr = run_proxy(tmp_path, "serve", "--config", str(path))
+    try:
+        wait_until(lambda: "stand-in: loading" in _read(tmp_path / "baseline.log"), proxy, stderr)
+        child = psutil.Process(proxy.pid).children()[0]
+    finally:
+        proxy.send_signal(signal.SIGINT)
+        proxy.wait(20)
+    assert proxy.returncode == 130
+    assert "interrupted" in stderr.read_text() and "Traceback" not in stderr.read_text()
+    child.wait(5)  # raises psutil.TimeoutExpired if it is still running
+
+
+def test_no_orphan_when_the_proxy_is_killed(tmp_path: Path) -> None:
     if sys.platform != "linux":
         pytest.skip("PR_SET_PDEATHSIG is Linux-only")
     config = standin_config(tmp_path, baseline={})
-    path = tmp_path / "routes.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "listen": {"port": free_port()},
-                "model": "m",
-                "routing": {"split": {"baseline": 100}},
-                "backends": {
-                    n: b.model_dump(mode="json", exclude_none=True)
-                    for n, b in config.backends.items()
-                },
-                "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
-            }
-        )
-    )
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "backends", "--config", str(path)],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
+    runner, stderr = run_proxy(
+        tmp_path, "backends", "--config", str(write_routes(tmp_path, config))
     )
     try:
-        deadline = time.monotonic() + 30
-        children: list[psutil.Process] = []
-        while not children:
-            assert time.monotonic() < deadline
-            children = psutil.Process(proxy.pid).children()
-            time.sleep(0.1)
-        child = children[0]
-        time.sleep(0.5)
+        wait_until(lambda: "backends running" in stderr.read_text(), runner, stderr)
+        child = psutil.Process(runner.pid).children()[0]
     finally:
-        os.kill(proxy.pid, signal.SIGKILL)
-        proxy.wait(10)
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait(10)
     child.wait(10)  # raises psutil.TimeoutExpired if it outlived the proxy
 
 
-def test_ctrl_c_during_startup_stops_the_loading_backends(tmp_path: Path) -> None:
-    config = standin_config(tmp_path, baseline={"args": ["--listen-after", "60"]})
-    path = tmp_path / "routes.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "listen": {"port": free_port()},
-                "model": "m",
-                "routing": {"split": {"baseline": 100}},
-                "backends": {
-                    n: b.model_dump(mode="json", exclude_none=True)
-                    for n, b in config.backends.items()
-                },
-                "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
-            }
-        )
-    )
-    with subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proxy:
-        deadline = time.monotonic() + 30
-        children: list[psutil.Process] = []
-        while not children:
-            assert time.monotonic() < deadline
-            children = psutil.Process(proxy.pid).children()
-            time.sleep(0.1)
-        time.sleep(0.5)
-        proxy.send_signal(signal.SIGINT)
-        _, stderr = proxy.communicate(timeout=20)
-    assert proxy.returncode == 130
-    assert "interrupted" in stderr and "Traceback" not in stderr
-    children[0].wait(5)
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
