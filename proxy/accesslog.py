@@ -1,8 +1,9 @@
 """The one JSON log line per request (and the proxy's other events), via structlog.
 
-No global structlog configuration: `open_logger` builds a logger the app owns, writing each
-line to stdout and appending it to the configured file. Lines are flushed as written, so a
-crash loses nothing and `tail -f` sees every request at once.
+No global structlog configuration: an `AccessLog` owns its logger, writing each line to
+stdout and appending it to the configured file. Besides the request lines it carries the
+proxy's other events (`rejected`, `backend_ready`, `backend_exit`, `backend_memory`...).
+Lines are flushed as written, so a crash loses nothing and `tail -f` sees each at once.
 """
 
 from __future__ import annotations

@@ -62,7 +62,10 @@ def create_app(
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
+        exception_handlers={
+            HTTPException: _http_error,  # type: ignore[dict-item]
+            Exception: _unexpected_error,
+        },
     )
 
 
@@ -132,7 +135,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own 404/405 in the OpenAI error shape, and a log line for each."""
-    kind = "not_found" if exc.status_code == 404 else "method_not_allowed"
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
     message = f"{request.method} {request.url.path}: {exc.detail}"
     response = _answer(
         request,
@@ -150,3 +153,9 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         error=kind,
     )
     return response
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: still an OpenAI-shaped 500 for the client (Starlette logs the traceback)."""
+    body = openai_error("internal error in the proxy", "server_error", code="internal_error")
+    return _answer(request, body, 500)

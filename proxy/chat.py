@@ -39,7 +39,7 @@ from proxy.timing import Clock
 CLIENT_CLOSED = 499
 
 
-class ClientGone(Exception):
+class ClientGoneError(Exception):
     """The client disconnected before its request body arrived."""
 
 
@@ -77,8 +77,11 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
         record.status, record.error = exc.status, exc.kind
         if not started and not record.client_disconnected:
             await send_error(send, exc, response_headers)
-    except ClientGone:
+    except ClientGoneError:
         record.client_disconnected, record.status = True, CLIENT_CLOSED
+    except Exception:  # a bug: logged as such here, answered and traced by the app
+        record.status, record.error = 500, "internal_error"
+        raise
     finally:
         clock.finish()
         record.ttft_ms = clock.ttft_ms()
@@ -120,7 +123,7 @@ async def _exchange_once(
             await relay_stream(response, exchange, send)
         else:
             await relay_json(response, exchange, send)
-    except OSError:  # the client's socket broke while we wrote to it
+    except OSError:  # servers on ASGI spec 2.4 raise it when the client is gone (uvicorn: 2.3)
         exchange.record.client_disconnected = True
     finally:
         await response.aclose()
@@ -175,7 +178,7 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone
+            raise ClientGoneError
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -164,5 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     for command in (serve_cmd, check_cmd, backends_cmd):
         command.add_argument("--config", default="routes.yaml", help="routes file (routes.yaml)")
     serve_cmd.add_argument("--host", help="listen address (default: listen.host)")
-    serve_cmd.add_argument("--port", type=int, help="listen port (default: listen.port)")
+    serve_cmd.add_argument("--port", type=_port, help="listen port (default: listen.port)")
     return parser
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port

@@ -80,6 +80,9 @@ class Backend(_Frozen):
         # Backends are local servers: the pool speaks plain HTTP only.
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"must be an http:// URL like http://127.0.0.1:8080, not {url!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            # The proxy appends the client's path (/v1/chat/completions) itself.
+            raise ValueError(f"must be just scheme, host and port, not {url!r}")
         try:
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
@@ -95,14 +98,50 @@ class Backend(_Frozen):
         return urlsplit(self.url).port or 80
 
 
+# Headers the proxy needs for itself or must forward untouched: not usable for routing.
+_RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "host",
+        "content-length",
+        "content-type",
+        "x-request-id",
+        "connection",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "keep-alive",
+        "trailer",
+        "expect",
+    }
+)
+HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", max_length=128)]
+
+
 class Routing(_Frozen):
-    header: str = "X-Backend"
-    sticky_header: str | None = None
-    split: dict[BackendName, float]
+    header: HeaderName = "X-Backend"
+    sticky_header: HeaderName | None = None
+    # Strict: YAML's `true` or "50" is a mistake here, not a percentage.
+    split: dict[
+        BackendName, Annotated[float, Field(strict=True)] | Annotated[int, Field(strict=True)]
+    ]
+
+    @field_validator("header", "sticky_header")
+    @classmethod
+    def _check_header(cls, name: str | None) -> str | None:
+        if name is not None and name.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"{name} is a header the proxy must forward or set itself")
+        return name
+
+    @model_validator(mode="after")
+    def _distinct_headers(self) -> Routing:
+        if self.sticky_header and self.sticky_header.lower() == self.header.lower():
+            raise ValueError("sticky_header must differ from header")
+        return self
 
     @field_validator("split")
     @classmethod
-    def _check_split(cls, split: dict[str, float]) -> dict[str, float]:
+    def _check_split(cls, split: dict[str, float | int]) -> dict[str, float | int]:
         for name, weight in split.items():
             if not math.isfinite(weight) or weight < 0:
                 raise ValueError(f"{name}: percentage must be between 0 and 100, not {weight}")
@@ -141,7 +180,7 @@ class Config(_Frozen):
 
     def weights(self) -> list[tuple[str, float]]:
         """Every backend with its split percentage (0 when the split leaves it out)."""
-        return [(name, self.routing.split.get(name, 0.0)) for name in self.backends]
+        return [(name, float(self.routing.split.get(name, 0.0))) for name in self.backends]
 
 
 def load_config(path: str | Path) -> Config:
@@ -151,8 +190,14 @@ def load_config(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     try:
         data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(data, source=str(path))
@@ -164,7 +209,8 @@ def parse_config(data: Any, *, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+        problems = dict.fromkeys(_describe(e) for e in exc.errors())  # unique, in order
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
 
 
 def _describe(error: Any) -> str:
@@ -173,6 +219,14 @@ def _describe(error: Any) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
+    elif error["type"] == "string_pattern_mismatch" and error["loc"][-1] == "[key]":
+        loc = ".".join(str(part) for part in error["loc"][:-2])
+        message = f"{error['input']!r} is not a usable name (letters, digits, _ . - only)"
+    elif error["type"] == "string_pattern_mismatch":
+        message = f"{error['input']!r} is not a valid header name"
+    elif error["type"] in ("float_type", "int_type") and "split" in error["loc"]:
+        loc = ".".join(str(part) for part in error["loc"][:3])  # not one per number type
+        message = f"percentage must be a number, not {error['input']!r}"
     elif error["type"] == "missing":
         message = "required key is missing"
     if not loc:  # a model-level check names its own path

@@ -53,7 +53,7 @@ def parse_body(raw: bytes, public_model: str) -> ChatRequest:
         raise BadRequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequestError(f"request body must be a JSON object, not {_json_type(body)}")
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # the OpenAI API takes null for false
     if not isinstance(stream, bool):
         raise BadRequestError("'stream' must be true or false", param="stream")
     options = body.get("stream_options")

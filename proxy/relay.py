@@ -132,6 +132,8 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
         error = BackendUnreachableError(message, code="stream_interrupted")
         await _fail_stream(send, exchange, error)
         return
+    if leftover := splitter.leftover():  # bytes after the last blank line: the client's too
+        await send({"type": "http.response.body", "body": leftover, "more_body": True})
     if not done and record.error is None:
         # mlx_lm.server speaks HTTP/1.0: a backend that dies mid-stream looks like a clean
         # end of the body. Only `[DONE]` says the answer is complete.

@@ -31,6 +31,10 @@ class Event:
     usage: dict[str, Any] | None = None
 
 
+# An "event" longer than this without a blank line is no SSE: pass it on rather than hold it.
+MAX_EVENT_BYTES = 1 << 20
+
+
 class EventSplitter:
     """Cuts a byte stream into whole events; a partial event waits for the rest of it."""
 
@@ -47,6 +51,9 @@ class EventSplitter:
             events.append(data[start : end + 2])
             start = end + 2
         self._pending = data[start:]
+        if len(self._pending) > MAX_EVENT_BYTES:
+            events.append(self._pending)
+            self._pending = b""
         return events
 
     def leftover(self) -> bytes:

@@ -87,7 +87,7 @@ class _Connection(asyncio.Protocol):
         for name, value in self.headers:
             lower = name.lower()
             if lower == b"content-length" or (
-                lower == b"transfer-encoding" and b"chunked" in value
+                lower == b"transfer-encoding" and b"chunked" in value.lower()
             ):
                 self._framed = True
         if not self._head.done():  # else the request was cancelled or timed out meanwhile
@@ -109,7 +109,8 @@ class _Connection(asyncio.Protocol):
 
     # --- used by the pool ---------------------------------------------------------------
     def reusable(self) -> bool:
-        return self.complete and not self.closed and self._keep_alive
+        # A paused connection (a big answer nobody read) would stall the next request.
+        return self.complete and not self.closed and self._keep_alive and not self._paused
 
     def send(self, data: bytes) -> None:
         assert self._transport is not None
@@ -226,8 +227,9 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         except (httpx.RemoteProtocolError, httpx.ReadError):
             if not conn.used:
                 raise
-            # An idle keep-alive connection the backend had closed meanwhile: it never saw
-            # the request, so sending it again on a new connection is safe.
+            # A pooled keep-alive connection failed before any byte of an answer: most likely
+            # the backend had closed it while idle, so the request goes again, once, on a new
+            # connection. (A backend that read the request and then died would see it twice.)
             conn = await self._connect(key, timeouts.get("connect"))
             await self._send_head(conn, payload, timeouts)
         conn.used = True

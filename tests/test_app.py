@@ -96,22 +96,18 @@ def sse(body: dict[str, Any], pieces: list[str]) -> bytes:
 
 @asynccontextmanager
 async def proxy_client(
-    config: Config, backends: Backends | httpx.MockTransport, seed: int = 0
+    config: Config, backends: Handler, seed: int = 0, raise_app_exceptions: bool = True
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan running, behind httpx's in-process transport."""
-    transport = (
-        backends if isinstance(backends, httpx.MockTransport) else httpx.MockTransport(backends)
-    )
-    app = create_app(config, transport=transport, rng=random.Random(seed))
+    app = create_app(config, transport=httpx.MockTransport(backends), rng=random.Random(seed))
     async with app.router.lifespan_context(app) as state:
 
         async def with_state(scope: Any, receive: Any, send: Any) -> None:
             scope["state"] = dict(state)
             await app(scope, receive, send)
 
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=with_state), base_url="http://proxy"
-        ) as client:
+        transport = httpx.ASGITransport(app=with_state, raise_app_exceptions=raise_app_exceptions)
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
             yield client
 
 
@@ -244,6 +240,12 @@ async def test_stream_asks_for_usage_and_hides_it_when_client_did_not(config: Co
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 2)
 
 
+async def test_stream_null_means_no_stream(config: Config) -> None:
+    async with proxy_client(config, Backends()) as client:
+        response = await client.post(CHAT, json={"messages": [], "stream": None})
+    assert response.status_code == 200 and response.json()["object"] == "chat.completion"
+
+
 async def test_stream_keeps_usage_when_client_asked(config: Config) -> None:
     backends = Backends()
     body = {"messages": [], "stream": True, "stream_options": {"include_usage": True}}
@@ -298,6 +300,7 @@ async def test_log_line_has_every_field(config: Config) -> None:
         (b"[1, 2]", "bad_request", "must be a JSON object, not an array"),
         (b'{"stream": "yes"}', "bad_request", "'stream' must be true or false"),
         (b'{"model": 5}', "bad_request", "'model' must be a string"),
+        (b'{"stream": 1}', "bad_request", "'stream' must be true or false"),
         (b'{"stream": true, "stream_options": 1}', "bad_request", "'stream_options'"),
     ],
 )
@@ -397,6 +400,17 @@ async def test_backend_failures_map_to_status(
     assert response.headers["x-backend"] == "baseline"
     line = read_log(config.logging.path)[-1]  # type: ignore[arg-type]
     assert (line["status"], line["error"], line["backend"]) == (status, code, "baseline")
+
+
+async def test_a_bug_still_answers_in_openai_shape_and_is_logged(config: Config) -> None:
+    def buggy(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug")
+
+    async with proxy_client(config, buggy, raise_app_exceptions=False) as client:
+        response = await client.post(CHAT, json={"messages": []})
+    assert_openai_error(response, 500, "internal_error")
+    line = read_log(config.logging.path)[-1]  # type: ignore[arg-type]
+    assert (line["status"], line["error"]) == (500, "internal_error")
 
 
 async def test_models_lists_the_public_model(config: Config) -> None:

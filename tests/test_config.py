@@ -66,7 +66,7 @@ def test_backend_left_out_of_the_split_gets_weight_zero(tmp_path: Path) -> None:
         ),
         (
             ("baseline: 50, speculative: 50", "baseline: 50, speculative: lots"),
-            "routing.split.speculative: Input should be a valid number",
+            "routing.split.speculative: percentage must be a number, not 'lots'",
         ),
         (
             ("http://127.0.0.1:8081", "localhost:8081"),
@@ -78,6 +78,31 @@ def test_backend_left_out_of_the_split_gets_weight_zero(tmp_path: Path) -> None:
             ("model: m\n", "model: m\nlisten: {port: 70000}\n"),
             "listen.port: Input should be less than or equal to 65535",
         ),
+        (
+            ("baseline: 50, speculative: 50", "baseline: true, speculative: 50"),
+            "routing.split.baseline: percentage must be a number, not True",
+        ),
+        (
+            ("http://127.0.0.1:8081", "http://127.0.0.1:8081/v1"),
+            "backends.speculative.url: must be just scheme, host and port",
+        ),
+        (
+            ("http://127.0.0.1:8081", "https://127.0.0.1:8081"),
+            "backends.speculative.url: must be an http:// URL",
+        ),
+        (
+            ("routing:", "routing:\n  header: X Backend"),
+            "routing.header: 'X Backend' is not a valid header name",
+        ),
+        (
+            ("routing:", "routing:\n  header: Authorization"),
+            "routing.header: Authorization is a header the proxy must forward or set itself",
+        ),
+        (
+            ("routing:", "routing:\n  sticky_header: x-backend"),
+            "routing: sticky_header must differ from header",
+        ),
+        (("baseline: {url", "base line: {url"), "backends: 'base line' is not a usable name"),
     ],
 )
 def test_invalid_file_names_the_key_and_problem(
@@ -93,9 +118,21 @@ def test_empty_file(tmp_path: Path) -> None:
         load_config(write(tmp_path, ""))
 
 
-def test_yaml_syntax_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(write(tmp_path, "model: [unclosed\n"))
+def test_yaml_syntax_error_is_one_line_with_its_position(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "model: m\nrouting: [unclosed\n"))
+    where = tmp_path / "routes.yaml"
+    assert (
+        str(info.value)
+        == f"{where}:3:1: not valid YAML: expected ',' or ']', but got '<stream end>'"
+    )
+
+
+def test_file_that_is_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_bytes(b"model: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config(path)
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -192,3 +192,21 @@ async def test_unread_body_closes_the_connection_instead_of_pooling_it() -> None
         await response.aclose()
         await asyncio.wait_for(server.closed.wait(), 1.0)
         await transport.aclose()
+
+
+async def test_a_big_unread_answer_does_not_stall_the_next_request() -> None:
+    """A connection paused for back-pressure must not go back to the pool paused."""
+    big = b"x" * 1_200_000
+
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
+        await writer.drain()
+
+    async with serve(large) as server:
+        transport = UpstreamTransport()
+        response = await transport.handle_async_request(request(server))
+        await asyncio.sleep(0.2)  # all of it arrives, nobody reads it
+        await response.aclose()
+        status, body = await fetch(transport, request(server, read=2.0))
+        assert (status, len(body)) == (200, len(big))
+        await transport.aclose()
