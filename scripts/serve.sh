@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# Set up (first run) and start the proxy on routes.yaml. Extra arguments go to `serve`.
+# Set up (first run), prepare the demo models if they are missing, and serve on routes.yaml,
+# which launches both backends. Extra arguments go to `python -m proxy serve`;
+# CONFIG=other.yaml picks another routes file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e .
+scripts/setup.sh mlx
+.venv/bin/python scripts/prepare_demo_models.py --out models
 exec .venv/bin/python -m proxy serve --config "${CONFIG:-routes.yaml}" "$@"

