@@ -49,6 +49,7 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Write a SQL query that counts orders per customer, highest count first.",
     "Why is the sky blue? Explain it to a ten-year-old.",
 )
+GREEDY_STREAM = {"stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
 CONNECT_TIMEOUT_S = 10.0
 HEALTH_TIMEOUT_S = 10.0
 BAR_WIDTH = 30
@@ -115,14 +116,35 @@ def schedule(backends: list[str], n_prompts: int, rounds: int) -> list[tuple[int
 
 def request_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     """A greedy streaming chat completion that reports its token usage."""
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "stream": True,
-        "temperature": 0,
-        "max_tokens": max_tokens,
-        "stream_options": {"include_usage": True},
-    }
+    messages = [{"role": "user", "content": prompt}]
+    return {"model": model, "messages": messages, "max_tokens": max_tokens, **GREEDY_STREAM}
+
+
+def read_stream(response: httpx.Response, sample: Sample, deadline: float) -> list[float]:
+    """Collect the text and usage of an SSE stream into `sample`; return each content chunk's
+    arrival time. Sets `sample.error` on an error event or a stream without `[DONE]`."""
+    arrivals: list[float] = []
+    for line in response.iter_lines():
+        now = time.perf_counter()
+        if time.monotonic() > deadline:
+            raise DeadlineReached
+        if not line.startswith("data:"):
+            continue  # blank separators and `: keepalive` comments
+        if (data := line[5:].strip()) == "[DONE]":
+            return arrivals
+        event = json.loads(data)
+        if "error" in event:
+            sample.error = f"stream error: {event['error']}"
+            return arrivals
+        if usage := event.get("usage"):
+            sample.prompt_tokens = usage.get("prompt_tokens")
+            sample.completion_tokens = usage.get("completion_tokens")
+        for choice in event.get("choices") or []:
+            if content := (choice.get("delta") or {}).get("content"):
+                sample.text += content
+                arrivals.append(now)
+    sample.error = "stream ended without [DONE]"
+    return arrivals
 
 
 def run_request(
@@ -133,9 +155,6 @@ def run_request(
     if remaining <= 0:
         raise DeadlineReached
     timeout = httpx.Timeout(remaining, connect=min(remaining, CONNECT_TIMEOUT_S))
-    parts: list[str] = []
-    first = last = None
-    done = False
     headers = {"X-Backend": sample.backend}
     started = time.perf_counter()
     try:
@@ -145,30 +164,9 @@ def run_request(
             if response.status_code != 200:
                 sample.error = f"HTTP {response.status_code}: {response.read()[:200]!r}"
                 return
-            for line in response.iter_lines():
-                now = time.perf_counter()
-                if time.monotonic() > deadline:
-                    raise DeadlineReached
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    sample.error = f"stream error: {event['error']}"
-                    return
-                if usage := event.get("usage"):
-                    sample.prompt_tokens = usage.get("prompt_tokens")
-                    sample.completion_tokens = usage.get("completion_tokens")
-                for choice in event.get("choices") or []:
-                    if content := (choice.get("delta") or {}).get("content"):
-                        parts.append(content)
-                        first = now if first is None else first
-                        last = now
+            arrivals = read_stream(response, sample, deadline)
     except httpx.TimeoutException as exc:
-        if time.monotonic() >= deadline - 1.0:
+        if time.monotonic() >= deadline - 1.0:  # the timeout was the time left
             raise DeadlineReached from exc
         sample.error = f"timeout: {type(exc).__name__}"
         return
@@ -176,16 +174,13 @@ def run_request(
         sample.error = f"{type(exc).__name__}: {exc}"
         return
     sample.latency_ms = (time.perf_counter() - started) * 1000
-    sample.text = "".join(parts)
-    if not done:
-        sample.error = "stream ended without [DONE]"
-    elif sample.served_by != sample.backend:
+    if sample.error is None and sample.served_by != sample.backend:
         sample.error = f"served by {sample.served_by!r}"
-    if first is not None and last is not None:
-        sample.ttft_ms = (first - started) * 1000
+    if arrivals:
+        sample.ttft_ms = (arrivals[0] - started) * 1000
         tokens = sample.completion_tokens or 0
-        if tokens >= 2 and last > first:
-            sample.decode_tps = (tokens - 1) / (last - first)
+        if tokens >= 2 and arrivals[-1] > arrivals[0]:
+            sample.decode_tps = (tokens - 1) / (arrivals[-1] - arrivals[0])
 
 
 def progress(done: int, total: int, started: float, label: str) -> None:
@@ -233,14 +228,6 @@ def divergence_table(
     return rows
 
 
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def summarise(
     samples: list[Sample], backends: list[str], baseline: str
 ) -> dict[str, dict[str, Any]]:
@@ -249,21 +236,14 @@ def summarise(
     for b in backends:
         mine = [s for s in samples if s.backend == b]
         good = [s for s in mine if s.error is None]
-        latency = [s.latency_ms for s in good if s.latency_ms is not None]
-        ttft = [s.ttft_ms for s in good if s.ttft_ms is not None]
-        tps = [s.decode_tps for s in good if s.decode_tps is not None]
         compared = [s for s in good if s.matches_baseline is not None]
-        summary[b] = {
-            "n": len(good),
-            "errors": len(mine) - len(good),
-            "latency_ms_mean": _mean(latency),
-            "latency_ms_p50": _median(latency),
-            "ttft_ms_p50": _median(ttft),
-            "decode_tps_mean": _mean(tps),
-            "decode_tps_p50": _median(tps),
-            "matching_baseline": sum(bool(s.matches_baseline) for s in compared),
-            "compared": len(compared),
-        }
+        figures: dict[str, Any] = {"n": len(good), "errors": len(mine) - len(good)}
+        for key in ("latency_ms", "ttft_ms", "decode_tps"):
+            values = [v for s in good if (v := getattr(s, key)) is not None]
+            figures[f"{key}_mean"] = statistics.fmean(values) if values else None
+            figures[f"{key}_p50"] = statistics.median(values) if values else None
+        figures["matching_baseline"] = sum(bool(s.matches_baseline) for s in compared)
+        summary[b] = figures | {"compared": len(compared)}
     base = summary.get(baseline, {}).get("decode_tps_p50")
     for figures in summary.values():
         own = figures["decode_tps_p50"]
@@ -327,11 +307,12 @@ Step = tuple[str, int, int, str]  # phase, round, prompt, backend
 
 def pick_backends(args: argparse.Namespace, available: list[str]) -> tuple[list[str], str]:
     """The arms to run, in order, and the baseline among them."""
-    backends = args.backends.split(",") if args.backends else available
+    backends = list(dict.fromkeys(args.backends.split(","))) if args.backends else available
     baseline = args.baseline or backends[0]
-    unknown = sorted({*backends, baseline} - set(available))
-    if unknown:
+    if unknown := sorted(set(backends) - set(available)):
         raise SystemExit(f"error: unknown backends {unknown}; the proxy has {available}")
+    if baseline not in backends:
+        raise SystemExit(f"error: the baseline {baseline!r} is not among {backends}")
     return backends, baseline
 
 
