@@ -6,21 +6,18 @@ gives, per arm, latency, TTFT and decode speed, the ratio of its median decode s
 baseline's, and how many of its outputs equal the baseline's text for the same prompt.
 
 Why sequential and in rotation: a backend with a draft model serves one request at a time, and
-on a small machine all arms share the same CPUs, so concurrent requests would measure
-contention, not the arms. Requests therefore go one at a time. For each round, for each prompt,
-every arm gets the prompt in turn, and the arm order rotates by one from one (round, prompt)
-to the next, so slow drift of the machine (heat, other load) hits every arm alike instead of
-always favouring whoever goes first. Warm-up requests per arm (not counted) come first.
+all arms share the machine's CPUs, so concurrent requests would measure contention, not the
+arms. Requests go one at a time: for each round, for each prompt, each arm in turn, the arm
+order rotating by one from one (round, prompt) to the next, so slow drift of the machine (heat,
+other load) hits every arm alike. Warm-up requests per arm (not counted) come first.
 
 Figures, all measured by this client with `time.perf_counter()` (so they include the proxy):
 - latency: request sent -> end of the stream (`[DONE]`);
 - TTFT: request sent -> first chunk carrying generated content;
-- decode tok/s: (completion_tokens - 1) / (last content chunk - first content chunk), the
-  decode speed without prefill, which is what a draft model changes; completion_tokens comes
-  from the usage chunk (`stream_options.include_usage`); none under 2 tokens;
-- match: the output text equals the baseline's first output for that prompt; otherwise the
-  character position of the first difference is kept. The baseline's own figure is thus its
-  repeatability across rounds.
+- decode tok/s: (completion_tokens - 1) / (last content chunk - first content chunk): decode
+  without prefill, what a draft model changes; completion_tokens from the usage chunk;
+- match: the text equals the baseline's first output for that prompt, else the position of the
+  first differing character is kept (so the baseline's own figure is its repeatability).
 
     python scripts/bench_arms.py --url http://127.0.0.1:8000
     python scripts/bench_arms.py --backends baseline,spec2 --rounds 5 --json out.json
@@ -53,6 +50,7 @@ GREEDY_STREAM = {"stream": True, "temperature": 0, "stream_options": {"include_u
 CONNECT_TIMEOUT_S = 10.0
 HEALTH_TIMEOUT_S = 10.0
 BAR_WIDTH = 30
+Step = tuple[str, int, int, str]  # phase ("warmup" or "measure"), round, prompt, backend
 
 
 @dataclass(slots=True)
@@ -82,8 +80,11 @@ class DeadlineReached(Exception):
 
 def discover(client: httpx.Client, url: str) -> tuple[str, list[str]]:
     """The proxy's public model name and its backends, in routes.yaml order."""
-    response = client.get(f"{url}/healthz", timeout=HEALTH_TIMEOUT_S)
-    response.raise_for_status()
+    try:
+        response = client.get(f"{url}/healthz", timeout=HEALTH_TIMEOUT_S)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"error: no proxy at {url}: {exc}") from exc
     body = response.json()
     return body["model"], list(body["backends"])
 
@@ -104,13 +105,14 @@ def load_prompts(path: Path | None) -> list[str]:
     return prompts
 
 
-def schedule(backends: list[str], n_prompts: int, rounds: int) -> list[tuple[int, int, str]]:
-    """(round, prompt, backend) in run order; the arm order rotates per (round, prompt)."""
-    plan = []
+def schedule(backends: list[str], n_prompts: int, rounds: int, warmup: int) -> list[Step]:
+    """The run order: `warmup` uncounted requests per arm, then the rounds, in which the arm
+    order rotates by one from each (round, prompt) to the next."""
+    plan = [("warmup", i, i % n_prompts, b) for i in range(warmup) for b in backends]
     for rnd in range(rounds):
         for prompt in range(n_prompts):
             shift = (rnd * n_prompts + prompt) % len(backends)
-            plan += [(rnd, prompt, b) for b in backends[shift:] + backends[:shift]]
+            plan += [("measure", rnd, prompt, b) for b in backends[shift:] + backends[:shift]]
     return plan
 
 
@@ -165,12 +167,9 @@ def run_request(
                 sample.error = f"HTTP {response.status_code}: {response.read()[:200]!r}"
                 return
             arrivals = read_stream(response, sample, deadline)
-    except httpx.TimeoutException as exc:
-        if time.monotonic() >= deadline - 1.0:  # the timeout was the time left
-            raise DeadlineReached from exc
-        sample.error = f"timeout: {type(exc).__name__}"
-        return
     except httpx.HTTPError as exc:
+        if isinstance(exc, httpx.TimeoutException) and time.monotonic() >= deadline - 1.0:
+            raise DeadlineReached from exc  # the timeout was the time left
         sample.error = f"{type(exc).__name__}: {exc}"
         return
     sample.latency_ms = (time.perf_counter() - started) * 1000
@@ -243,7 +242,8 @@ def summarise(
             figures[f"{key}_mean"] = statistics.fmean(values) if values else None
             figures[f"{key}_p50"] = statistics.median(values) if values else None
         figures["matching_baseline"] = sum(bool(s.matches_baseline) for s in compared)
-        summary[b] = figures | {"compared": len(compared)}
+        figures["compared"] = len(compared)
+        summary[b] = figures
     base = summary.get(baseline, {}).get("decode_tps_p50")
     for figures in summary.values():
         own = figures["decode_tps_p50"]
@@ -251,8 +251,8 @@ def summarise(
     return summary
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -270,7 +270,7 @@ def print_report(result: dict[str, Any]) -> None:
             f"{name:<14.14}{f['n']:>4}{f['errors']:>5}{_fmt(f['latency_ms_mean'], '.0f'):>10}"
             f"{_fmt(f['latency_ms_p50'], '.0f'):>9}{_fmt(f['ttft_ms_p50'], '.0f'):>10}"
             f"{_fmt(f['decode_tps_mean'], '.1f'):>12}{_fmt(f['decode_tps_p50'], '.1f'):>11}"
-            f"{_fmt(f['decode_tps_p50_vs_baseline'], '.2f'):>8}x  "
+            f"{_fmt(f['decode_tps_p50_vs_baseline'], '.2f', 'x'):>9}  "
             f"{f['matching_baseline']}/{f['compared']}"
         )
     print("(ms; tok/s: decode after the first token; the baseline's match: its repeatability)")
@@ -300,9 +300,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.max_tokens, args.rounds) < 1 or args.warmup < 0 or args.time_limit <= 0:
         ap.error("--max-tokens and --rounds must be >= 1, --warmup >= 0, --time-limit > 0")
     return args
-
-
-Step = tuple[str, int, int, str]  # phase, round, prompt, backend
 
 
 def pick_backends(args: argparse.Namespace, available: list[str]) -> tuple[list[str], str]:
@@ -345,10 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         model, available = discover(client, url)
         backends, baseline = pick_backends(args, available)
         bodies = [request_body(model, prompt, args.max_tokens) for prompt in prompts]
-        plan: list[Step] = [
-            ("warmup", i, i % len(prompts), b) for i in range(args.warmup) for b in backends
-        ]
-        plan += [("measure", *step) for step in schedule(backends, len(prompts), args.rounds)]
+        plan = schedule(backends, len(prompts), args.rounds, args.warmup)
         endpoint = f"{url}/v1/chat/completions"
         deadline = started + args.time_limit
         samples, cut_short = run_plan(client, endpoint, bodies, plan, started, deadline)
