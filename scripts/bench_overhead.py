@@ -46,8 +46,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 MODEL = "bench-model"
 HOST = "127.0.0.1"
-SCENARIOS = (("non-stream c=1", False, 1), ("stream c=1", True, 1),
-             ("non-stream c=16", False, 16), ("stream c=16", True, 16))
+SCENARIOS = (
+    ("non-stream c=1", False, 1),
+    ("stream c=1", True, 1),
+    ("non-stream c=16", False, 16),
+    ("stream c=16", True, 16),
+)
 PROMPT_TOKENS = 24
 REQUEST_TIMEOUT_S = 30.0
 STARTUP_TIMEOUT_S = 30.0
@@ -73,14 +77,22 @@ class BenchError(Exception):
 
 
 def _chunk_json(model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-    return {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
-            "model": model, "system_fingerprint": "fp_bench",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": model,
+        "system_fingerprint": "fp_bench",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
 
 
 def _usage(tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": tokens,
-            "total_tokens": PROMPT_TOKENS + tokens}
+    return {
+        "prompt_tokens": PROMPT_TOKENS,
+        "completion_tokens": tokens,
+        "total_tokens": PROMPT_TOKENS + tokens,
+    }
 
 
 def _http_chunk(data: bytes) -> bytes:
@@ -106,19 +118,35 @@ def stream_frames(model: str, tokens: int, usage: bool) -> tuple[bytes, ...]:
 
 @functools.lru_cache(maxsize=64)
 def completion_body(model: str, tokens: int) -> bytes:
-    body = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
-            "model": model, "system_fingerprint": "fp_bench",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "tok " * tokens,
-                                     "refusal": None, "annotations": []},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": _usage(tokens)}
+    body = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": model,
+        "system_fingerprint": "fp_bench",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "tok " * tokens,
+                    "refusal": None,
+                    "annotations": [],
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _usage(tokens),
+    }
     return json.dumps(body, separators=(",", ":")).encode()
 
 
 def response_head(status: str, ctype: str, length: int | None) -> bytes:
     framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
-    return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{framing}\r\n"
-            "Connection: keep-alive\r\n\r\n").encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{framing}\r\nConnection: keep-alive\r\n\r\n"
+    ).encode()
 
 
 def parse_request(buf: bytearray) -> tuple[str, str, bytes, bool, int] | None:
@@ -133,7 +161,7 @@ def parse_request(buf: bytearray) -> tuple[str, str, bytes, bool, int] | None:
     if len(buf) < end + 4 + length:
         return None
     keep_alive = headers.get("connection", "").strip() != "close"
-    return method, path, bytes(buf[end + 4:end + 4 + length]), keep_alive, end + 4 + length
+    return method, path, bytes(buf[end + 4 : end + 4 + length]), keep_alive, end + 4 + length
 
 
 class FakeBackend(asyncio.Protocol):
@@ -226,15 +254,23 @@ class ArmResult:
 
 def build_request(target: Target, stream: bool, tokens: int) -> bytes:
     body: dict[str, Any] = {
-        "model": MODEL, "max_tokens": tokens, "temperature": 0, "stream": stream,
-        "messages": [{"role": "system", "content": "You are a terse benchmarking assistant."},
-                     {"role": "user", "content": "Count from one to sixteen, one word each."}]}
+        "model": MODEL,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": stream,
+        "messages": [
+            {"role": "system", "content": "You are a terse benchmarking assistant."},
+            {"role": "user", "content": "Count from one to sixteen, one word each."},
+        ],
+    }
     if stream:
         body["stream_options"] = {"include_usage": True}
     data = json.dumps(body).encode()
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {target[0]}:{target[1]}\r\n"
-            f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(data)}\r\n"
-            "\r\n").encode() + data
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {target[0]}:{target[1]}\r\n"
+        f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(data)}\r\n"
+        "\r\n"
+    ).encode() + data
 
 
 async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
@@ -265,8 +301,9 @@ async def read_chunks(reader: asyncio.StreamReader, t0: float) -> tuple[float | 
         tail = window[-TAIL_BYTES:]
 
 
-async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      request: bytes, stream: bool) -> tuple[float, float, bool]:
+async def one_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, stream: bool
+) -> tuple[float, float, bool]:
     """Send one request, read the whole answer: (ttft, total, connection reusable)."""
     t0 = time.perf_counter()
     writer.write(request)
@@ -297,8 +334,9 @@ async def close_writer(writer: asyncio.StreamWriter | None) -> None:
             await asyncio.wait_for(writer.wait_closed(), STOP_TIMEOUT_S)
 
 
-async def worker(target: Target, request: bytes, stream: bool, deadline: float,
-                 result: ArmResult) -> None:
+async def worker(
+    target: Target, request: bytes, stream: bool, deadline: float, result: ArmResult
+) -> None:
     """One connection sending requests back to back until the deadline."""
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     while time.perf_counter() < deadline:
@@ -307,8 +345,14 @@ async def worker(target: Target, request: bytes, stream: bool, deadline: float,
                 if conn is None:
                     conn = await asyncio.open_connection(*target)
                 ttft, total, reusable = await one_request(*conn, request, stream)
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError, ProtocolError):
+        except (
+            OSError,
+            TimeoutError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ProtocolError,
+        ):
             result.errors += 1
             reusable = False
         else:
@@ -321,12 +365,14 @@ async def worker(target: Target, request: bytes, stream: bool, deadline: float,
     await close_writer(conn[1] if conn else None)
 
 
-async def run_load(target: Target, stream: bool, conc: int, seconds: float, tokens: int,
-                   result: ArmResult) -> None:
+async def run_load(
+    target: Target, stream: bool, conc: int, seconds: float, tokens: int, result: ArmResult
+) -> None:
     request = build_request(target, stream, tokens)
     start = time.perf_counter()
-    await asyncio.gather(*(worker(target, request, stream, start + seconds, result)
-                           for _ in range(conc)))
+    await asyncio.gather(
+        *(worker(target, request, stream, start + seconds, result) for _ in range(conc))
+    )
     result.seconds += time.perf_counter() - start  # includes the last in-flight requests
 
 
@@ -342,9 +388,17 @@ def free_port() -> int:
 async def start_fake(tokens: int, token_delay_ms: float, log: Path) -> tuple[Process, int]:
     with log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--serve-fake", "0", "--tokens", str(tokens),
-            "--token-delay-ms", str(token_delay_ms),
-            stdout=asyncio.subprocess.PIPE, stderr=stderr)
+            sys.executable,
+            __file__,
+            "--serve-fake",
+            "0",
+            "--tokens",
+            str(tokens),
+            "--token-delay-ms",
+            str(token_delay_ms),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT_S)
@@ -361,13 +415,26 @@ async def start_proxy(tmp: Path, fake_port: int) -> tuple[Process, int]:
         f"listen: {{host: {HOST}, port: {port}}}\nmodel: {MODEL}\n"
         f"backends:\n  baseline: {{url: http://{HOST}:{fake_port}}}\n"
         "routing:\n  split: {baseline: 100}\n"
-        f"logging: {{path: {json.dumps(str(tmp / 'requests.jsonl'))}, stdout: false}}\n")
+        f"logging: {{path: {json.dumps(str(tmp / 'requests.jsonl'))}, stdout: false}}\n"
+    )
     python = str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable)
     log = tmp / "proxy.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            python, "-m", "proxy", "serve", "--config", str(config), "--host", HOST,
-            "--port", str(port), cwd=REPO_ROOT, stdout=out, stderr=out)
+            python,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(config),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=out,
+        )
     if not await wait_healthy((HOST, port), "/healthz", proc):
         await stop(proc)
         why = f"exited with code {proc.returncode}" if proc.returncode else "was not healthy"
@@ -422,55 +489,83 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def summarize(arm: ArmResult) -> dict[str, float]:
-    return {"requests": arm.requests, "errors": arm.errors, "seconds": arm.seconds,
-            "rps": arm.requests / arm.seconds if arm.seconds else 0.0,
-            **{f"{kind}_p{p}_ms": percentile(getattr(arm, kind), p)
-               for kind in ("ttft", "total") for p in (50, 99)}}
+    return {
+        "requests": arm.requests,
+        "errors": arm.errors,
+        "seconds": arm.seconds,
+        "rps": arm.requests / arm.seconds if arm.seconds else 0.0,
+        **{
+            f"{kind}_p{p}_ms": percentile(getattr(arm, kind), p)
+            for kind in ("ttft", "total")
+            for p in (50, 99)
+        },
+    }
 
 
-async def run_scenario(targets: dict[str, Target], stream: bool, conc: int,
-                       args: argparse.Namespace) -> dict[str, ArmResult]:
+async def run_scenario(
+    targets: dict[str, Target], stream: bool, conc: int, args: argparse.Namespace
+) -> dict[str, ArmResult]:
     for target in targets.values():  # warm-up: connections, pools, caches; samples dropped
         await run_load(target, stream, conc, args.warmup, args.tokens, ArmResult())
     arms = {arm: ArmResult() for arm in targets}
     for rnd in range(args.rounds):  # alternate the order too, so neither arm always goes first
-        for arm in (list(targets) if rnd % 2 == 0 else list(targets)[::-1]):
+        for arm in list(targets) if rnd % 2 == 0 else list(targets)[::-1]:
             await run_load(targets[arm], stream, conc, args.seconds, args.tokens, arms[arm])
     return arms
 
 
-def scenario_record(name: str, stream: bool, conc: int,
-                    arms: dict[str, ArmResult]) -> dict[str, Any]:
+def scenario_record(
+    name: str, stream: bool, conc: int, arms: dict[str, ArmResult]
+) -> dict[str, Any]:
     direct, proxy = summarize(arms["direct"]), summarize(arms["proxy"])
     ratio = proxy["rps"] / direct["rps"] if direct["rps"] else float("nan")
     added = {key: proxy[key] - direct[key] for key in direct if key.endswith("_ms")}
-    return {"scenario": name, "stream": stream, "concurrency": conc, "direct": direct,
-            "proxy": proxy, "throughput_ratio": ratio, "added_ms": added}
+    return {
+        "scenario": name,
+        "stream": stream,
+        "concurrency": conc,
+        "direct": direct,
+        "proxy": proxy,
+        "throughput_ratio": ratio,
+        "added_ms": added,
+    }
 
 
 def print_report(records: list[dict[str, Any]]) -> None:
-    print(f"\n{'scenario':<16}{'req/s direct':>14}{'req/s proxy':>13}{'ratio':>9}"
-          f"{'errors d/p':>12}")
+    print(
+        f"\n{'scenario':<16}{'req/s direct':>14}{'req/s proxy':>13}{'ratio':>9}{'errors d/p':>12}"
+    )
     for rec in records:
         d, p = rec["direct"], rec["proxy"]
-        print(f"{rec['scenario']:<16}{d['rps']:>14.1f}{p['rps']:>13.1f}"
-              f"{rec['throughput_ratio']:>9.1%}{d['errors']:>7}/{p['errors']}")
+        print(
+            f"{rec['scenario']:<16}{d['rps']:>14.1f}{p['rps']:>13.1f}"
+            f"{rec['throughput_ratio']:>9.1%}{d['errors']:>7}/{p['errors']}"
+        )
     print(f"\n{'latency (ms)':<16}{'metric':<11}{'direct':>9}{'proxy':>9}{'added':>9}")
     for rec in records:
         for i, key in enumerate(("ttft_p50_ms", "ttft_p99_ms", "total_p50_ms", "total_p99_ms")):
             label = key.removesuffix("_ms").replace("_", " ").replace("ttft", "TTFT")
-            print(f"{rec['scenario'] if i == 0 else '':<16}{label:<11}{rec['direct'][key]:>9.3f}"
-                  f"{rec['proxy'][key]:>9.3f}{rec['added_ms'][key]:>+9.3f}")
+            print(
+                f"{rec['scenario'] if i == 0 else '':<16}{label:<11}{rec['direct'][key]:>9.3f}"
+                f"{rec['proxy'][key]:>9.3f}{rec['added_ms'][key]:>+9.3f}"
+            )
     print("\nTTFT: first chunk with non-empty content for streams, response headers otherwise.")
 
 
 def header(args: argparse.Namespace) -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"cpu_count": os.cpu_count(), "usable_cpus": usable,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup,
-            "tokens": args.tokens, "token_delay_ms": args.token_delay_ms,
-            "proxy_url": args.proxy_url or "(started by this script)"}
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "tokens": args.tokens,
+        "token_delay_ms": args.token_delay_ms,
+        "proxy_url": args.proxy_url or "(started by this script)",
+    }
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -517,14 +612,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=3.0, help="length of one round")
     ap.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per arm")
     ap.add_argument("--tokens", type=int, default=16, help="content chunks per answer")
-    ap.add_argument("--token-delay-ms", type=float, default=0.0,
-                    help="fake backend sleep between stream chunks (default: none)")
+    ap.add_argument(
+        "--token-delay-ms",
+        type=float,
+        default=0.0,
+        help="fake backend sleep between stream chunks (default: none)",
+    )
     ap.add_argument("--proxy-url", help="use this running proxy instead of starting one")
     ap.add_argument("--json", metavar="FILE", help="also write all figures to FILE")
-    ap.add_argument("--only", metavar="TEXT",
-                    help="run only the scenarios whose name contains TEXT, e.g. 'stream c=16'")
-    ap.add_argument("--serve-fake", type=int, metavar="PORT",
-                    help="only run the fake backend on PORT (0: any) and print the port")
+    ap.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="run only the scenarios whose name contains TEXT, e.g. 'stream c=16'",
+    )
+    ap.add_argument(
+        "--serve-fake",
+        type=int,
+        metavar="PORT",
+        help="only run the fake backend on PORT (0: any) and print the port",
+    )
     return ap.parse_args(argv)
 
 
