@@ -9,6 +9,7 @@ Pure functions. The body is passed through as the client sent it, except:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,7 @@ def upstream_headers(
     return [(name, value) for name, value in headers if name not in drop]
 
 
+@functools.lru_cache(maxsize=256)  # pure, and the same few pairs on every request
 def model_rewriter(backend_model: str, client_model: str) -> tuple[tuple[bytes, bytes], ...]:
     """The byte substitutions that put the client's model name back into answers.
 
