@@ -70,8 +70,8 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
         decision = choose(runtime.router, headers, runtime.rng)
         record.backend, record.reason = decision.backend, decision.reason
         response_headers.append((b"x-backend", decision.backend.encode()))
-        exchange = _exchange(runtime, scope, request, decision.backend, record, clock)
-        exchange.response_headers = response_headers
+        exchange = _build_exchange(runtime, scope, request, decision.backend, record, clock)
+        exchange.response_headers = response_headers  # the client's answer carries them all
         await _dispatch(runtime, exchange, receive, tracked_send)
     except ProxyError as exc:
         record.status, record.error = exc.status, exc.kind
@@ -102,7 +102,7 @@ async def _dispatch(runtime: Runtime, exchange: Exchange, receive: Receive, send
     # task group's cancel-scope bookkeeping was a measurable share of the proxy's CPU.
     watcher = asyncio.ensure_future(watch_disconnect(receive, exchange, task))
     try:
-        await _exchange_once(runtime.transport, exchange, send)
+        await _relay(runtime.transport, exchange, send)
     except asyncio.CancelledError:
         # Cancelled by the watcher because the client left: that ends the request normally.
         if not exchange.record.client_disconnected or task.uncancel() > 0:
@@ -114,9 +114,7 @@ async def _dispatch(runtime: Runtime, exchange: Exchange, receive: Receive, send
         runtime.in_flight[backend] -= 1
 
 
-async def _exchange_once(
-    transport: httpx.AsyncBaseTransport, exchange: Exchange, send: Send
-) -> None:
+async def _relay(transport: httpx.AsyncBaseTransport, exchange: Exchange, send: Send) -> None:
     response = await open_upstream(transport, exchange)
     try:
         if exchange.record.stream:
@@ -129,7 +127,7 @@ async def _exchange_once(
         await response.aclose()
 
 
-def _exchange(
+def _build_exchange(
     runtime: Runtime,
     scope: dict[str, Any],
     request: ChatRequest,
@@ -146,8 +144,8 @@ def _exchange(
         (b"content-length", str(len(body)).encode()),  # mlx_lm.server answers 411 without
         (b"x-request-id", record.request_id.encode("latin-1")),
     ]
-    # `stream=` rather than `content=`: httpx then leaves the headers as they are instead of
-    # re-deriving them, which cost more than the rest of the request path together.
+    # `stream=` rather than `content=`: httpx then takes the headers as given here instead
+    # of deriving Host and Content-Length again.
     upstream = httpx.Request(
         "POST",
         url,

@@ -34,9 +34,9 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.used = False
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self._framed = False  # Content-Length or chunked: EOF before the end is an error
@@ -203,7 +203,7 @@ class _Body(httpx.AsyncByteStream):
     def _release(self) -> None:
         if not self._released:
             self._released = True
-            self._pool._release(self._key, self._conn)
+            self._pool.release(self._key, self._conn)
 
 
 class UpstreamTransport(httpx.AsyncBaseTransport):
@@ -261,7 +261,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         while idle:
             conn = idle.pop()
             if not conn.closed:
-                conn._reset()
+                conn.reset()
                 return conn
         return await self._connect(key, timeout)
 
@@ -279,7 +279,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"{exc.strerror or exc} ({key[0]}:{key[1]})") from None
         return conn
 
-    def _release(self, key: tuple[str, int], conn: _Connection) -> None:
+    def release(self, key: tuple[str, int], conn: _Connection) -> None:
         if conn.reusable():
             idle = self._idle.setdefault(key, [])
             if len(idle) < self._max_idle:
