@@ -46,6 +46,8 @@ def create_app(
         try:
             yield {"runtime": runtime}
         finally:
+            if runtime.shadower is not None:
+                await runtime.shadower.aclose()
             await upstream.aclose()
             if log is None:
                 access_log.close()
@@ -58,6 +60,7 @@ def create_app(
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/stats", stats, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -131,6 +134,12 @@ async def healthz(request: Request) -> JSONResponse:
     status = "ok" if all(r["reachable"] for r in results.values()) else "degraded"
     ordered = {name: results[name] for name in runtime.config.backends}
     return _answer(request, {"status": status, "model": runtime.config.model, "backends": ordered})
+
+
+async def stats(request: Request) -> JSONResponse:
+    """Per-backend figures since start (bounded memory; the report reads the logs)."""
+    runtime: Runtime = request.state.runtime
+    return _answer(request, {"since_start": True, "backends": runtime.stats.snapshot()})
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

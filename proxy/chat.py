@@ -33,6 +33,7 @@ from proxy.relay import (
 )
 from proxy.routing import choose
 from proxy.runtime import Runtime
+from proxy.shadow import wants_shadow
 from proxy.timing import Clock
 
 # nginx's status for "client closed the request before the answer": logged, never sent.
@@ -57,6 +58,7 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
     record = RequestRecord(request_id(headers.get("x-request-id")))
     response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
     started = False
+    shadowed: tuple[dict[str, Any], ChatRequest, list[str]] | None = None
 
     async def tracked_send(message: MutableMapping[str, Any]) -> None:
         nonlocal started
@@ -72,6 +74,9 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
         response_headers.append((b"x-backend", decision.backend.encode()))
         exchange = _build_exchange(runtime, scope, request, decision.backend, record, clock)
         exchange.response_headers = response_headers  # the client's answer carries them all
+        if wants_shadow(runtime.config.shadow, request, decision.backend, runtime.rng):
+            exchange.collect = []
+            shadowed = (scope, request, exchange.collect)
         await _dispatch(runtime, exchange, receive, tracked_send)
     except ProxyError as exc:
         record.status, record.error = exc.status, exc.kind
@@ -89,6 +94,9 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
         if record.stream:
             record.decode_tps = clock.decode_tps(record.completion_tokens)
         runtime.log.request(record)
+        runtime.stats.observe(record)
+        if shadowed is not None and record.status == 200 and record.error is None:
+            _start_shadow(runtime, record, *shadowed)
 
 
 async def _dispatch(runtime: Runtime, exchange: Exchange, receive: Receive, send: Send) -> None:
@@ -127,6 +135,22 @@ async def _relay(transport: httpx.AsyncBaseTransport, exchange: Exchange, send: 
         await response.aclose()
 
 
+def _start_shadow(
+    runtime: Runtime,
+    record: RequestRecord,
+    scope: dict[str, Any],
+    request: ChatRequest,
+    collected: list[str],
+) -> None:
+    """The same request to the shadow target, now that the client has its whole answer."""
+    assert runtime.shadower is not None
+    target = runtime.shadower.shadow.target
+    mirror = _upstream_request(runtime, scope, request, target, record.request_id)
+    runtime.shadower.submit(
+        mirror, request.stream, record.request_id, "".join(collected), record.latency_ms
+    )
+
+
 def _build_exchange(
     runtime: Runtime,
     scope: dict[str, Any],
@@ -135,32 +159,36 @@ def _build_exchange(
     record: RequestRecord,
     clock: Clock,
 ) -> Exchange:
-    target = runtime.config.backends[backend]
+    return Exchange(
+        backend=backend,
+        request=_upstream_request(runtime, scope, request, backend, record.request_id),
+        record=record,
+        clock=clock,
+        response_headers=[],
+        wants_usage=request.wants_usage,
+        rewrites=model_rewriter(runtime.config.backends[backend].model, request.model),
+    )
+
+
+def _upstream_request(
+    runtime: Runtime, scope: dict[str, Any], request: ChatRequest, backend: str, request_id: str
+) -> httpx.Request:
     url = runtime.upstream_url(backend, scope["path"])
-    body = upstream_body(request, target.model)
+    body = upstream_body(request, runtime.config.backends[backend].model)
     headers = upstream_headers(scope["headers"], runtime.not_forwarded)
     headers += [
         (b"host", url.netloc),
         (b"content-length", str(len(body)).encode()),  # mlx_lm.server answers 411 without
-        (b"x-request-id", record.request_id.encode("latin-1")),
+        (b"x-request-id", request_id.encode("latin-1")),
     ]
     # `stream=` rather than `content=`: httpx then takes the headers as given here instead
     # of deriving Host and Content-Length again.
-    upstream = httpx.Request(
+    return httpx.Request(
         "POST",
         url,
         headers=headers,
         stream=httpx.ByteStream(body),
         extensions={"timeout": runtime.timeouts[backend]},
-    )
-    return Exchange(
-        backend=backend,
-        request=upstream,
-        record=record,
-        clock=clock,
-        response_headers=[],
-        wants_usage=request.wants_usage,
-        rewrites=model_rewriter(target.model, request.model),
     )
 
 

@@ -160,6 +160,17 @@ class Limits(_Frozen):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
 
 
+class Shadow(_Frozen):
+    """Mirror a sample of greedy requests served by `from` to `to`, after the client has its
+    answer, and compare the two completions."""
+
+    source: BackendName = Field(alias="from")
+    target: BackendName = Field(alias="to")
+    sample: float = Field(default=0.05, ge=0, le=1)
+    # Shadows never queue: one is dropped when the target already has this many requests.
+    max_in_flight: int = Field(default=1, ge=1)
+
+
 class Config(_Frozen):
     listen: Listen = Listen()
     model: str = Field(min_length=1)
@@ -167,6 +178,17 @@ class Config(_Frozen):
     routing: Routing
     logging: Logging = Logging()
     limits: Limits = Limits()
+    shadow: Shadow | None = None
+
+    @model_validator(mode="after")
+    def _shadow_names_backends(self) -> Config:
+        if self.shadow is not None:
+            for key, name in (("from", self.shadow.source), ("to", self.shadow.target)):
+                if name not in self.backends:
+                    raise ValueError(f"shadow.{key}: unknown backend {name}")
+            if self.shadow.source == self.shadow.target:
+                raise ValueError("shadow: `from` and `to` must be different backends")
+        return self
 
     @model_validator(mode="after")
     def _split_names_backends(self) -> Config:

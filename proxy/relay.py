@@ -25,7 +25,7 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.payload import rewrite
-from proxy.sse import EventSplitter, Kind, classify
+from proxy.sse import EventSplitter, Kind, classify, generated
 from proxy.timing import Clock
 
 Message = MutableMapping[str, Any]
@@ -49,6 +49,7 @@ class Exchange:
     # Set just before the last byte goes out: once the answer is complete, uvicorn reports
     # a disconnect to anyone still listening, and that is not the client leaving early.
     complete: bool = False
+    collect: list[str] | None = None  # the generated text goes here when shadowed
 
 
 async def open_upstream(transport: httpx.AsyncBaseTransport, exchange: Exchange) -> httpx.Response:
@@ -79,7 +80,12 @@ async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -
     """A non-stream answer: read it whole (it is one JSON object) and send it on."""
     exchange.clock.headers()
     body = await _read(response, exchange.backend)
-    _count_tokens(exchange.record, _usage_of(body))
+    payload = _json_object(body)
+    _count_tokens(exchange.record, payload.get("usage"))
+    if exchange.collect is not None:
+        choices = payload.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            exchange.collect.append(generated(choices[0]) or "")
     body = rewrite(body, exchange.rewrites)
     headers = [
         (b"content-type", _content_type(response)),
@@ -112,6 +118,8 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
                 event = classify(raw)
                 if event.kind is Kind.CONTENT:
                     clock.token()
+                    if exchange.collect is not None:
+                        exchange.collect.append(event.text)
                 elif event.kind is Kind.DONE:
                     done = True
                 elif event.kind is Kind.ERROR:
@@ -202,16 +210,17 @@ def _content_type(response: httpx.Response) -> bytes:
     return b"application/json"
 
 
-def _usage_of(body: bytes) -> dict[str, Any] | None:
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The answer as a JSON object, or {} when it is something else."""
     try:
-        usage = orjson.loads(body).get("usage")
-    except (ValueError, AttributeError):
-        return None
-    return usage if isinstance(usage, dict) else None
+        payload = orjson.loads(body)
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
-def _count_tokens(record: RequestRecord, usage: dict[str, Any] | None) -> None:
-    if usage is None:
+def _count_tokens(record: RequestRecord, usage: Any) -> None:
+    if not isinstance(usage, dict):
         return
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     record.prompt_tokens = prompt if isinstance(prompt, int) else None

@@ -15,8 +15,10 @@ import httpx
 from proxy.accesslog import AccessLog
 from proxy.config import Config
 from proxy.launch import Supervisor
+from proxy.livestats import LiveStats
 from proxy.payload import NOT_FORWARDED
 from proxy.routing import Router
+from proxy.shadow import Shadower
 
 
 @dataclass
@@ -31,6 +33,8 @@ class Runtime:
     # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.
     not_forwarded: frozenset[bytes] = field(init=False)
     in_flight: Counter[str] = field(default_factory=Counter)
+    stats: LiveStats = field(default_factory=LiveStats)
+    shadower: Shadower | None = field(init=False)
     _urls: dict[tuple[str, str], httpx.URL] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -47,6 +51,11 @@ class Runtime:
         }
         private = {routing.header.lower().encode(), b"x-request-id"}
         self.not_forwarded = NOT_FORWARDED | private
+        self.shadower = None
+        if self.config.shadow is not None:
+            self.shadower = Shadower(
+                self.config.shadow, self.transport, self.in_flight, self.log, self.stats
+            )
 
     def upstream_url(self, backend: str, path: str) -> httpx.URL:
         """The backend's URL for `path`, parsed once: httpx's URL parsing is not cheap."""

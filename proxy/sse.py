@@ -29,6 +29,7 @@ class Event:
     raw: bytes  # the whole event, blank-line terminator included, as it will be forwarded
     kind: Kind
     usage: dict[str, Any] | None = None
+    text: str = ""  # CONTENT: the first choice's generated text
 
 
 # An "event" longer than this without a blank line is no SSE: pass it on rather than hold it.
@@ -81,9 +82,9 @@ def classify(raw: bytes) -> Event:
     usage = usage if isinstance(usage, dict) else None
     choices = payload.get("choices")
     if isinstance(choices, list):
-        for choice in choices:
-            if isinstance(choice, dict) and _has_content(choice):
-                return Event(raw, Kind.CONTENT, usage)
+        texts = [generated(choice) for choice in choices if isinstance(choice, dict)]
+        if any(text is not None for text in texts):
+            return Event(raw, Kind.CONTENT, usage, texts[0] or "")
     if usage is not None and not choices:
         return Event(raw, Kind.USAGE, usage)
     return Event(raw, Kind.OTHER, usage)
@@ -97,13 +98,19 @@ def _data_of(raw: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def _has_content(choice: dict[str, Any]) -> bool:
+def generated(choice: dict[str, Any]) -> str | None:
+    """The text a choice carries ("" for tool calls or reasoning only), or None if nothing
+    was generated: a role-only delta, a finish_reason chunk."""
     delta = choice.get("delta")
-    if isinstance(delta, dict):
-        return bool(
-            delta.get("content")
-            or delta.get("tool_calls")
-            or delta.get("reasoning")
-            or delta.get("reasoning_content")
-        )
-    return bool(choice.get("text"))  # legacy /v1/completions chunks
+    if delta is None:  # a whole message, or a legacy /v1/completions choice
+        message = choice.get("message")
+        content = message.get("content") if isinstance(message, dict) else choice.get("text")
+        return content if isinstance(content, str) and content else None
+    if not isinstance(delta, dict):
+        return None
+    content = delta.get("content")
+    if isinstance(content, str) and content:
+        return content
+    if delta.get("tool_calls") or delta.get("reasoning") or delta.get("reasoning_content"):
+        return ""
+    return None

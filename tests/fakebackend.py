@@ -40,6 +40,7 @@ class Seen:
 class FakeBackend:
     host: str = "127.0.0.1"
     port: int = 0
+    extra_mode: str = ""  # appended to every request's X-Fake: this instance's own behaviour
     requests: list[Seen] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.Server | None = None
@@ -113,7 +114,7 @@ class FakeBackend:
     async def _respond(
         self, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        mode = _mode(seen.headers.get("x-fake", ""))
+        mode = _mode(seen.headers.get("x-fake", "") + ";" + self.extra_mode)
         assert seen.body is not None
         if "status" in mode:
             await _answer(writer, int(mode["status"]), {"error": "fake backend failure"})
