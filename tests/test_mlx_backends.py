@@ -74,6 +74,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         },
         "routing": {"split": {"baseline": 50, "speculative": 50}},
         "logging": {"path": str(root / "requests.jsonl"), "stdout": False},
+        "shadow": {"from": "baseline", "to": "speculative", "sample": 1.0, "max_in_flight": 1},
     }
     (root / "routes.yaml").write_text(json.dumps(routes))
     stderr = root / "stderr.txt"
@@ -205,3 +206,21 @@ def test_healthz_reports_the_launched_processes(proxy: Proxy) -> None:
         assert process["ready"] and process["rss_mb"] > 10
     events = {line["event"] for line in read_log(proxy.log_path)}
     assert {"backend_ready", "backend_memory"} <= events
+
+
+def test_shadow_checks_compare_real_greedy_outputs(client: openai.OpenAI, proxy: Proxy) -> None:
+    _, request_id = ask(client, "baseline", max_tokens=12, temperature=0)
+    deadline = time.monotonic() + 30
+    while not (
+        shadows := [
+            e
+            for e in read_log(proxy.log_path)
+            if e["event"] == "shadow" and e["request_id"] == request_id
+        ]
+    ):
+        assert time.monotonic() < deadline, "no shadow event"
+        time.sleep(0.1)
+    [shadow] = shadows
+    assert (shadow["from"], shadow["to"], shadow["error"]) == ("baseline", "speculative", None)
+    assert shadow["match"] is True and shadow["from_chars"] >= 12  # no prompt cache: equal
+    assert shadow["to_latency_ms"] > 0
