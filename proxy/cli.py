@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from proxy.launch import LaunchError, Supervisor, build_command
 
 EXIT_CONFIG = 2
 EXIT_LAUNCH = 3
-EXIT_INTERRUPTED = 130
+EXIT_LISTEN = 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,29 +39,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(lambda stop: run_backends(config, log, stop))
         host = args.host or config.listen.host
         port = config.listen.port if args.port is None else args.port
-        print(f"specproxy on http://{host}:{port}\n{describe(config)}", file=sys.stderr, flush=True)
-        return _run(lambda stop: serve(config, log, host, port, stop))
+        try:  # before loading any model: a taken port should fail at once
+            listener = _listen(host, port)
+        except OSError as exc:
+            print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+            return EXIT_LISTEN
+        print(
+            f"specproxy for http://{host}:{port}\n{describe(config)}", file=sys.stderr, flush=True
+        )
+        with listener:
+            return _run(lambda stop: serve(config, log, listener, stop))
     finally:
         log.close()
 
 
-async def serve(config: Config, log: AccessLog, host: str, port: int, stop: _Stop) -> int:
+async def serve(config: Config, log: AccessLog, listener: socket.socket, stop: _Stop) -> int:
     """Bring up the launched backends, serve until a signal, then stop them all."""
-    supervisor = Supervisor(config, log)
+    supervisor = stop.supervisor = Supervisor(config, log)
     try:
         await supervisor.start()
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(config, log=log, supervisor=supervisor),
-                host=host,
-                port=port,
                 access_log=False,  # our own line per request replaces it
                 log_level="warning",
                 timeout_graceful_shutdown=30,
             )
         )
         stop.server = server
-        await server.serve()
+        host, port = listener.getsockname()[:2]
+        print(f"specproxy: serving on http://{host}:{port}", file=sys.stderr, flush=True)
+        await server.serve(sockets=[listener])
         return 0 if server.started else 1
     finally:
         await supervisor.stop()
@@ -68,7 +77,7 @@ async def serve(config: Config, log: AccessLog, host: str, port: int, stop: _Sto
 
 async def run_backends(config: Config, log: AccessLog, stop: _Stop) -> int:
     """Only the launched backends, in the foreground, until a signal."""
-    supervisor = Supervisor(config, log)
+    supervisor = stop.supervisor = Supervisor(config, log)
     if not supervisor.backends:
         print("error: no backend in the config has a `launch` block", file=sys.stderr)
         return EXIT_CONFIG
@@ -83,17 +92,24 @@ async def run_backends(config: Config, log: AccessLog, stop: _Stop) -> int:
 
 
 class _Stop:
-    """What a SIGINT/SIGTERM does: during start-up, interrupt it; while serving, ask uvicorn
-    for its graceful shutdown (uvicorn gets the signal too, and hands it back on exit, which
-    then does nothing more); while only the backends run, end the wait."""
+    """What a SIGINT/SIGTERM does. Always: no more backend restarts (systemd and a terminal
+    may signal the backends too). During start-up: interrupt it. While serving: uvicorn's
+    graceful shutdown (uvicorn gets the signal as well). While only backends run: end."""
 
     def __init__(self, task: asyncio.Task[Any]):
         self.task = task
         self.event = asyncio.Event()
+        self.supervisor: Supervisor | None = None
         self.server: uvicorn.Server | None = None
         self.running = False
+        self.signal: int | None = None
 
-    def __call__(self) -> None:
+    def __call__(self, signum: int) -> None:
+        if self.signal is None:
+            self.signal = signum
+            print("specproxy: stopping (backends get up to 10 s)", file=sys.stderr, flush=True)
+        if self.supervisor is not None:
+            self.supervisor.begin_stop()
         if self.server is not None:
             self.server.should_exit = True
         elif not self.running and not self.event.is_set():
@@ -108,17 +124,23 @@ def _run(body: Callable[[_Stop], Awaitable[int]]) -> int:
         stop = _Stop(task)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, stop, sig)
         try:
             return await body(stop)
         except LaunchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_LAUNCH
         except asyncio.CancelledError:
-            print("specproxy: interrupted; backends stopped", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            print("specproxy: interrupted during start-up; backends stopped", file=sys.stderr)
+            return 128 + (stop.signal or signal.SIGINT)
 
     return _event_loop_run(guarded())
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    listener = socket.create_server((host, port), reuse_port=False)
+    listener.set_inheritable(False)  # the backends must not hold the proxy's port
+    return listener
 
 
 def _event_loop_run(coroutine: Coroutine[Any, Any, int]) -> int:

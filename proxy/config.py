@@ -56,8 +56,10 @@ class Launch(_Frozen):
 
     @model_validator(mode="after")
     def _one_way_to_start(self) -> Launch:
-        if (self.model is None) == (self.command is None):
-            raise ValueError("give either `model` (an mlx_lm.server) or `command`, not both")
+        if self.model is None and self.command is None:
+            raise ValueError("needs `model` (an mlx_lm.server) or `command` (any server)")
+        if self.model is not None and self.command is not None:
+            raise ValueError("give either `model` or `command`, not both")
         if self.command is not None and (self.draft_model or self.num_draft_tokens):
             raise ValueError("draft_model and num_draft_tokens go with `model`, not `command`")
         if self.num_draft_tokens is not None and self.draft_model is None:

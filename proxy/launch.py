@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -41,8 +45,9 @@ def build_command(name: str, backend: Backend, python: str = sys.executable) -> 
     if launch is None:
         raise ValueError(f"backend {name!r} has no launch block")
     if launch.command is not None:
-        values = {"host": backend.host, "port": str(backend.port), "python": python}
-        return [part.format(**values) for part in launch.command]
+        # Plain replacement, not str.format: arguments may hold JSON braces of their own.
+        values = {"{host}": backend.host, "{port}": str(backend.port), "{python}": python}
+        return [_fill(part, values) for part in launch.command]
     assert launch.model is not None
     command = [python, "-m", "mlx_lm.server", "--model", launch.model]
     command += ["--host", backend.host, "--port", str(backend.port)]
@@ -51,6 +56,12 @@ def build_command(name: str, backend: Backend, python: str = sys.executable) -> 
         if launch.num_draft_tokens is not None:
             command += ["--num-draft-tokens", str(launch.num_draft_tokens)]
     return command + list(launch.extra_args)
+
+
+def _fill(part: str, values: dict[str, str]) -> str:
+    for placeholder, value in values.items():
+        part = part.replace(placeholder, value)
+    return part
 
 
 def log_path(name: str, backend: Backend, log_dir: Path) -> Path:
@@ -71,6 +82,7 @@ class Managed:
     restarts: int = 0
     rss_mb: float | None = None
     started_at: float = 0.0
+    ready_at: float = 0.0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def status(self) -> dict[str, Any]:
@@ -115,6 +127,7 @@ class Supervisor:
         except BaseException:
             for wait in waits:
                 wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
             await self.stop()
             raise
         finally:
@@ -122,28 +135,36 @@ class Supervisor:
         self._say(f"all backends ready in {time.perf_counter() - started:.1f} s")
         for managed in self.backends.values():
             managed.watcher = asyncio.ensure_future(self._watch(managed))
+            managed.watcher.add_done_callback(self._watcher_ended)
         self._sample_memory()  # at once, so that /healthz has a figure from the start
         self._sampler = asyncio.ensure_future(self._sample_memory_every(MEMORY_EVERY_S))
 
-    async def stop(self) -> None:
-        """Stop every backend: SIGTERM to its process group, SIGKILL after a grace period."""
+    def begin_stop(self) -> None:
+        """No more restarts: the proxy is shutting down (called from the signal handler,
+        as backends may get the same signal and must not be brought back meanwhile)."""
         self._stopping = True
-        tasks = [m.watcher for m in self.backends.values() if m.watcher] + [self._sampler]
-        for task in tasks:
+        for task in [m.watcher for m in self.backends.values()] + [self._sampler]:
             if task is not None:
                 task.cancel()
+
+    async def stop(self) -> None:
+        """Stop every backend: SIGTERM to its process group, SIGKILL after a grace period."""
+        self.begin_stop()
         await asyncio.gather(*(_terminate(m.process) for m in self.backends.values()))
         for managed in self.backends.values():
             managed.ready = False
 
     async def _bring_up(self, managed: Managed) -> None:
-        managed.log_path.parent.mkdir(parents=True, exist_ok=True)
         launch = managed.backend.launch
         assert launch is not None
-        with managed.log_path.open("ab") as output:
-            output.write(f"\n==> {time.strftime('%F %T')} {' '.join(managed.command)}\n".encode())
-            output.flush()
-            try:
+        _check_port_free(managed)
+        try:
+            managed.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with managed.log_path.open("ab") as output:
+                output.write(
+                    f"\n==> {time.strftime('%F %T')} {' '.join(managed.command)}\n".encode()
+                )
+                output.flush()
                 managed.process = await asyncio.create_subprocess_exec(
                     *managed.command,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -151,28 +172,29 @@ class Supervisor:
                     stderr=asyncio.subprocess.STDOUT,
                     env={**os.environ, "HF_HUB_OFFLINE": "1", **launch.env},
                     start_new_session=True,  # its own process group: stopped as a whole
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=_die_with_parent(os.getpid()),
                 )
-            except OSError as exc:
-                raise LaunchError(
-                    f"backend {managed.name!r}: cannot run {managed.command[0]}: {exc}"
-                ) from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise LaunchError(
+                f"backend {managed.name!r}: cannot start {managed.command[0]}: {exc}"
+            ) from None
         managed.started_at = time.perf_counter()
         await self._wait_ready(managed, launch.startup_timeout)
         managed.ready = True
-        self._say(
-            f"{managed.name} ready in {time.perf_counter() - managed.started_at:.1f} s"
-            f" (pid {managed.process.pid}, {managed.backend.url})"
-        )
+        managed.ready_at = time.perf_counter()
+        startup_s = managed.ready_at - managed.started_at
+        pid, url = managed.process.pid, managed.backend.url
+        self._say(f"{managed.name} ready in {startup_s:.1f} s (pid {pid}, {url})")
         self._log.event(
             "backend_ready",
             backend=managed.name,
             pid=managed.process.pid,
-            startup_s=round(time.perf_counter() - managed.started_at, 3),
+            startup_s=round(startup_s, 3),
         )
 
     async def _wait_ready(self, managed: Managed, timeout: float) -> None:
-        """Poll with a real one-token completion until it answers 200."""
+        """Poll with a real one-token completion until it answers 200. A 503 means "still
+        loading" (llama.cpp's server says so); any other status is final."""
         assert managed.process is not None
         deadline = managed.started_at + timeout
         body = {
@@ -183,9 +205,8 @@ class Supervisor:
         async with httpx.AsyncClient(trust_env=False) as client:
             while True:
                 if managed.process.returncode is not None:
-                    raise LaunchError(
-                        self._failure(managed, f"exited with code {managed.process.returncode}")
-                    )
+                    code = managed.process.returncode
+                    raise LaunchError(self._failure(managed, f"exited with code {code}"))
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     raise LaunchError(
@@ -197,10 +218,13 @@ class Supervisor:
                         json=body,
                         timeout=httpx.Timeout(remaining, connect=1.0),
                     )
-                except httpx.TransportError:  # not listening yet, or still loading
+                except httpx.TransportError:  # not listening yet
                     await asyncio.sleep(0.25)
                     continue
-                if response.status_code == 200:
+                if response.status_code == 503:
+                    await asyncio.sleep(0.25)
+                    continue
+                if response.status_code == 200 and managed.process.returncode is None:
                     return
                 raise LaunchError(
                     self._failure(
@@ -217,10 +241,9 @@ class Supervisor:
             assert managed.process is not None
             code = await managed.process.wait()
             managed.ready = False
-            if self._stopping:
-                return
-            if time.perf_counter() - managed.started_at > STABLE_AFTER_S:
-                backoff = 1.0
+            _kill_group(managed.process.pid)  # whatever it left behind in its group
+            if time.perf_counter() - managed.ready_at > STABLE_AFTER_S:
+                backoff = 1.0  # it had been up a good while: not a crash loop
             self._log.event(
                 "backend_exit",
                 backend=managed.name,
@@ -228,16 +251,31 @@ class Supervisor:
                 restart_in_s=backoff,
                 log=str(managed.log_path),
             )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
-            managed.restarts += 1
-            try:
-                await self._bring_up(managed)
-            except LaunchError as exc:
-                self._log.event("backend_restart_failed", backend=managed.name, error=str(exc))
-                await _terminate(managed.process)
-                continue
-            self._log.event("backend_restarted", backend=managed.name, restarts=managed.restarts)
+            while not self._stopping:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                if self._stopping:
+                    return
+                managed.restarts += 1
+                try:
+                    await self._bring_up(managed)
+                except LaunchError as exc:
+                    await _terminate(managed.process)
+                    self._log.event(
+                        "backend_restart_failed",
+                        backend=managed.name,
+                        error=str(exc).splitlines()[0],
+                        retry_in_s=backoff,
+                    )
+                    continue
+                self._log.event(
+                    "backend_restarted", backend=managed.name, restarts=managed.restarts
+                )
+                break
+
+    def _watcher_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._log.event("supervisor_error", error=repr(task.exception()))
 
     def _sample_memory(self) -> None:
         for managed in self.backends.values():
@@ -269,19 +307,40 @@ class Supervisor:
 
 
 async def _terminate(process: asyncio.subprocess.Process | None) -> None:
-    if process is None or process.returncode is not None:
+    """SIGTERM to the process group, SIGKILL after the grace period; then SIGKILL to what
+    is left of the group (the children of a wrapper script, say)."""
+    if process is None:
         return
-    _signal_group(process.pid, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(process.wait(), STOP_GRACE_S)
-    except TimeoutError:
-        _signal_group(process.pid, signal.SIGKILL)
-        await process.wait()
+    if process.returncode is None:
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            _signal_group(process.pid, signal.SIGKILL)
+            await process.wait()
+    _kill_group(process.pid)
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def _kill_group(pgid: int) -> None:
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
+        os.killpg(pgid, sig)
+
+
+def _check_port_free(managed: Managed) -> None:
+    """Another server on the port would answer the readiness probe in our backend's place."""
+    host, port = managed.backend.host, managed.backend.port
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise LaunchError(
+            f"backend {managed.name!r}: {host}:{port} is already in use ({exc.strerror}); "
+            "is a backend from an earlier run still there?"
+        ) from None
 
 
 def _rss_mb(process: asyncio.subprocess.Process | None) -> float | None:
@@ -306,10 +365,29 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when the proxy dies."""
-    if sys.platform == "linux":
-        import ctypes
+def _load_prctl() -> Any:
+    """libc's prctl, looked up once here: the child must not load libraries after fork."""
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """In the child, before exec: ask Linux to SIGTERM it when the proxy dies; if the proxy
+    already died meanwhile, give up at once."""
+    if _PRCTL is None:
+        return None
+
+    def in_child() -> None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return in_child

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ class FakeBackend:
     host: str = "127.0.0.1"
     port: int = 0
     extra_mode: str = ""  # appended to every request's X-Fake: this instance's own behaviour
+    loading_until: float = 0.0  # time.monotonic() before which POSTs get 503 "Loading model"
     requests: list[Seen] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.Server | None = None
@@ -102,6 +105,9 @@ class FakeBackend:
                 await _answer(writer, 411, {"error": "Content-Length header is required"})
                 return
             raw = await reader.readexactly(int(headers["content-length"]))
+            if time.monotonic() < self.loading_until:  # like llama.cpp's server while loading
+                await _answer(writer, 503, {"error": {"message": "Loading model", "code": 503}})
+                return
             seen = Seen(path, headers, json.loads(raw), time.perf_counter())
             self.requests.append(seen)
             await self._respond(seen, reader, writer)
@@ -249,13 +255,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--listen-after", type=float, default=0.0, help="seconds of 'loading'")
+    parser.add_argument("--exit-after", type=float, help="exit with code 3 after this long")
     parser.add_argument(
-        "--exit-after", type=float, help="exit with code 3 this long after listening"
+        "--loading-503", type=float, default=0.0, help="answer 503 to completions this long"
     )
     args = parser.parse_args()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # Who stopped it: the proxy (still its parent), or Linux after the proxy died.
+        print(f"stand-in: SIGTERM, parent {os.getppid()}", flush=True)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     print("stand-in: loading", flush=True)
     time.sleep(args.listen_after)
-    backend = FakeBackend(port=args.port).start()
+    backend = FakeBackend(port=args.port, loading_until=time.monotonic() + args.loading_503)
+    backend.start()
     print(f"stand-in: listening on {backend.url}", flush=True)
     if args.exit_after is not None:
         time.sleep(args.exit_after)

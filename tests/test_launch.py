@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from proxy.config import Backend, Config, parse_config
 from proxy.errors import ConfigError
 from proxy.launch import LaunchError, Supervisor, build_command
 from tests.conftest import free_port, read_log
+from tests.fakebackend import FakeBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -87,7 +89,8 @@ def test_command_form_fills_placeholders() -> None:
 @pytest.mark.parametrize(
     ("launch", "message"),
     [
-        ({}, "give either `model` (an mlx_lm.server) or `command`"),
+        ({}, "needs `model` (an mlx_lm.server) or `command` (any server)"),
+        ({"draft_model": "d"}, "needs `model`"),
         ({"model": "m", "command": ["x"]}, "give either `model`"),
         ({"model": "m", "num_draft_tokens": 2}, "num_draft_tokens needs a draft_model"),
         ({"command": ["x"], "draft_model": "d"}, "go with `model`, not `command`"),
@@ -139,14 +142,16 @@ def gone(pid: int) -> bool:
 
 async def test_backends_start_in_parallel_and_are_ready_only_when_serving(tmp_path: Path) -> None:
     config = standin_config(
-        tmp_path, a={"args": ["--listen-after", "1.5"]}, b={"args": ["--listen-after", "1.5"]}
+        tmp_path, a={"args": ["--listen-after", "3"]}, b={"args": ["--loading-503", "3"]}
     )
     supervisor, log, progress = supervisor_for(config)
     started = time.perf_counter()
     try:
         await supervisor.start()
         took = time.perf_counter() - started
-        assert 1.5 <= took < 2.9  # in parallel: not 2 x 1.5 s
+        # a listens after 3 s; b at once, answering 503 "loading" for 3 s: neither is ready
+        # before then, and they load side by side, not one after the other (6 s)
+        assert 3 <= took < 5.5
         for name, managed in supervisor.backends.items():
             assert managed.ready
             answer = httpx.post(
@@ -167,13 +172,13 @@ async def test_backends_start_in_parallel_and_are_ready_only_when_serving(tmp_pa
 
 
 async def test_a_backend_that_never_answers_fails_with_its_log_tail(tmp_path: Path) -> None:
-    config = standin_config(tmp_path, slow={"args": ["--listen-after", "30"], "startup_timeout": 1})
+    config = standin_config(tmp_path, slow={"args": ["--listen-after", "30"], "startup_timeout": 3})
     supervisor, log, _ = supervisor_for(config)
     with pytest.raises(LaunchError) as info:
         await supervisor.start()
     log.close()
     message = str(info.value)
-    assert "backend 'slow' did not answer within 1 s" in message
+    assert "backend 'slow' did not answer within 3 s" in message
     assert "stand-in: loading" in message  # the tail of its log
     assert gone(supervisor.backends["slow"].process.pid)  # type: ignore[union-attr]
 
@@ -205,11 +210,12 @@ async def test_one_failing_backend_stops_the_others(tmp_path: Path) -> None:
 
 
 async def test_a_backend_that_exits_is_restarted(tmp_path: Path) -> None:
-    config = standin_config(tmp_path, flaky={"args": ["--exit-after", "0.5"]})
+    config = standin_config(tmp_path, flaky={})
     supervisor, log, _ = supervisor_for(config)
     try:
         await supervisor.start()
         first = supervisor.backends["flaky"].process.pid  # type: ignore[union-attr]
+        os.killpg(first, signal.SIGKILL)  # a crash
         deadline = time.monotonic() + 15
         while supervisor.backends["flaky"].restarts < 1 or not supervisor.backends["flaky"].ready:
             assert time.monotonic() < deadline, "not restarted"
@@ -220,7 +226,7 @@ async def test_a_backend_that_exits_is_restarted(tmp_path: Path) -> None:
         log.close()
     events = read_log(config.logging.path)  # type: ignore[arg-type]
     exits = [e for e in events if e["event"] == "backend_exit"]
-    assert exits and exits[0]["returncode"] == 3 and exits[0]["restart_in_s"] == 1.0
+    assert exits and exits[0]["returncode"] == -9 and exits[0]["restart_in_s"] == 1.0
     assert any(e["event"] == "backend_restarted" for e in events)
 
 
@@ -249,6 +255,26 @@ def run_proxy(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path
     return process, stderr
 
 
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Signal it and wait; kill it if it does not go, so that a failing test leaks nothing."""
+    process.send_signal(sig)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+        raise
+
+
+def stopped_by(log: Path) -> list[int]:
+    """The parent pids the stand-ins saw when SIGTERM reached them."""
+    return [
+        int(line.split()[-1])
+        for line in log.read_text().splitlines()
+        if line.startswith("stand-in: SIGTERM, parent")
+    ]
+
+
 def wait_until(condition: Any, process: subprocess.Popen[bytes], stderr: Path) -> None:
     deadline = time.monotonic() + 30
     while not condition():
@@ -263,8 +289,7 @@ def test_serve_launches_backends_and_stops_them_on_sigterm(tmp_path: Path) -> No
     path = write_routes(tmp_path, config, listen={"port": port})
     proxy, stderr = run_proxy(tmp_path, "serve", "--config", str(path))
     try:
-        wait_until(lambda: "specproxy: all backends ready" in stderr.read_text(), proxy, stderr)
-        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), proxy, stderr)
+        wait_until(lambda: "specproxy: serving on" in stderr.read_text(), proxy, stderr)
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
         pids = [health["backends"][name]["process"]["pid"] for name in ("baseline", "speculative")]
         answer = httpx.post(
@@ -275,10 +300,11 @@ def test_serve_launches_backends_and_stops_them_on_sigterm(tmp_path: Path) -> No
         )
         assert answer.status_code == 200
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(30)
+        stop_process(proxy, signal.SIGTERM)
     assert proxy.returncode == 0, stderr.read_text()
     assert all(gone(pid) for pid in pids)
+    for name in ("baseline", "speculative"):  # the proxy stopped them, while still alive
+        assert stopped_by(tmp_path / f"{name}.log") == [proxy.pid]
 
 
 def test_backends_command_runs_only_the_backends(tmp_path: Path) -> None:
@@ -291,9 +317,9 @@ def test_backends_command_runs_only_the_backends(tmp_path: Path) -> None:
         wait_until(lambda: "backends running" in stderr.read_text(), runner, stderr)
         assert httpx.post(url + "/v1/chat/completions", json={}, timeout=5).status_code == 200
     finally:
-        runner.send_signal(signal.SIGINT)
-        runner.wait(30)
+        stop_process(runner, signal.SIGINT)
     assert runner.returncode == 0, stderr.read_text()
+    assert stopped_by(tmp_path / "baseline.log") == [runner.pid]
     with pytest.raises(httpx.TransportError):
         httpx.post(url + "/v1/chat/completions", json={}, timeout=2)
 
@@ -306,11 +332,37 @@ def test_ctrl_c_during_startup_stops_the_loading_backends(tmp_path: Path) -> Non
         wait_until(lambda: "stand-in: loading" in _read(tmp_path / "baseline.log"), proxy, stderr)
         child = psutil.Process(proxy.pid).children()[0]
     finally:
-        proxy.send_signal(signal.SIGINT)
-        proxy.wait(20)
+        stop_process(proxy, signal.SIGINT)
     assert proxy.returncode == 130
     assert "interrupted" in stderr.read_text() and "Traceback" not in stderr.read_text()
     child.wait(5)  # raises psutil.TimeoutExpired if it is still running
+    assert stopped_by(tmp_path / "baseline.log") == [proxy.pid]
+
+
+def test_a_taken_listen_port_fails_before_loading_anything(tmp_path: Path) -> None:
+    config = standin_config(tmp_path, baseline={"args": ["--listen-after", "60"]})
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        path = write_routes(tmp_path, config, listen={"port": port})
+        proxy, stderr = run_proxy(tmp_path, "serve", "--config", str(path))
+        proxy.wait(30)
+    assert proxy.returncode == 4
+    assert f"error: cannot listen on 127.0.0.1:{port}" in stderr.read_text()
+    assert not (tmp_path / "baseline.log").exists()  # no backend was started
+
+
+async def test_a_backend_port_held_by_another_server_is_refused(tmp_path: Path) -> None:
+    """Another server there would answer the readiness probe in the backend's place."""
+    config = standin_config(tmp_path, a={})
+    other = FakeBackend(port=config.backends["a"].port).start()
+    supervisor, log, _ = supervisor_for(config)
+    try:
+        with pytest.raises(LaunchError, match=r"backend 'a': 127.0.0.1:\d+ is already in use"):
+            await supervisor.start()
+    finally:
+        other.stop()
+        log.close()
+    assert supervisor.backends["a"].process is None
 
 
 def test_no_orphan_when_the_proxy_is_killed(tmp_path: Path) -> None:
@@ -327,6 +379,7 @@ def test_no_orphan_when_the_proxy_is_killed(tmp_path: Path) -> None:
         os.kill(runner.pid, signal.SIGKILL)
         runner.wait(10)
     child.wait(10)  # raises psutil.TimeoutExpired if it outlived the proxy
+    assert stopped_by(tmp_path / "baseline.log") != [runner.pid]  # Linux did it, not the proxy
 
 
 def _answers(url: str) -> bool:
