@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url.rstrip("/")
     prompts = load_prompts(args.prompts)
     started = time.monotonic()
-    with httpx.Client() as client:
+    with httpx.Client(trust_env=False) as client:  # an HTTP_PROXY must not catch loopback
         model, available = discover(client, url)
         backends, baseline = pick_backends(args, available)
         bodies = [request_body(model, prompt, args.max_tokens) for prompt in prompts]

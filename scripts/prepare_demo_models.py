@@ -227,9 +227,18 @@ def write_model(
     tmp.rename(path)
 
 
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def present(path: Path) -> bool:
+    """Whether ``path`` has every file of a converted model. Directories are written whole
+    (to ``.tmp``, then renamed), so present means complete; ``--check`` also loads them."""
+    return all((path / name).is_file() for name in MODEL_FILES)
+
+
 def loads(path: Path) -> bool:
     """Whether ``path`` holds a model and tokenizer that mlx-lm loads."""
-    if not (path / "config.json").is_file():
+    if not present(path):
         return False
     try:
         from mlx_lm import load
@@ -254,12 +263,14 @@ def smoke_test(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models"), help="output directory")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the models load")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the models exist")
+    parser.add_argument("--check", action="store_true", help="load existing models to check them")
     args = parser.parse_args(argv)
 
     targets = [args.out / MODEL_NAME, args.out / DRAFT_NAME]
-    if not args.force and all(loads(t) for t in targets):
-        log(f"{', '.join(map(str, targets))} already exist and load; nothing to do")
+    usable = loads if args.check else present
+    if not args.force and all(usable(t) for t in targets):
+        log(f"{', '.join(map(str, targets))} already there; nothing to do")
         return 0
 
     gguf_path = find_gguf()

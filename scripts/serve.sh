@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh mlx
-.venv/bin/python scripts/prepare_demo_models.py --out models
+[ -n "${CONFIG:-}" ] || .venv/bin/python scripts/prepare_demo_models.py --out models
 exec .venv/bin/python -m proxy serve --config "${CONFIG:-routes.yaml}" "$@"

@@ -5,7 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=${1:-mlx}
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "setup: $PYTHON is older than 3.11; set PYTHON=python3.11 (or newer)" >&2; exit 1; }
+# A venv without pip (a failed `venv` run) or from an older Python is made again.
+if ! .venv/bin/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  rm -rf .venv
+  "$PYTHON" -m venv .venv
+fi
 stamp=".venv/.installed-$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip

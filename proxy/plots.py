@@ -1,0 +1,87 @@
+"""The report's figures, drawn with matplotlib and returned as SVG text for inlining.
+
+No pyplot: each figure is a `matplotlib.figure.Figure` of its own, so nothing global (no
+backend choice, no figure registry) is touched. Large samples are reduced before drawing (a
+CDF to 500 quantiles, a timeline to 200 windows) so the page stays small at a million lines.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib import rc_context
+from matplotlib.figure import Figure
+
+CDF_POINTS = 500
+TIMELINE_WINDOWS = 200
+MIN_WINDOW = 5  # requests per window of the rolling median, at least
+
+
+def cdf_svg(samples: dict[str, np.ndarray], xlabel: str, *, log_x: bool = False) -> str:
+    """The empirical CDF of each backend's samples, one line each."""
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.add_subplot()
+    levels = np.linspace(0.0, 1.0, CDF_POINTS + 1)
+    for name, values in samples.items():
+        values = values[np.isfinite(values)]
+        if values.size:
+            ax.step(
+                np.quantile(values, levels),
+                levels,
+                where="post",
+                label=f"{name} (n={values.size:,})",
+            )
+    if log_x and all((v[np.isfinite(v)] > 0).all() for v in samples.values()):
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("share of requests")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _svg(fig)
+
+
+def timeline_svg(times: dict[str, np.ndarray], values: dict[str, np.ndarray], ylabel: str) -> str:
+    """Each backend's rolling median of `values` against time (seconds since the epoch)."""
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.add_subplot()
+    for name in values:
+        when, median = rolling_median(times[name], values[name])
+        if when.size:
+            ax.plot(
+                when.astype(np.int64).astype("datetime64[ms]"),
+                median,
+                marker=".",
+                markersize=3,
+                label=name,
+            )
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.autofmt_xdate()
+    return _svg(fig)
+
+
+def rolling_median(
+    times: np.ndarray, values: np.ndarray, windows: int = TIMELINE_WINDOWS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Medians of consecutive windows of equal count, in time order: (time ms, value)."""
+    keep = np.isfinite(times) & np.isfinite(values)
+    order = np.argsort(times[keep], kind="stable")
+    times, values = times[keep][order], values[keep][order]
+    count = max(1, min(windows, times.size // MIN_WINDOW))
+    if times.size == 0:
+        return np.array([]), np.array([])
+    chunks = zip(np.array_split(times, count), np.array_split(values, count), strict=True)
+    pairs = [(np.median(t) * 1000, np.median(v)) for t, v in chunks]
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def _svg(fig: Figure) -> str:
+    buffer = io.StringIO()
+    # Text as text: smaller than glyph paths, and searchable in the page.
+    with rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buffer, format="svg", bbox_inches="tight")
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE to inline it

@@ -1,0 +1,415 @@
+"""`python -m proxy report`: synthetic logs with a known truth, read back through main()."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from proxy import report
+
+BOOT = ["--boot", "200"]  # enough for an interval, fast enough for a unit test
+
+
+@pytest.fixture(autouse=True)
+def _no_routes_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repository's routes.yaml would otherwise be picked up as the expected split."""
+    monkeypatch.chdir(tmp_path)
+
+
+def request(backend: str | None, **fields: Any) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "request_id": "r",
+        "model": "m",
+        "stream": True,
+        "backend": backend,
+        "reason": "split",
+        "status": 200,
+        "ttft_ms": 200.0,
+        "latency_ms": 800.0,
+        "prompt_tokens": 30,
+        "completion_tokens": 100,
+        "decode_tps": 20.0,
+        "in_flight": 0,
+        "error": None,
+        "client_disconnected": False,
+        "event": "request",
+        "timestamp": "2026-11-28T16:17:08.372528Z",
+    }
+    line.update(fields)
+    return line
+
+
+def traffic(
+    backend: str, n: int, *, decode: float, seed: int, **fields: Any
+) -> list[dict[str, Any]]:
+    """n requests whose decode speed is lognormal around `decode` tokens/s (10% spread),
+    spread over an hour of timestamps."""
+    rng = np.random.default_rng(seed)
+    speeds = decode * rng.lognormal(0.0, 0.1, n)
+    latencies = 800.0 * rng.lognormal(0.0, 0.2, n)
+    return [
+        request(
+            backend,
+            decode_tps=float(speed),
+            latency_ms=float(latency),
+            ttft_ms=float(latency / 4),
+            timestamp=f"2026-11-28T16:{i * 60 // n:02d}:{i % 60:02d}Z",
+            **fields,
+        )
+        for i, (speed, latency) in enumerate(zip(speeds, latencies, strict=True))
+    ]
+
+
+def write_log(path: Path, lines: Iterable[dict[str, Any] | str]) -> Path:
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    path.write_text(text)
+    return path
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert report.main([*args, "--json", *BOOT]) == 0
+    result: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return result
+
+
+def ab_log(path: Path, *, speedup: float = 1.3, n: int = 200) -> Path:
+    return write_log(
+        path,
+        traffic("baseline", n, decode=20.0, seed=1)
+        + traffic("speculative", n, decode=20.0 * speedup, seed=2),
+    )
+
+
+def test_known_decode_speedup_reads_as_faster(tmp_path: Path, capsys: Any) -> None:
+    log = ab_log(tmp_path / "ab.jsonl", speedup=1.3)
+    result = run_json(capsys, str(log))
+    decode = result["comparison"]["speculative"]["decode_tps"]
+    assert decode["ratio"]["value"] == pytest.approx(1.3, rel=0.05)
+    assert decode["ratio"]["low"] < decode["ratio"]["value"] < decode["ratio"]["high"]
+    assert decode["p_value"] < 0.001
+    assert "faster" in decode["verdict"]
+    assert report.main([str(log), *BOOT]) == 0
+    assert decode["verdict"] in capsys.readouterr().out
+
+
+def test_no_difference_is_not_called_faster(tmp_path: Path, capsys: Any) -> None:
+    log = ab_log(tmp_path / "ab.jsonl", speedup=1.0)
+    verdict = run_json(capsys, str(log))["comparison"]["speculative"]["decode_tps"]["verdict"]
+    assert "no significant difference" in verdict
+
+
+def test_malformed_foreign_and_other_lines_are_counted_and_skipped(
+    tmp_path: Path, capsys: Any
+) -> None:
+    lines: list[dict[str, Any] | str] = [
+        *traffic("baseline", 10, decode=20.0, seed=1),
+        '{"event": "request", "backend": "baseline", "latency_',  # cut off mid-write
+        "not json at all",
+        "",
+        "[1, 2, 3]",
+        '{"level": "info", "msg": "some other program"}',  # foreign: no event
+        json.dumps({"event": "backend_memory", "backend": "baseline", "rss_mb": 252.0}),
+        json.dumps({"event": "backend_memory", "backend": "baseline", "rss_mb": 253.0}),
+        json.dumps({"event": "rejected", "method": "GET", "path": "/x", "status": 404}),
+        *traffic("speculative", 10, decode=20.0, seed=2),
+    ]
+    log = write_log(tmp_path / "mixed.jsonl", lines)
+    empty = write_log(tmp_path / "empty.jsonl", [])
+    found = run_json(capsys, str(log), str(empty))["input"]
+    assert found["requests"] == 20
+    assert found["skipped"] == 4  # cut off, not JSON, an array, no event; blank: not a line
+    assert found["lines"] == 27
+    assert found["other_events"] == {"backend_memory": 2, "rejected": 1}
+    assert found["files"] == [str(log), str(empty)]
+
+
+def test_a_field_of_the_wrong_type_reads_as_missing(tmp_path: Path, capsys: Any) -> None:
+    lines = [request("baseline", latency_ms=100.0), request("baseline", latency_ms="fast")]
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    assert result["input"]["requests"] == 2
+    assert result["backends"]["baseline"]["latency_ms"]["p50"] == {
+        "value": 100.0, "low": None, "high": None, "n": 1,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [[], ["garbage", ""], [json.dumps({"event": "backend_ready", "backend": "baseline"})]],
+    ids=["empty", "garbage", "other-events-only"],
+)
+def test_no_request_lines_exits_1(tmp_path: Path, capsys: Any, lines: list[str]) -> None:
+    log = write_log(tmp_path / "log.jsonl", lines)
+    assert report.main([str(log)]) == 1
+    captured = capsys.readouterr()
+    assert "no request lines" in captured.err
+    assert captured.out == ""
+
+
+def test_several_files_and_a_glob(tmp_path: Path, capsys: Any) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    write_log(logs / "proxy-1.jsonl", traffic("baseline", 7, decode=20.0, seed=1))
+    write_log(logs / "proxy-2.jsonl", traffic("speculative", 5, decode=20.0, seed=2))
+    other = write_log(tmp_path / "other.jsonl", traffic("baseline", 3, decode=20.0, seed=3))
+    result = run_json(capsys, str(logs / "*.jsonl"), str(other))
+    assert result["input"]["files"] == [
+        str(logs / "proxy-1.jsonl"), str(logs / "proxy-2.jsonl"), str(other),
+    ]  # fmt: skip
+    assert result["backends"]["baseline"]["requests"] == 10
+    assert result["backends"]["speculative"]["requests"] == 5
+
+
+def test_stdin_when_no_log_or_dash(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "".join(json.dumps(line) + "\n" for line in traffic("baseline", 4, decode=20, seed=1))
+    for argv in ([], ["-"]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+        result = run_json(capsys, *argv)
+        assert result["input"]["requests"] == 4
+        assert result["input"]["files"] == ["-"]
+
+
+def test_stdin_through_a_real_pipe(tmp_path: Path) -> None:
+    log = ab_log(tmp_path / "ab.jsonl", n=50)
+    completed = subprocess.run(
+        [sys.executable, "-c", "from proxy.report import main; raise SystemExit(main())",
+         "--json", *BOOT],
+        input=log.read_bytes(),
+        capture_output=True,
+        cwd=tmp_path,
+        check=False,
+        env=None,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["input"]["requests"] == 100
+
+
+def test_json_schema_keys_are_pinned(tmp_path: Path, capsys: Any) -> None:
+    lines = [
+        *traffic("baseline", 30, decode=20.0, seed=1),
+        *traffic("speculative", 30, decode=26.0, seed=2),
+        request("speculative", reason="header"),
+        _shadow(match=False),
+    ]
+    log = write_log(tmp_path / "log.jsonl", lines)
+    result = run_json(capsys, str(log), "--split", "baseline=50,speculative=50")
+    assert result["schema"] == 1
+    assert set(result) == {
+        "schema", "input", "baseline", "backends", "comparison", "forced", "breakdowns",
+        "sample_ratio", "shadow", "notes",
+    }  # fmt: skip
+    assert set(result["input"]) == {
+        "files", "lines", "skipped", "requests", "unrouted", "shadow", "other_events", "first",
+        "last",
+    }  # fmt: skip
+    backend = result["backends"]["speculative"]
+    assert set(backend) == {
+        "requests", "errors", "error_rate", "client_disconnected", "ok", "ttft_ms",
+        "latency_ms", "decode_tps",
+    }  # fmt: skip
+    assert set(backend["ttft_ms"]) == {"p50", "p90", "p99"}
+    estimate_keys = {"value", "low", "high", "n"}
+    assert set(backend["ttft_ms"]["p99"]) == estimate_keys
+    comparison = result["comparison"]["speculative"]
+    assert set(comparison) == {"n", "n_baseline", "decode_tps", "ttft_ms", "latency_ms"}
+    assert set(comparison["latency_ms"]) == {
+        "ratio", "p_value", "higher_is_better", "samples_needed", "verdict",
+    }  # fmt: skip
+    assert set(comparison["latency_ms"]["ratio"]) == estimate_keys
+    assert set(result["forced"]["speculative"]) == {
+        "requests", "ok", "median_decode_tps", "median_ttft_ms", "median_latency_ms",
+    }  # fmt: skip
+    assert set(result["breakdowns"]) == {"in_flight", "completion_tokens"}
+    bucket = result["breakdowns"]["in_flight"][0]
+    assert set(bucket) == {"bucket", "backends", "decode_ratio"}
+    assert set(bucket["backends"]["baseline"]) == {"n", "median_decode_tps", "median_latency_ms"}
+    assert set(result["sample_ratio"]) == {
+        "source", "note", "expected_share", "observed_share", "observed", "unexpected",
+        "p_value", "mismatch",
+    }  # fmt: skip
+    assert set(result["shadow"][0]) == {
+        "from", "to", "n", "errors", "dropped", "exact_match_rate", "similarity_p50",
+        "mismatch_prefix_chars", "latency_ratio_median",
+    }  # fmt: skip
+    assert set(result["shadow"][0]["mismatch_prefix_chars"]) == {"p10", "p50", "p90"}
+
+
+def test_html_page_is_self_contained_with_svg_plots(tmp_path: Path, capsys: Any) -> None:
+    log = ab_log(tmp_path / "ab.jsonl", n=100)
+    page = tmp_path / "report.html"
+    assert report.main([str(log), "--html", str(page), *BOOT]) == 0
+    html = page.read_text()
+    assert html.count("<svg") == 4
+    assert "<table>" in html
+    assert "faster" in html  # the verdict
+    assert "<script" not in html
+    assert 'src="http' not in html
+    assert 'href="http' not in html
+    assert "Backends (all requests)" in capsys.readouterr().out  # the terminal report too
+
+
+def test_sample_ratio_mismatch_trips_on_70_30_against_50_50(tmp_path: Path, capsys: Any) -> None:
+    log = write_log(
+        tmp_path / "log.jsonl",
+        traffic("baseline", 700, decode=20.0, seed=1)
+        + traffic("speculative", 300, decode=20.0, seed=2),
+    )
+    check = run_json(capsys, str(log), "--split", "baseline=50,speculative=50")["sample_ratio"]
+    assert check["mismatch"] is True
+    assert check["observed"] == {"baseline": 700, "speculative": 300}
+    assert check["p_value"] < 0.001
+    assert report.main([str(log), "--split", "baseline=50,speculative=50", *BOOT]) == 0
+    assert "!! SAMPLE RATIO MISMATCH" in capsys.readouterr().out
+    fine = run_json(capsys, str(log), "--split", "baseline=70,speculative=30")["sample_ratio"]
+    assert fine["mismatch"] is False
+    assert report.main([str(log), "--split", "baseline=70,speculative=30", *BOOT]) == 0
+    assert "MISMATCH" not in capsys.readouterr().out
+
+
+def test_sample_ratio_reads_the_config_or_routes_yaml(tmp_path: Path, capsys: Any) -> None:
+    log = write_log(
+        tmp_path / "log.jsonl",
+        traffic("baseline", 700, decode=20.0, seed=1)
+        + traffic("speculative", 300, decode=20.0, seed=2),
+    )
+    check = run_json(capsys, str(log))["sample_ratio"]
+    assert check["source"] is None
+    assert "skipped" in check["note"]
+    (tmp_path / "routes.yaml").write_text(
+        "model: m\nbackends:\n  baseline: {url: 'http://127.0.0.1:1'}\n"
+        "  speculative: {url: 'http://127.0.0.1:2'}\n"
+        "routing: {split: {baseline: 50, speculative: 50}}\n"
+    )
+    check = run_json(capsys, str(log))["sample_ratio"]
+    assert (check["source"], check["mismatch"]) == ("routes.yaml", True)
+    other = tmp_path / "seventy.yaml"
+    other.write_text((tmp_path / "routes.yaml").read_text().replace("50, spec", "70, spec"))
+    other.write_text(other.read_text().replace("speculative: 50}", "speculative: 30}"))
+    check = run_json(capsys, str(log), "--config", str(other))["sample_ratio"]
+    assert (check["source"], check["mismatch"]) == (str(other), False)
+
+
+def test_header_forced_requests_stay_out_of_the_comparison(tmp_path: Path, capsys: Any) -> None:
+    split = traffic("baseline", 200, decode=20.0, seed=1) + traffic(
+        "speculative", 200, decode=26.0, seed=2
+    )
+    # A client forcing its slowest work onto the speculative backend.
+    forced = traffic("speculative", 600, decode=8.0, seed=3, reason="header")
+    speeds = np.array([line["decode_tps"] for line in split + forced])
+    on_spec = np.array([line["backend"] == "speculative" for line in split + forced])
+    pooled_ratio = np.median(speeds[on_spec]) / np.median(speeds[~on_spec])
+    assert pooled_ratio < 0.8  # counting them would turn the verdict around
+
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", split + forced)))
+    comparison = result["comparison"]["speculative"]
+    assert comparison["n"] == 200
+    assert comparison["decode_tps"]["ratio"]["value"] == pytest.approx(1.3, rel=0.05)
+    assert "faster" in comparison["decode_tps"]["verdict"]
+    assert "slower" not in comparison["decode_tps"]["verdict"]
+    assert result["forced"]["speculative"]["requests"] == 600
+    assert result["forced"]["speculative"]["median_decode_tps"] == pytest.approx(8.0, rel=0.05)
+    assert result["backends"]["speculative"]["requests"] == 800
+
+
+def test_errors_and_disconnects_count_but_stay_out_of_the_figures(
+    tmp_path: Path, capsys: Any
+) -> None:
+    lines = [
+        *traffic("baseline", 20, decode=20.0, seed=1),
+        request("baseline", status=502, error="backend_unreachable", latency_ms=1.0),
+        request("baseline", status=499, client_disconnected=True, latency_ms=2.0),
+        request(None, reason=None, status=400, error="bad_request"),
+    ]
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    baseline = result["backends"]["baseline"]
+    assert (baseline["requests"], baseline["errors"], baseline["ok"]) == (22, 1, 20)
+    assert baseline["error_rate"] == pytest.approx(1 / 22)
+    assert baseline["client_disconnected"] == 1
+    assert baseline["latency_ms"]["p50"]["n"] == 20
+    assert result["input"]["unrouted"] == 1
+    assert set(result["backends"]) == {"baseline"}
+
+
+def test_breakdowns_by_load_and_length(tmp_path: Path, capsys: Any) -> None:
+    lines = []
+    for in_flight, count in ((0, 10), (1, 4), (3, 6), (9, 8)):
+        for backend, speed in (("baseline", 20.0), ("speculative", 30.0)):
+            lines += [request(backend, in_flight=in_flight, decode_tps=speed)] * count
+    lines += [request("baseline", completion_tokens=300, in_flight=None)]
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    load = {row["bucket"]: row for row in result["breakdowns"]["in_flight"]}
+    assert list(load) == ["0", "1", "2-3", "4+"]
+    assert [load[b]["backends"]["baseline"]["n"] for b in load] == [10, 4, 6, 8]
+    assert load["0"]["backends"]["speculative"]["median_decode_tps"] == 30.0
+    assert load["0"]["decode_ratio"] == {"speculative": 1.5}
+    assert load["1"]["decode_ratio"] == {"speculative": None}  # 4 samples: too few
+    length = {row["bucket"]: row for row in result["breakdowns"]["completion_tokens"]}
+    assert length["65-256"]["backends"]["baseline"]["n"] == 28
+    assert length["257+"]["backends"]["baseline"]["n"] == 1
+
+
+def _shadow(**fields: Any) -> dict[str, Any]:
+    line = {
+        "event": "shadow", "request_id": "r", "from": "baseline", "to": "speculative",
+        "match": True, "common_prefix_chars": 300, "similarity": 1.0, "from_chars": 300,
+        "to_chars": 300, "from_latency_ms": 1000.0, "to_latency_ms": 2000.0, "error": None,
+    }  # fmt: skip
+    line.update(fields)
+    return line
+
+
+def test_shadow_section_per_pair(tmp_path: Path, capsys: Any) -> None:
+    lines = [
+        request("baseline"),
+        *[_shadow() for _ in range(6)],
+        *[_shadow(match=False, common_prefix_chars=c, similarity=0.5) for c in (10, 20, 30, 40)],
+        _shadow(error="HTTPError", to_latency_ms=None, match=None),
+        {"event": "shadow_dropped", "from": "baseline", "to": "speculative", "in_flight": 1},
+        _shadow(**{"from": "speculative", "to": "baseline"}, to_latency_ms=500.0),
+    ]
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    forward, backward = result["shadow"]
+    assert (forward["from"], forward["to"]) == ("baseline", "speculative")
+    assert (forward["n"], forward["errors"], forward["dropped"]) == (11, 1, 1)
+    assert forward["exact_match_rate"] == pytest.approx(0.6)
+    assert forward["similarity_p50"] == 1.0
+    assert forward["mismatch_prefix_chars"] == {"p10": 13.0, "p50": 25.0, "p90": 37.0}
+    assert forward["latency_ratio_median"] == 2.0
+    assert (backward["n"], backward["latency_ratio_median"]) == (1, 0.5)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--split", "baseline=60,speculative=50"],
+        ["--split", "baseline"],
+        ["--split", "a=50", "--config", "routes.yaml"],
+        ["--boot", "0"],
+        ["--config", "missing.yaml"],
+        ["--no-such-flag"],
+    ],
+)
+def test_bad_arguments_exit_2(tmp_path: Path, capsys: Any, args: list[str]) -> None:
+    log = ab_log(tmp_path / "ab.jsonl", n=5)
+    assert report.main([str(log), *args]) == 2
+    assert capsys.readouterr().err
+
+
+def test_missing_log_or_unmatched_glob_exits_2(tmp_path: Path, capsys: Any) -> None:
+    assert report.main([str(tmp_path / "nope.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "*.jsonl")]) == 2
+    assert "no file matches" in capsys.readouterr().err
+
+
+def test_parse_split() -> None:
+    assert report.parse_split("baseline=62.5, speculative=37.5") == {
+        "baseline": 62.5, "speculative": 37.5,
+    }  # fmt: skip
