@@ -1,4 +1,4 @@
-"""`python -m proxy serve|check|backends --config routes.yaml`."""
+"""`python -m proxy serve|check|backends --config routes.yaml`, `python -m proxy report LOG`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ EXIT_LISTEN = 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:  # its own arguments, parsed by the report itself
+        return _report(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
@@ -137,6 +140,15 @@ def _run(body: Callable[[_Stop], Awaitable[int]]) -> int:
     return _event_loop_run(guarded())
 
 
+def _report(argv: list[str]) -> int:
+    try:  # numpy, scipy, duckdb and matplotlib come with the `report` extra only
+        from proxy.report import main as report_main
+    except ImportError as exc:
+        print(f"error: the report needs `pip install 'specproxy[report]'` ({exc})", file=sys.stderr)
+        return EXIT_CONFIG
+    return report_main(argv)
+
+
 def _listen(host: str, port: int) -> socket.socket:
     listener = socket.create_server((host, port), reuse_port=False)
     listener.set_inheritable(False)  # the backends must not hold the proxy's port
@@ -183,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     backends_cmd = commands.add_parser(
         "backends", help="start only the backends that have a `launch` block, in the foreground"
     )
+    commands.add_parser("report", help="the verdict from request logs (see: report --help)")
     for command in (serve_cmd, check_cmd, backends_cmd):
         command.add_argument("--config", default="routes.yaml", help="routes file (routes.yaml)")
     serve_cmd.add_argument("--host", help="listen address (default: listen.host)")
