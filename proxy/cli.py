@@ -183,6 +183,11 @@ def describe(config: Config) -> str:
     lines.append(f"  force with header {routing.header}")
     if routing.sticky_header:
         lines.append(f"  sticky on header {routing.sticky_header}")
+    if config.shadow is not None:
+        share = config.shadow.sample * 100
+        lines.append(
+            f"  shadow {config.shadow.source} -> {config.shadow.target}, {share:g}% of greedy requests"
+        )
     lines.append(f"  request log {config.logging.path or '(stdout only)'}")
     return "\n".join(lines)
 
