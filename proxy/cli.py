@@ -184,10 +184,9 @@ def describe(config: Config) -> str:
     if routing.sticky_header:
         lines.append(f"  sticky on header {routing.sticky_header}")
     if config.shadow is not None:
-        share = config.shadow.sample * 100
-        lines.append(
-            f"  shadow {config.shadow.source} -> {config.shadow.target}, {share:g}% of greedy requests"
-        )
+        shadow = config.shadow
+        share = f"{shadow.sample * 100:g}% of greedy requests"
+        lines.append(f"  shadow {shadow.source} -> {shadow.target}, {share}")
     lines.append(f"  request log {config.logging.path or '(stdout only)'}")
     return "\n".join(lines)
 
