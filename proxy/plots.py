@@ -38,7 +38,8 @@ def cdf_svg(samples: dict[str, np.ndarray], xlabel: str, *, log_x: bool = False)
     ax.set_ylabel("share of requests")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if ax.get_lines():  # none drawn: matplotlib would warn about an empty legend
+        ax.legend(loc="lower right")
     return _svg(fig)
 
 
@@ -58,7 +59,8 @@ def timeline_svg(times: dict[str, np.ndarray], values: dict[str, np.ndarray], yl
             )
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    if ax.get_lines():
+        ax.legend(loc="best")
     fig.autofmt_xdate()
     return _svg(fig)
 

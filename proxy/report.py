@@ -4,11 +4,9 @@
         [--config routes.yaml | --split baseline=50,speculative=50]
         [--json] [--html FILE] [--seed N] [--boot 2000]
 
-LOG is a file or a glob (several proxy processes may each write one); `-` or no LOG reads
-stdin. DuckDB's JSON reader parses each line once: `event == "request"` lines are requests,
-`shadow` and `shadow_dropped` lines the shadow check, other events are counted and ignored;
-a line that is not JSON, or JSON without an `event`, is counted as `skipped`, never fatal.
-A field of the wrong type reads as missing; blank lines are not counted.
+LOG is a file or a glob; `-` or no LOG reads stdin. Reading (which lines count as what, and
+what is skipped) is `proxy.logread`; drawing the tables and the page is `proxy.render`. This
+module computes the figures, as the JSON document below.
 
 Which requests count where:
 - per backend: every request line counts for `requests`, `errors` and disconnects; the
@@ -63,25 +61,19 @@ Ratios are backend / baseline (medians). Every missing figure is null, never NaN
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import glob
 import json
 import math
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from html import escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from proxy import stats
+from proxy.logread import Floats, LogData, Requests, Shadows, UsageError, load_logs
+from proxy.render import MISMATCH, figures, render_html, render_text
 
 SCHEMA = 1
 EXIT_NO_REQUESTS = 1
@@ -91,211 +83,6 @@ METRICS = (("decode_tps", True), ("ttft_ms", False), ("latency_ms", False))  # h
 LOAD_BUCKETS = (("0", 0, 0), ("1", 1, 1), ("2-3", 2, 3), ("4+", 4, math.inf))
 LENGTH_BUCKETS = (("1-16", 1, 16), ("17-64", 17, 64), ("65-256", 65, 256), ("257+", 257, math.inf))
 MIN_BUCKET_SAMPLES = 5  # per backend, before a bucket's decode ratio means anything
-
-
-Floats = npt.NDArray[np.float64]
-Bools = npt.NDArray[np.bool_]
-Ints = npt.NDArray[np.int32]
-
-
-class UsageError(Exception):
-    """Bad arguments or unreadable input: exit 2 with this message."""
-
-
-@dataclass(frozen=True)
-class Requests:
-    """The request lines, one array entry per line. Missing numbers are NaN; `backend` holds
-    an index into `names` (-1: rejected before routing)."""
-
-    names: tuple[str, ...]
-    backend: Ints
-    split: Bools  # reason == "split"
-    sticky: Bools
-    header: Bools
-    status: Floats
-    error: Bools  # error is not null
-    client_disconnected: Bools
-    ttft_ms: Floats
-    latency_ms: Floats
-    decode_tps: Floats
-    completion_tokens: Floats
-    in_flight: Floats
-    timestamp: Floats  # seconds since the epoch
-
-    def of(self, name: str) -> Bools:
-        mask: Bools = self.backend == self.names.index(name)
-        return mask
-
-    @property
-    def ok(self) -> Bools:
-        mask: Bools = (self.status == 200) & ~self.error
-        return mask
-
-    @property
-    def comparable(self) -> Bools:
-        """Randomly routed and successful: the only fair A/B sample."""
-        return (self.split | self.sticky) & self.ok
-
-
-@dataclass(frozen=True)
-class Shadows:
-    """The `shadow` and `shadow_dropped` lines."""
-
-    pair: list[tuple[str, str]]  # (from, to) per line
-    dropped: Bools
-    match: Bools
-    error: Bools
-    similarity: Floats
-    common_prefix_chars: Floats
-    from_latency_ms: Floats
-    to_latency_ms: Floats
-
-
-@dataclass(frozen=True)
-class LogData:
-    files: list[str]
-    counts: dict[str, int]  # lines (blank ones aside), skipped (not JSON, or no event)
-    events: dict[str, int]  # every event name -> lines
-    requests: Requests
-    shadows: Shadows
-
-
-# --- reading -------------------------------------------------------------------------------
-
-_FIELDS = {
-    "event": "VARCHAR",
-    "timestamp": "VARCHAR",
-    "backend": "VARCHAR",
-    "reason": "VARCHAR",
-    "status": "DOUBLE",
-    "ttft_ms": "DOUBLE",
-    "latency_ms": "DOUBLE",
-    "completion_tokens": "DOUBLE",
-    "decode_tps": "DOUBLE",
-    "in_flight": "DOUBLE",
-    "error": "JSON",
-    "client_disconnected": "BOOLEAN",
-    "from": "VARCHAR",
-    "to": "VARCHAR",
-    "match": "BOOLEAN",
-    "similarity": "DOUBLE",
-    "common_prefix_chars": "DOUBLE",
-    "from_latency_ms": "DOUBLE",
-    "to_latency_ms": "DOUBLE",
-}
-
-# DuckDB's own newline-delimited JSON reader, parallel and about 7x faster than parsing
-# lines as text with json_transform. With ignore_errors a line that is not JSON becomes a
-# row of NULLs (so does JSON without these keys: both are `skipped`), a field of the wrong
-# type reads as NULL, and blank lines are dropped.
-_READ = """
-CREATE TEMP TABLE log AS
-SELECT * FROM read_ndjson(?, columns = {columns}, ignore_errors = true)
-"""
-
-_REQUESTS = """
-SELECT coalesce(list_position(?, backend), 0)::INT - 1 AS backend,
-       coalesce(reason = 'split', false) AS split,
-       coalesce(reason = 'sticky', false) AS sticky,
-       coalesce(reason = 'header', false) AS header,
-       coalesce(error IS NOT NULL AND error != 'null', false) AS error,
-       coalesce(client_disconnected, false) AS client_disconnected,
-       {numbers},
-       coalesce(epoch(try_cast(timestamp AS TIMESTAMPTZ)), 'nan') AS timestamp
-FROM log WHERE event = 'request'
-"""
-_REQUEST_NUMBERS = (
-    "status", "ttft_ms", "latency_ms", "decode_tps", "completion_tokens", "in_flight"
-)  # fmt: skip
-
-_SHADOWS = """
-SELECT coalesce("from", '') AS "from", coalesce("to", '') AS "to",
-       event = 'shadow_dropped' AS dropped,
-       coalesce(match, false) AS match,
-       coalesce(error IS NOT NULL AND error != 'null', false) AS error,
-       {numbers}
-FROM log WHERE event IN ('shadow', 'shadow_dropped')
-"""
-_SHADOW_NUMBERS = ("similarity", "common_prefix_chars", "from_latency_ms", "to_latency_ms")
-_EVENTS = "SELECT event, count(*) FROM log WHERE event IS NOT NULL GROUP BY 1 ORDER BY 1"
-
-
-def read_logs(files: Sequence[str]) -> LogData:
-    """Every line of `files`, counted by event, with the request and shadow lines as arrays."""
-    import duckdb
-
-    con = duckdb.connect()
-    try:
-        columns = "{" + ", ".join(f"'{k}': '{v}'" for k, v in _FIELDS.items()) + "}"
-        con.execute(_READ.format(columns=columns), [list(files)])
-        lines, skipped = con.execute(
-            "SELECT count(*), count(*) FILTER (event IS NULL) FROM log"
-        ).fetchone() or (0, 0)
-        events = dict(con.execute(_EVENTS).fetchall())
-        counts = {"lines": lines, "skipped": skipped}
-        return LogData(list(files), counts, events, _requests(con), _shadows(con))
-    except duckdb.Error as exc:
-        raise UsageError(f"cannot read the logs: {exc}") from None
-    finally:
-        con.close()
-
-
-def _numbers(names: Sequence[str]) -> str:
-    return ", ".join(f"coalesce({name}::DOUBLE, 'nan') AS {name}" for name in names)
-
-
-def _requests(con: Any) -> Requests:
-    names = [
-        row[0]
-        for row in con.execute(
-            "SELECT DISTINCT backend FROM log WHERE event = 'request' AND backend IS NOT NULL"
-            " ORDER BY 1"
-        ).fetchall()
-    ]
-    sql = _REQUESTS.format(numbers=_numbers(_REQUEST_NUMBERS))
-    columns = con.execute(sql, [names]).fetchnumpy()
-    return Requests(names=tuple(names), **{k: np.asarray(v) for k, v in columns.items()})
-
-
-def _shadows(con: Any) -> Shadows:
-    columns = con.execute(_SHADOWS.format(numbers=_numbers(_SHADOW_NUMBERS))).fetchnumpy()
-    arrays = {k: np.asarray(v) for k, v in columns.items()}
-    pair = list(zip(arrays.pop("from").tolist(), arrays.pop("to").tolist(), strict=True))
-    return Shadows(pair=pair, **arrays)
-
-
-def expand_logs(patterns: Sequence[str]) -> list[str]:
-    """LOG arguments -> files, globs expanded in order; `-` stays `-` (stdin)."""
-    files: list[str] = []
-    for pattern in patterns or ["-"]:
-        if pattern == "-":
-            files.append("-")
-        elif glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern) if Path(p).is_file())
-            if not matches:
-                raise UsageError(f"{pattern}: no file matches")
-            files.extend(matches)
-        elif Path(pattern).is_file():
-            files.append(pattern)
-        else:
-            raise UsageError(f"{pattern}: no such file")
-    return list(dict.fromkeys(files))  # a file named twice (a glob and by name) counts once
-
-
-@contextmanager
-def _stdin_as_file(files: list[str]) -> Iterator[list[str]]:
-    """DuckDB reads files: stdin, if asked for, is copied to a temporary one first."""
-    if "-" not in files:
-        yield files
-        return
-    with tempfile.NamedTemporaryFile(prefix="specproxy-stdin-", suffix=".jsonl") as tmp:
-        buffer = getattr(sys.stdin, "buffer", None)
-        if buffer is not None:
-            shutil.copyfileobj(buffer, tmp)
-        else:  # a text stream without bytes underneath (tests, embedding)
-            tmp.write(sys.stdin.read().encode())
-        tmp.flush()
-        yield [tmp.name if f == "-" else f for f in files]
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -556,273 +343,6 @@ def _estimate(estimate: stats.Estimate) -> dict[str, Any]:
     }
 
 
-# --- rendering -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Section:
-    """One table of the report, the same for the terminal and the HTML page."""
-
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    notes: list[str] = dataclasses.field(default_factory=list)
-    alarm: str | None = None  # shouted, in red on a terminal
-    numeric: bool = True  # right-align every column but the first
-
-
-def sections(report: dict[str, Any]) -> list[Section]:
-    return [
-        _input_section(report["input"], report["notes"]),
-        _backends_section(report["backends"]),
-        *(_percentile_section(report["backends"], metric) for metric, _ in METRICS),
-        _comparison_section(report["comparison"], report["baseline"], report["sample_ratio"]),
-        _forced_section(report["forced"]),
-        _breakdown_section("By load (in flight at dispatch)", report, "in_flight"),
-        _breakdown_section("By completion length (tokens)", report, "completion_tokens"),
-        _sample_ratio_section(report["sample_ratio"]),
-        _shadow_section(report["shadow"]),
-    ]
-
-
-def _input_section(data: dict[str, Any], notes: list[str]) -> Section:
-    others = sum(data["other_events"].values())
-    rows = [
-        ["files", ", ".join(data["files"])],
-        ["lines", f"{data['lines']:,}"],
-        ["requests", f"{data['requests']:,} ({data['unrouted']:,} rejected before routing)"],
-        ["shadow checks", f"{data['shadow']:,}"],
-        ["other events", f"{others:,} (ignored)"],
-        ["skipped", f"{data['skipped']:,} (not JSON, or JSON without an event)"],
-        ["time span", f"{data['first'] or '-'} .. {data['last'] or '-'}"],
-    ]  # fmt: skip
-    return Section("Input", ["", ""], rows, notes, numeric=False)
-
-
-def _backends_section(backends: dict[str, Any]) -> Section:
-    rows = [
-        [name, f"{b['requests']:,}", f"{b['ok']:,}", f"{b['errors']:,}",
-         _percent(b["error_rate"]), f"{b['client_disconnected']:,}"]
-        for name, b in backends.items()
-    ]  # fmt: skip
-    headers = ["backend", "requests", "ok", "errors", "error rate", "disconnected"]
-    return Section("Backends (all requests)", headers, rows)
-
-
-_UNITS = {"decode_tps": "decode tokens/s", "ttft_ms": "TTFT ms", "latency_ms": "latency ms"}
-
-
-def _percentile_section(backends: dict[str, Any], metric: str) -> Section:
-    rows = [
-        [name, f"{b[metric]['p50']['n']:,}", *(_est(b[metric][f"p{q}"]) for q in PERCENTILES)]
-        for name, b in backends.items()
-    ]
-    headers = ["backend", "n", *(f"p{q} [95% CI]" for q in PERCENTILES)]
-    return Section(f"{_UNITS[metric]} (status 200, no error)", headers, rows)
-
-
-def _comparison_section(
-    comparison: dict[str, Any], baseline: str, check: dict[str, Any]
-) -> Section:
-    rows, verdicts = [], []
-    for name, c in comparison.items():
-        for metric, _ in METRICS:
-            m = c[metric]
-            rows.append([f"{name} / {baseline}", _UNITS[metric], f"{m['ratio']['n']:,}",
-                         _est(m["ratio"], "x"), _p(m["p_value"]),
-                         _count(m["samples_needed"])])  # fmt: skip
-            verdicts.append(m["verdict"])
-    headers = ["backends", "metric", "n (smaller)", "median ratio [95% CI]", "p", "n needed"]
-    if not comparison:
-        verdicts.append("no backend to compare with the baseline")
-    title = "A/B comparison (split or sticky routing, status 200, no error)"
-    alarm = _MISMATCH if check["mismatch"] else None
-    return Section(title, headers, rows, verdicts, alarm)
-
-
-def _forced_section(forced: dict[str, Any]) -> Section:
-    rows = [
-        [name, f"{f['requests']:,}", f"{f['ok']:,}",
-         *(_fmt(f[f"median_{metric}"]) for metric, _ in METRICS)]
-        for name, f in forced.items()
-    ]  # fmt: skip
-    headers = ["backend", "requests", "ok", *(f"median {_UNITS[m]}" for m, _ in METRICS)]
-    notes = ["the client chose the backend: not part of the comparison"] if forced else ["none"]
-    return Section("Header-forced requests", headers, rows, notes)
-
-
-def _breakdown_section(title: str, report: dict[str, Any], key: str) -> Section:
-    baseline = report["baseline"]
-    buckets = report["breakdowns"][key]
-    names = list(buckets[0]["backends"]) if buckets else []
-    others = [name for name in names if name != baseline]
-    headers = ["bucket"]
-    for name in names:
-        headers += [f"{name} n", f"{name} tok/s", f"{name} ms"]
-    headers += [f"{name}/{baseline} tok/s" for name in others]
-    rows = []
-    for bucket in buckets:
-        row = [bucket["bucket"]]
-        for name in names:
-            b = bucket["backends"][name]
-            row += [f"{b['n']:,}", _fmt(b["median_decode_tps"]), _fmt(b["median_latency_ms"])]
-        row += [_fmt(bucket["decode_ratio"].get(name), "x") for name in others]
-        rows.append(row)
-    note = f"medians of the comparison sample; ratios need {MIN_BUCKET_SAMPLES}+ samples each"
-    return Section(title, headers, rows, [note])
-
-
-_MISMATCH = (
-    "SAMPLE RATIO MISMATCH: the split traffic does not match the configured split, so the"
-    " comparison may be biased (retries, lost log lines, proxies with another split)"
-)
-
-
-def _sample_ratio_section(check: dict[str, Any]) -> Section:
-    title = "Sample ratio (split-routed requests vs the configured split)"
-    if check["note"]:
-        return Section(title, [], [], [check["note"]])
-    rows = [
-        [name, _percent(share), f"{check['observed'].get(name, 0):,}",
-         _percent(check["observed_share"].get(name))]
-        for name, share in check["expected_share"].items()
-    ]  # fmt: skip
-    rows += [
-        [name, "-", f"{check['observed'][name]:,}", _percent(check["observed_share"][name])]
-        for name in check["unexpected"]
-    ]
-    notes = [f"split from {check['source']}; chi-square p = {_p(check['p_value'])}"]
-    alarm = _MISMATCH if check["mismatch"] else None
-    return Section(title, ["backend", "expected", "observed", "observed share"], rows, notes, alarm)
-
-
-def _shadow_section(shadow: list[dict[str, Any]]) -> Section:
-    rows = [
-        [f"{s['from']} -> {s['to']}", f"{s['n']:,}", f"{s['errors']:,}", f"{s['dropped']:,}",
-         _percent(s["exact_match_rate"]), _fmt(s["similarity_p50"]),
-         " / ".join(_fmt(s["mismatch_prefix_chars"][f"p{q}"]) for q in (10, 50, 90)),
-         _fmt(s["latency_ratio_median"], "x")]
-        for s in shadow
-    ]  # fmt: skip
-    headers = ["pair", "n", "errors", "dropped", "exact match", "similarity p50",
-               "mismatch prefix chars p10/p50/p90", "latency to/from"]  # fmt: skip
-    notes = [] if shadow else ["no shadow checks in the logs"]
-    return Section("Shadow checks", headers, rows, notes)
-
-
-def _fmt(value: float | None, suffix: str = "") -> str:
-    if value is None:
-        return "-"
-    size = abs(value)
-    digits = 0 if size >= 100 else 1 if size >= 10 else 2 if size >= 1 or size == 0 else 3
-    return f"{value:,.{digits}f}{suffix}"
-
-
-def _count(value: int | None) -> str:
-    return "-" if value is None else f"{value:,}"
-
-
-def _est(estimate: dict[str, Any], suffix: str = "") -> str:
-    if estimate["value"] is None:
-        return "-"
-    value = _fmt(estimate["value"], suffix)
-    if estimate["low"] is None or estimate["high"] is None:
-        return value
-    return f"{value} [{_fmt(estimate['low'])}, {_fmt(estimate['high'])}]"
-
-
-def _p(p: float | None) -> str:
-    return "-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _percent(share: float | None) -> str:
-    return "-" if share is None else f"{100 * share:.1f}%"
-
-
-def render_text(report: dict[str, Any], *, colour: bool = False) -> str:
-    """The report as aligned plain-text tables."""
-    out = [f"specproxy report: baseline {report['baseline']}"]
-    for section in sections(report):
-        out += ["", section.title, "-" * len(section.title)]
-        if section.alarm:
-            out.append(f"\033[1;31m!! {section.alarm}\033[0m" if colour else f"!! {section.alarm}")
-        out += _align(section.headers, section.rows, numeric=section.numeric)
-        out += [f"  {note}" for note in section.notes]
-    return "\n".join(out) + "\n"
-
-
-def _align(headers: list[str], rows: list[list[str]], *, numeric: bool) -> list[str]:
-    if not rows:
-        return []
-    table = ([headers] if any(headers) else []) + rows
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-
-    def line(row: list[str]) -> str:
-        cells = [row[0].ljust(widths[0])] + [
-            cell.rjust(width) if numeric else cell.ljust(width)
-            for cell, width in zip(row[1:], widths[1:], strict=True)
-        ]
-        return "  " + "  ".join(cells).rstrip()
-
-    return [line(row) for row in table]
-
-
-def render_html(report: dict[str, Any], figures: list[tuple[str, str]]) -> str:
-    """One self-contained page: the tables, then the figures as inline SVG."""
-    body = [f"<h1>specproxy report: baseline {escape(report['baseline'])}</h1>"]
-    for section in sections(report):
-        body.append(f"<h2>{escape(section.title)}</h2>")
-        if section.alarm:
-            body.append(f'<p class="alarm">{escape(section.alarm)}</p>')
-        if section.rows:
-            head = "".join(f"<th>{escape(h)}</th>" for h in section.headers)
-            head = f"<tr>{head}</tr>" if any(section.headers) else ""
-            rows = "".join(
-                "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>"
-                for row in section.rows
-            )
-            kind = "" if section.numeric else ' class="text"'
-            body.append(f"<table{kind}>{head}{rows}</table>")
-        body += [f"<p>{escape(note)}</p>" for note in section.notes]
-    for caption, svg in figures:
-        body.append(f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>")
-    return _PAGE.format(body="\n".join(body))
-
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>specproxy report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 80em; }}
-table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; }}
-th, td {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; text-align: right; }}
-th:first-child, td:first-child, .text td {{ text-align: left; }}
-.alarm {{ color: #b00; font-weight: bold; }}
-figure {{ margin: 1em 0; }} svg {{ max-width: 100%; height: auto; }}
-</style></head>
-<body>
-{body}
-</body></html>
-"""
-
-
-def figures(req: Requests, baseline: str) -> list[tuple[str, str]]:
-    """The HTML page's plots: CDFs of latency and decode speed, and both over time."""
-    from proxy import plots  # matplotlib only when a page is asked for
-
-    names = _order(req, baseline)
-    ok = {name: req.of(name) & req.ok for name in names}
-    latency = {name: req.latency_ms[mask] for name, mask in ok.items()}
-    decode = {name: req.decode_tps[mask] for name, mask in ok.items()}
-    times = {name: req.timestamp[mask] for name, mask in ok.items()}
-    return [
-        ("Latency, CDF (status 200, no error)", plots.cdf_svg(latency, "latency ms", log_x=True)),
-        ("Decode tokens/s, CDF (streams)", plots.cdf_svg(decode, "decode tokens/s")),
-        ("Latency over time, rolling median", plots.timeline_svg(times, latency, "latency ms")),
-        ("Decode tokens/s over time, rolling median",
-         plots.timeline_svg(times, decode, "decode tokens/s")),
-    ]  # fmt: skip
-
-
 # --- command line --------------------------------------------------------------------------
 
 
@@ -833,16 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         split, split_source = _expected_split(args)
-        files = expand_logs(args.logs)
-        with _stdin_as_file(files) as readable:
-            data = dataclasses.replace(read_logs(readable), files=files)
+        data = load_logs(args.logs)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if not data.requests.backend.size:
         counts = data.counts
         print(
-            f'error: no request lines (event "request") in {", ".join(files)}: '
+            f'error: no request lines (event "request") in {", ".join(data.files)}: '
             f"{counts['lines']:,} lines, {counts['skipped']:,} skipped (not JSON, or JSON"
             f" without an event), {sum(data.events.values()):,} other events",
             file=sys.stderr,
@@ -854,15 +372,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         rng=rng, n_boot=args.boot,
     )  # fmt: skip
     if args.html:
-        page = render_html(report, figures(data.requests, args.baseline))
+        plots = figures(data.requests, _order(data.requests, args.baseline))
+        page = render_html(report, plots, min_bucket_samples=MIN_BUCKET_SAMPLES)
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"specproxy: wrote {args.html}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2, allow_nan=False))
         if report["sample_ratio"]["mismatch"]:
-            print(f"warning: {_MISMATCH}", file=sys.stderr)
+            print(f"warning: {MISMATCH}", file=sys.stderr)
     else:
-        sys.stdout.write(render_text(report, colour=sys.stdout.isatty()))
+        text = render_text(
+            report, min_bucket_samples=MIN_BUCKET_SAMPLES, colour=sys.stdout.isatty()
+        )
+        sys.stdout.write(text)
     return 0
 
 
@@ -910,6 +432,17 @@ def _positive(text: str) -> int:
     return number
 
 
+def _seed(text: str) -> int:
+    """numpy takes no negative seed: refuse it here rather than with a traceback later."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m proxy report",
@@ -922,7 +455,7 @@ def _parser() -> argparse.ArgumentParser:
     expected.add_argument("--split", type=parse_split, help="expected split: a=50,b=50")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap random seed (0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="bootstrap random seed (0)")
     parser.add_argument("--boot", type=_positive, default=2000, help="bootstrap resamples")
     return parser
 

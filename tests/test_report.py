@@ -140,6 +140,28 @@ def test_a_field_of_the_wrong_type_reads_as_missing(tmp_path: Path, capsys: Any)
     }  # fmt: skip
 
 
+def test_a_timestamp_past_year_9999_reads_as_missing(tmp_path: Path, capsys: Any) -> None:
+    lines = [
+        request("baseline", timestamp="99999-01-01T00:00:00Z"),
+        request("baseline", timestamp="9999-12-31T23:59:59.999999Z"),  # a float rounds up
+        request("baseline", timestamp="2026-11-28T16:17:08Z"),
+    ]
+    found = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))["input"]
+    assert (found["requests"], found["first"], found["last"]) == (
+        3, "2026-11-28T16:17:08Z", "2026-11-28T16:17:08Z",
+    )  # fmt: skip
+
+
+def test_html_page_without_decode_speeds_draws_without_warnings(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Non-streamed requests log no decode speed: those plots stay empty, with no warning."""
+    log = write_log(tmp_path / "log.jsonl", [request("baseline", decode_tps=None)] * 6)
+    page = tmp_path / "report.html"
+    assert report.main([str(log), "--html", str(page), *BOOT]) == 0
+    assert page.read_text().count("<svg") == 4
+
+
 @pytest.mark.parametrize(
     "lines",
     [[], ["garbage", ""], [json.dumps({"event": "backend_ready", "backend": "baseline"})]],
@@ -392,6 +414,7 @@ def test_shadow_section_per_pair(tmp_path: Path, capsys: Any) -> None:
         ["--split", "baseline"],
         ["--split", "a=50", "--config", "routes.yaml"],
         ["--boot", "0"],
+        ["--seed", "-1"],
         ["--config", "missing.yaml"],
         ["--no-such-flag"],
     ],

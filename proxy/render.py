@@ -1,0 +1,290 @@
+"""The report document (`proxy.report`'s JSON) as aligned terminal tables or one HTML page.
+
+Everything is read from the document, whose schema is stable: this module knows the schema,
+not the code that computes it. The page's plots come from `proxy.plots`, drawn from the
+request arrays (`proxy.logread`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+from typing import Any
+
+from proxy.logread import Requests
+
+# The schema's metrics (in the report's order) and how a table labels them.
+_UNITS = {"decode_tps": "decode tokens/s", "ttft_ms": "TTFT ms", "latency_ms": "latency ms"}
+_PERCENTILES = (50, 90, 99)  # the schema's p50, p90, p99
+_PREFIX_PERCENTILES = (10, 50, 90)  # mismatch_prefix_chars
+
+MISMATCH = (
+    "SAMPLE RATIO MISMATCH: the split traffic does not match the configured split, so the"
+    " comparison may be biased (retries, lost log lines, proxies with another split)"
+)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One table of the report, the same for the terminal and the HTML page."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    alarm: str | None = None  # shouted, in red on a terminal
+    numeric: bool = True  # right-align every column but the first
+
+
+def render_text(report: dict[str, Any], *, min_bucket_samples: int, colour: bool = False) -> str:
+    """The report as aligned plain-text tables."""
+    out = [f"specproxy report: baseline {report['baseline']}"]
+    for section in sections(report, min_bucket_samples=min_bucket_samples):
+        out += ["", section.title, "-" * len(section.title)]
+        if section.alarm:
+            out.append(f"\033[1;31m!! {section.alarm}\033[0m" if colour else f"!! {section.alarm}")
+        out += _align(section.headers, section.rows, numeric=section.numeric)
+        out += [f"  {note}" for note in section.notes]
+    return "\n".join(out) + "\n"
+
+
+def render_html(
+    report: dict[str, Any], figures: list[tuple[str, str]], *, min_bucket_samples: int
+) -> str:
+    """One self-contained page: the tables, then the figures as inline SVG."""
+    body = [f"<h1>specproxy report: baseline {escape(report['baseline'])}</h1>"]
+    for section in sections(report, min_bucket_samples=min_bucket_samples):
+        body.append(f"<h2>{escape(section.title)}</h2>")
+        if section.alarm:
+            body.append(f'<p class="alarm">{escape(section.alarm)}</p>')
+        if section.rows:
+            head = "".join(f"<th>{escape(h)}</th>" for h in section.headers)
+            head = f"<tr>{head}</tr>" if any(section.headers) else ""
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>"
+                for row in section.rows
+            )
+            kind = "" if section.numeric else ' class="text"'
+            body.append(f"<table{kind}>{head}{rows}</table>")
+        body += [f"<p>{escape(note)}</p>" for note in section.notes]
+    for caption, svg in figures:
+        body.append(f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>")
+    return _PAGE.format(body="\n".join(body))
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>specproxy report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 80em; }}
+table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; }}
+th, td {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; text-align: right; }}
+th:first-child, td:first-child, .text td {{ text-align: left; }}
+.alarm {{ color: #b00; font-weight: bold; }}
+figure {{ margin: 1em 0; }} svg {{ max-width: 100%; height: auto; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def figures(req: Requests, names: Sequence[str]) -> list[tuple[str, str]]:
+    """The HTML page's plots, one line per backend in `names`: CDFs of latency and decode
+    speed, and both over time."""
+    from proxy import plots  # matplotlib only when a page is asked for
+
+    ok = {name: req.of(name) & req.ok for name in names}
+    latency = {name: req.latency_ms[mask] for name, mask in ok.items()}
+    decode = {name: req.decode_tps[mask] for name, mask in ok.items()}
+    times = {name: req.timestamp[mask] for name, mask in ok.items()}
+    return [
+        ("Latency, CDF (status 200, no error)", plots.cdf_svg(latency, "latency ms", log_x=True)),
+        ("Decode tokens/s, CDF (streams)", plots.cdf_svg(decode, "decode tokens/s")),
+        ("Latency over time, rolling median", plots.timeline_svg(times, latency, "latency ms")),
+        ("Decode tokens/s over time, rolling median",
+         plots.timeline_svg(times, decode, "decode tokens/s")),
+    ]  # fmt: skip
+
+
+def sections(report: dict[str, Any], *, min_bucket_samples: int) -> list[Section]:
+    """The report's tables, in order; `min_bucket_samples` is only quoted in a note."""
+    return [
+        _input_section(report["input"], report["notes"]),
+        _backends_section(report["backends"]),
+        *(_percentile_section(report["backends"], metric) for metric in _UNITS),
+        _comparison_section(report["comparison"], report["baseline"], report["sample_ratio"]),
+        _forced_section(report["forced"]),
+        _breakdown_section(
+            "By load (in flight at dispatch)", report, "in_flight", min_bucket_samples
+        ),
+        _breakdown_section(
+            "By completion length (tokens)", report, "completion_tokens", min_bucket_samples
+        ),
+        _sample_ratio_section(report["sample_ratio"]),
+        _shadow_section(report["shadow"]),
+    ]
+
+
+def _input_section(data: dict[str, Any], notes: list[str]) -> Section:
+    others = sum(data["other_events"].values())
+    rows = [
+        ["files", ", ".join(data["files"])],
+        ["lines", f"{data['lines']:,}"],
+        ["requests", f"{data['requests']:,} ({data['unrouted']:,} rejected before routing)"],
+        ["shadow checks", f"{data['shadow']:,}"],
+        ["other events", f"{others:,} (ignored)"],
+        ["skipped", f"{data['skipped']:,} (not JSON, or JSON without an event)"],
+        ["time span", f"{data['first'] or '-'} .. {data['last'] or '-'}"],
+    ]  # fmt: skip
+    return Section("Input", ["", ""], rows, notes, numeric=False)
+
+
+def _backends_section(backends: dict[str, Any]) -> Section:
+    rows = [
+        [name, f"{b['requests']:,}", f"{b['ok']:,}", f"{b['errors']:,}",
+         _percent(b["error_rate"]), f"{b['client_disconnected']:,}"]
+        for name, b in backends.items()
+    ]  # fmt: skip
+    headers = ["backend", "requests", "ok", "errors", "error rate", "disconnected"]
+    return Section("Backends (all requests)", headers, rows)
+
+
+def _percentile_section(backends: dict[str, Any], metric: str) -> Section:
+    rows = [
+        [name, f"{b[metric]['p50']['n']:,}", *(_est(b[metric][f"p{q}"]) for q in _PERCENTILES)]
+        for name, b in backends.items()
+    ]
+    headers = ["backend", "n", *(f"p{q} [95% CI]" for q in _PERCENTILES)]
+    return Section(f"{_UNITS[metric]} (status 200, no error)", headers, rows)
+
+
+def _comparison_section(
+    comparison: dict[str, Any], baseline: str, check: dict[str, Any]
+) -> Section:
+    rows, verdicts = [], []
+    for name, c in comparison.items():
+        for metric in _UNITS:
+            m = c[metric]
+            rows.append([f"{name} / {baseline}", _UNITS[metric], f"{m['ratio']['n']:,}",
+                         _est(m["ratio"], "x"), _p(m["p_value"]),
+                         _count(m["samples_needed"])])  # fmt: skip
+            verdicts.append(m["verdict"])
+    headers = ["backends", "metric", "n (smaller)", "median ratio [95% CI]", "p", "n needed"]
+    if not comparison:
+        verdicts.append("no backend to compare with the baseline")
+    title = "A/B comparison (split or sticky routing, status 200, no error)"
+    alarm = MISMATCH if check["mismatch"] else None
+    return Section(title, headers, rows, verdicts, alarm)
+
+
+def _forced_section(forced: dict[str, Any]) -> Section:
+    rows = [
+        [name, f"{f['requests']:,}", f"{f['ok']:,}",
+         *(_fmt(f[f"median_{metric}"]) for metric in _UNITS)]
+        for name, f in forced.items()
+    ]  # fmt: skip
+    headers = ["backend", "requests", "ok", *(f"median {_UNITS[m]}" for m in _UNITS)]
+    notes = ["the client chose the backend: not part of the comparison"] if forced else ["none"]
+    return Section("Header-forced requests", headers, rows, notes)
+
+
+def _breakdown_section(
+    title: str, report: dict[str, Any], key: str, min_bucket_samples: int
+) -> Section:
+    baseline = report["baseline"]
+    buckets = report["breakdowns"][key]
+    names = list(buckets[0]["backends"]) if buckets else []
+    others = [name for name in names if name != baseline]
+    headers = ["bucket"]
+    for name in names:
+        headers += [f"{name} n", f"{name} tok/s", f"{name} ms"]
+    headers += [f"{name}/{baseline} tok/s" for name in others]
+    rows = []
+    for bucket in buckets:
+        row = [bucket["bucket"]]
+        for name in names:
+            b = bucket["backends"][name]
+            row += [f"{b['n']:,}", _fmt(b["median_decode_tps"]), _fmt(b["median_latency_ms"])]
+        row += [_fmt(bucket["decode_ratio"].get(name), "x") for name in others]
+        rows.append(row)
+    note = f"medians of the comparison sample; ratios need {min_bucket_samples}+ samples each"
+    return Section(title, headers, rows, [note])
+
+
+def _sample_ratio_section(check: dict[str, Any]) -> Section:
+    title = "Sample ratio (split-routed requests vs the configured split)"
+    if check["note"]:
+        return Section(title, [], [], [check["note"]])
+    rows = [
+        [name, _percent(share), f"{check['observed'].get(name, 0):,}",
+         _percent(check["observed_share"].get(name))]
+        for name, share in check["expected_share"].items()
+    ]  # fmt: skip
+    rows += [
+        [name, "-", f"{check['observed'][name]:,}", _percent(check["observed_share"][name])]
+        for name in check["unexpected"]
+    ]
+    notes = [f"split from {check['source']}; chi-square p = {_p(check['p_value'])}"]
+    alarm = MISMATCH if check["mismatch"] else None
+    return Section(title, ["backend", "expected", "observed", "observed share"], rows, notes, alarm)
+
+
+def _shadow_section(shadow: list[dict[str, Any]]) -> Section:
+    rows = [
+        [f"{s['from']} -> {s['to']}", f"{s['n']:,}", f"{s['errors']:,}", f"{s['dropped']:,}",
+         _percent(s["exact_match_rate"]), _fmt(s["similarity_p50"]),
+         " / ".join(_fmt(s["mismatch_prefix_chars"][f"p{q}"]) for q in _PREFIX_PERCENTILES),
+         _fmt(s["latency_ratio_median"], "x")]
+        for s in shadow
+    ]  # fmt: skip
+    headers = ["pair", "n", "errors", "dropped", "exact match", "similarity p50",
+               "mismatch prefix chars p10/p50/p90", "latency to/from"]  # fmt: skip
+    notes = [] if shadow else ["no shadow checks in the logs"]
+    return Section("Shadow checks", headers, rows, notes)
+
+
+def _fmt(value: float | None, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    size = abs(value)
+    digits = 0 if size >= 100 else 1 if size >= 10 else 2 if size >= 1 or size == 0 else 3
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _est(estimate: dict[str, Any], suffix: str = "") -> str:
+    if estimate["value"] is None:
+        return "-"
+    value = _fmt(estimate["value"], suffix)
+    if estimate["low"] is None or estimate["high"] is None:
+        return value
+    return f"{value} [{_fmt(estimate['low'])}, {_fmt(estimate['high'])}]"
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
+def _align(headers: list[str], rows: list[list[str]], *, numeric: bool) -> list[str]:
+    if not rows:
+        return []
+    table = ([headers] if any(headers) else []) + rows
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+
+    def line(row: list[str]) -> str:
+        cells = [row[0].ljust(widths[0])] + [
+            cell.rjust(width) if numeric else cell.ljust(width)
+            for cell, width in zip(row[1:], widths[1:], strict=True)
+        ]
+        return "  " + "  ".join(cells).rstrip()
+
+    return [line(row) for row in table]
