@@ -88,15 +88,21 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
         record.status, record.error = 500, "internal_error"
         raise
     finally:
-        clock.finish()
-        record.ttft_ms = clock.ttft_ms()
-        record.latency_ms = clock.latency_ms()
-        if record.stream:
-            record.decode_tps = clock.decode_tps(record.completion_tokens)
-        runtime.log.request(record)
-        runtime.stats.observe(record)
-        if shadowed is not None and record.status == 200 and record.error is None:
+        _finish(runtime, record, clock)
+        complete = record.status == 200 and record.error is None and not record.client_disconnected
+        if shadowed is not None and complete:
             _start_shadow(runtime, record, *shadowed)
+
+
+def _finish(runtime: Runtime, record: RequestRecord, clock: Clock) -> None:
+    """The figures of a request that is over, to the log and the live stats."""
+    clock.finish()
+    record.ttft_ms = clock.ttft_ms()
+    record.latency_ms = clock.latency_ms()
+    if record.stream:
+        record.decode_tps = clock.decode_tps(record.completion_tokens)
+    runtime.log.request(record)
+    runtime.stats.observe(record)
 
 
 async def _dispatch(runtime: Runtime, exchange: Exchange, receive: Receive, send: Send) -> None:
