@@ -33,7 +33,7 @@ from proxy.relay import (
 )
 from proxy.routing import choose
 from proxy.runtime import Runtime
-from proxy.shadow import wants_shadow
+from proxy.shadow import Mirror, wants_shadow
 from proxy.timing import Clock
 
 # nginx's status for "client closed the request before the answer": logged, never sent.
@@ -151,9 +151,10 @@ def _start_shadow(
     """The same request to the shadow target, now that the client has its whole answer."""
     assert runtime.shadower is not None
     target = runtime.shadower.shadow.target
-    mirror = _upstream_request(runtime, scope, request, target, record.request_id)
+    upstream = _upstream_request(runtime, scope, request, target, record.request_id)
+    text = "".join(collected)
     runtime.shadower.submit(
-        mirror, request.stream, record.request_id, "".join(collected), record.latency_ms
+        Mirror(upstream, request.stream, record.request_id, text, record.latency_ms)
     )
 
 

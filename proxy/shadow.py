@@ -19,6 +19,7 @@ import difflib
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -71,6 +72,17 @@ def compare(primary: str, other: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Mirror:
+    """A finished request to send again to the shadow target."""
+
+    request: httpx.Request  # to the target
+    stream: bool
+    request_id: str
+    primary: str  # the text the client received
+    primary_latency_ms: float | None
+
+
 class Shadower:
     def __init__(
         self,
@@ -87,29 +99,20 @@ class Shadower:
         self._stats = stats
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit(
-        self,
-        request: httpx.Request,
-        stream: bool,
-        request_id: str,
-        primary: str,
-        primary_latency_ms: float | None,
-    ) -> None:
+    def submit(self, mirror: Mirror) -> None:
         """Start the shadow in the background, or drop it if the target is busy."""
         target = self.shadow.target
         if self._in_flight[target] >= self.shadow.max_in_flight:
             self._log.event(
                 "shadow_dropped",
-                request_id=request_id,
+                request_id=mirror.request_id,
                 **{"from": self.shadow.source},
                 to=target,
                 in_flight=self._in_flight[target],
             )
             return
         self._in_flight[target] += 1  # at once: the next request already sees it busy
-        task = asyncio.ensure_future(
-            self._run(request, stream, request_id, primary, primary_latency_ms)
-        )
+        task = asyncio.ensure_future(self._run(mirror))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -118,27 +121,20 @@ class Shadower:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(
-        self,
-        request: httpx.Request,
-        stream: bool,
-        request_id: str,
-        primary: str,
-        primary_latency_ms: float | None,
-    ) -> None:
+    async def _run(self, mirror: Mirror) -> None:
         fields: dict[str, Any] = {
-            "request_id": request_id,
+            "request_id": mirror.request_id,
             "from": self.shadow.source,
             "to": self.shadow.target,
-            "from_latency_ms": primary_latency_ms,
+            "from_latency_ms": mirror.primary_latency_ms,
         }
         started = time.perf_counter()
         try:
-            other = await _completion_text(self._transport, request, stream)
+            other = await _completion_text(self._transport, mirror.request, mirror.stream)
         except (httpx.HTTPError, ShadowError) as exc:
             fields.update(error=type(exc).__name__, to_latency_ms=None)
         else:
-            fields.update(compare(primary, other), error=None)
+            fields.update(compare(mirror.primary, other), error=None)
             fields["to_latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
             self._stats.observe_shadow(self.shadow.source, fields["match"])
         finally:
