@@ -33,7 +33,9 @@ class Clock:
         self.first_token = time.perf_counter()
 
     def finish(self) -> None:
-        self.end = time.perf_counter()
+        """The last byte went out (the first call counts; later ones change nothing)."""
+        if self.end is None:
+            self.end = time.perf_counter()
 
     def ttft_ms(self) -> float | None:
         return _ms(self.first_token - self.start) if self.first_token is not None else None

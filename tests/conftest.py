@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import uvicorn
 
@@ -112,3 +117,48 @@ def serve_proxy() -> Iterator[Any]:
     for server, thread in servers:
         server.should_exit = True
         thread.join(10)
+
+
+@dataclass
+class ServedProxy:
+    """`python -m proxy serve` running in a subprocess."""
+
+    url: str
+    pid: int
+    backend_pids: list[int]
+    stderr: Path
+
+
+@contextlib.contextmanager
+def serve_subprocess(
+    routes: dict[str, Any], root: Path, timeout: float = 300
+) -> Iterator[ServedProxy]:
+    """Run the whole product on `routes` (launched backends included) until the block ends;
+    then stop it as a user would (SIGINT), and check that nothing is left running."""
+    (root / "routes.yaml").write_text(json.dumps(routes))  # JSON is YAML
+    stderr = root / "stderr.txt"
+    with stderr.open("w") as err:  # a file, not a pipe that could fill up and block it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(root / "routes.yaml")],
+            cwd=root,
+            stderr=err,  # backend logs go to root/logs/backends/
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while "specproxy: serving on" not in stderr.read_text():
+            assert process.poll() is None, stderr.read_text()
+            assert time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.2)
+        children = psutil.Process(process.pid).children()
+        url = f"http://127.0.0.1:{routes['listen']['port']}"
+        yield ServedProxy(url, process.pid, [child.pid for child in children], stderr)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    assert process.returncode == 0, stderr.read_text()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running: {alive}"

@@ -11,6 +11,7 @@ a Content-Length. A request picks its behaviour with an `X-Fake` header, for exa
     die_after=N    stream: drop the connection after N tokens, without [DONE]
     status=N       answer with this error status and an mlx_lm-style body
     stall=S        stream: after the first token, send nothing for S seconds
+    linger=S       stream: keep the connection open S seconds after [DONE]
 
 Every request is recorded (path, headers, JSON body), and so is the moment the client
 closed the connection while the fake was still answering.
@@ -181,6 +182,7 @@ async def _stream(
         )
     writer.write(b"data: [DONE]\n\n")
     await writer.drain()
+    await asyncio.sleep(mode.get("linger", 0))  # mlx_lm.server closes 10-25 ms after [DONE]
 
 
 def _chunk(

@@ -4,21 +4,17 @@ routes.yaml (on free ports), answering in English through both backends."""
 
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_subprocess
 
 pytestmark = pytest.mark.demo
 
@@ -48,28 +44,8 @@ def proxy_url(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         for key in ("model", "draft_model"):
             if key in backend["launch"]:
                 backend["launch"][key] = str(models / Path(backend["launch"][key]).name)
-    (root / "routes.yaml").write_text(json.dumps(routes))
-    stderr = root / "stderr.txt"
-    with stderr.open("w") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(root / "routes.yaml")],
-            cwd=root,
-            stderr=err,
-        )
-    try:
-        deadline = time.monotonic() + 300
-        while "all backends ready" not in stderr.read_text():
-            assert process.poll() is None, stderr.read_text()
-            assert time.monotonic() < deadline, stderr.read_text()
-            time.sleep(0.5)
-        children = psutil.Process(process.pid).children()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(60)
-    assert process.returncode == 0, stderr.read_text()
-    psutil.wait_procs(children, timeout=10)
-    assert not [child for child in children if child.is_running()]
+    with serve_subprocess(routes, root, timeout=300) as served:
+        yield served.url
 
 
 @pytest.mark.parametrize("backend", ["baseline", "speculative"])

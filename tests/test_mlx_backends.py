@@ -4,10 +4,6 @@ random-weight llama that the test builds."""
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -18,10 +14,9 @@ from typing import Any
 
 import httpx
 import openai
-import psutil
 import pytest
 
-from tests.conftest import free_port, read_log
+from tests.conftest import free_port, read_log, serve_subprocess
 from tests.tinymodel import build_tiny_model
 
 pytestmark = pytest.mark.mlx
@@ -76,34 +71,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         "logging": {"path": str(root / "requests.jsonl"), "stdout": False},
         "shadow": {"from": "baseline", "to": "speculative", "sample": 1.0, "max_in_flight": 1},
     }
-    (root / "routes.yaml").write_text(json.dumps(routes))
-    stderr = root / "stderr.txt"
-    with stderr.open("w") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(root / "routes.yaml")],
-            cwd=root,
-            stderr=err,  # backend logs go to root/logs/backends/
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, stderr.read_text()
-            assert time.monotonic() < deadline, stderr.read_text()
-            try:
-                health = httpx.get(url + "/healthz", timeout=2).json()
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        pids = [health["backends"][name]["process"]["pid"] for name in ("baseline", "speculative")]
-        yield Proxy(url, root / "requests.jsonl", pids)
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(30)
-    assert process.returncode == 0, stderr.read_text()
-    for pid in pids:  # nothing left running
-        with pytest.raises(psutil.NoSuchProcess):
-            psutil.Process(pid).status()
+    with serve_subprocess(routes, root, timeout=120) as served:
+        yield Proxy(served.url, root / "requests.jsonl", served.backend_pids)
 
 
 @pytest.fixture

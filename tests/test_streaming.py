@@ -189,3 +189,21 @@ def test_proxy_keeps_serving_after_failures(proxy: RunningProxy) -> None:
     response = httpx.post(proxy.url + CHAT, json={"messages": []}, timeout=10)
     assert response.status_code == 200
     assert len(proxy.wait_for_log(4)) == 4
+
+
+def test_the_answer_ends_at_done_not_when_the_backend_closes(proxy: RunningProxy) -> None:
+    """A client that hangs up on [DONE] got everything: not a disconnect, and the
+    backend's late close is not the client's latency."""
+    with httpx.stream(
+        "POST",
+        proxy.url + CHAT,
+        json=STREAM,
+        timeout=10,
+        headers={"X-Fake": "tokens=3; linger=0.8"},
+    ) as response:
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                break
+    line = assert_one_sane_line(proxy)
+    assert line["client_disconnected"] is False and line["error"] is None
+    assert line["latency_ms"] < 500
