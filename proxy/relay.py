@@ -10,7 +10,6 @@ a time, and generating for nobody would block everyone else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,6 @@ Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
 
-DRAIN_S = 1.0
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -133,16 +131,14 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
                 out.append(raw)
             if out:
                 body = rewrite(b"".join(out), exchange.rewrites)  # events are whole: no split
-                if done:
-                    # The answer is whole: finish now rather than when the backend closes
-                    # (mlx_lm.server takes 10-25 ms more), and a client that hangs up on
-                    # [DONE] has not left early.
-                    exchange.complete = True
-                    await send({"type": "http.response.body", "body": body, "more_body": False})
-                    clock.finish()
-                    await _drain(response)
-                    return
                 await send({"type": "http.response.body", "body": body, "more_body": True})
+                if done:
+                    # The answer is whole now, not when the backend closes (mlx_lm.server
+                    # takes 10-25 ms more): that is its latency, and a client that hangs up
+                    # on [DONE] has not left early. Reading on to the end keeps a keep-alive
+                    # connection reusable.
+                    exchange.complete = True
+                    clock.finish()
     except httpx.TimeoutException:
         await _fail_stream(send, exchange, BackendTimeoutError(_stalled(exchange)))
         return
@@ -194,15 +190,6 @@ async def _fail_stream(send: Send, exchange: Exchange, exc: ProxyError) -> None:
     exchange.complete = True
     event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
     await send({"type": "http.response.body", "body": event, "more_body": False})
-
-
-async def _drain(response: httpx.Response) -> None:
-    """Read what the backend still sends after [DONE] (a chunked terminator, or its close),
-    so that a keep-alive connection can go back to the pool. Bounded: it owes us nothing."""
-    with contextlib.suppress(httpx.HTTPError, TimeoutError):
-        async with asyncio.timeout(DRAIN_S):
-            async for _ in _raw(response):
-                pass
 
 
 def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
