@@ -42,6 +42,9 @@ class RequestRecord:
     in_flight: int | None = None
     error: str | None = None
     client_disconnected: bool = False
+    # A shadow was running on this backend when the request was sent: a speculative
+    # mlx_lm.server serves one at a time, so it may have waited. The report leaves it out.
+    behind_shadow: bool = False
 
     def fields(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies, and this runs once per request.

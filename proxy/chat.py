@@ -109,6 +109,8 @@ async def _dispatch(runtime: Runtime, exchange: Exchange, receive: Receive, send
     """Open the upstream response and relay it, closing it early if the client leaves."""
     backend = exchange.backend
     exchange.record.in_flight = runtime.in_flight[backend]
+    if runtime.shadower is not None:
+        exchange.record.behind_shadow = runtime.shadower.running[backend] > 0
     runtime.in_flight[backend] += 1
     task = asyncio.current_task()
     assert task is not None

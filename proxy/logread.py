@@ -48,6 +48,8 @@ class Requests:
     status: Floats
     error: Bools  # error is not null
     client_disconnected: Bools
+    stream: Bools
+    behind_shadow: Bools  # sent while a shadow ran on its backend
     ttft_ms: Floats
     latency_ms: Floats
     decode_tps: Floats
@@ -61,13 +63,16 @@ class Requests:
 
     @property
     def ok(self) -> Bools:
-        mask: Bools = (self.status == 200) & ~self.error
+        """Answered whole: a stream the client left is no latency sample (clients give up
+        more on the slower arm, so keeping them would flatter it)."""
+        mask: Bools = (self.status == 200) & ~self.error & ~self.client_disconnected
         return mask
 
     @property
     def comparable(self) -> Bools:
-        """Randomly routed and successful: the only fair A/B sample."""
-        return (self.split | self.sticky) & self.ok
+        """Randomly routed, successful, and not queued behind a shadow check: the only
+        fair A/B sample."""
+        return (self.split | self.sticky) & self.ok & ~self.behind_shadow
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,8 @@ _FIELDS = {
     "in_flight": "DOUBLE",
     "error": "JSON",
     "client_disconnected": "BOOLEAN",
+    "stream": "BOOLEAN",
+    "behind_shadow": "BOOLEAN",
     "from": "VARCHAR",
     "to": "VARCHAR",
     "match": "BOOLEAN",
@@ -175,6 +182,8 @@ SELECT coalesce(list_position(?, backend), 0)::INT - 1 AS backend,
        coalesce(reason = 'header', false) AS header,
        coalesce(error IS NOT NULL AND error != 'null', false) AS error,
        coalesce(client_disconnected, false) AS client_disconnected,
+       coalesce(stream, false) AS stream,
+       coalesce(behind_shadow, false) AS behind_shadow,
        {numbers},
        coalesce(epoch(CASE WHEN ts BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'
                       THEN ts END), 'nan') AS timestamp

@@ -100,7 +100,7 @@ async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -
 
 async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send) -> None:
     """An SSE answer: forward each whole event as it arrives, watching what passes."""
-    record, clock = exchange.record, exchange.clock
+    record = exchange.record
     await send(
         {
             "type": "http.response.start",
@@ -110,42 +110,13 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
     )
     record.status = response.status_code
     splitter = EventSplitter()
-    done = False
     try:
-        async for chunk in _raw(response):
-            out = []
-            for raw in splitter.feed(chunk):
-                event = classify(raw)
-                if event.kind is Kind.CONTENT:
-                    clock.token()
-                    if exchange.collect is not None:
-                        exchange.collect.append(event.text)
-                elif event.kind is Kind.DONE:
-                    done = True
-                elif event.kind is Kind.ERROR:
-                    record.error = "backend_stream_error"
-                if event.usage is not None:
-                    _count_tokens(record, event.usage)
-                    if event.kind is Kind.USAGE and not exchange.wants_usage:
-                        continue
-                out.append(raw)
-            if out:
-                body = rewrite(b"".join(out), exchange.rewrites)  # events are whole: no split
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-                if done:
-                    # The answer is whole now, not when the backend closes (mlx_lm.server
-                    # takes 10-25 ms more): that is its latency, and a client that hangs up
-                    # on [DONE] has not left early. Reading on to the end keeps a keep-alive
-                    # connection reusable.
-                    exchange.complete = True
-                    clock.finish()
-    except httpx.TimeoutException:
-        await _fail_stream(send, exchange, BackendTimeoutError(_stalled(exchange)))
-        return
-    except httpx.TransportError as exc:
-        message = f"backend {exchange.backend!r} failed mid-stream: {_describe(exc)}"
-        error = BackendUnreachableError(message, code="stream_interrupted")
-        await _fail_stream(send, exchange, error)
+        done = await _forward_events(response, exchange, splitter, send)
+    except httpx.HTTPError as exc:
+        if exchange.complete:  # it failed after [DONE]: the client has its whole answer
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await _fail_stream(send, exchange, _stream_error(exchange, exc))
         return
     if leftover := splitter.leftover():  # bytes after the last blank line: the client's too
         await send({"type": "http.response.body", "body": leftover, "more_body": True})
@@ -153,12 +124,53 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
         # mlx_lm.server speaks HTTP/1.0: a backend that dies mid-stream looks like a clean
         # end of the body. Only `[DONE]` says the answer is complete.
         message = f"backend {exchange.backend!r} ended the stream before [DONE]"
-        await _fail_stream(
-            send, exchange, BackendUnreachableError(message, code="stream_incomplete")
-        )
+        error = BackendUnreachableError(message, code="stream_incomplete")
+        await _fail_stream(send, exchange, error)
         return
     exchange.complete = True
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _forward_events(
+    response: httpx.Response, exchange: Exchange, splitter: EventSplitter, send: Send
+) -> bool:
+    """Forward the backend's events, whole, as they arrive; True if [DONE] passed."""
+    record, clock = exchange.record, exchange.clock
+    done = False
+    async for chunk in _raw(response):
+        out = []
+        for raw in splitter.feed(chunk):
+            event = classify(raw)
+            if event.kind is Kind.CONTENT:
+                clock.token()
+                if exchange.collect is not None:
+                    exchange.collect.append(event.text)
+            elif event.kind is Kind.DONE:
+                done = True
+            elif event.kind is Kind.ERROR:
+                record.error = "backend_stream_error"
+            if event.usage is not None:
+                _count_tokens(record, event.usage)
+                if event.kind is Kind.USAGE and not exchange.wants_usage:
+                    continue
+            out.append(raw)
+        if out:
+            body = rewrite(b"".join(out), exchange.rewrites)  # events are whole: no split
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            if done and not exchange.complete:
+                # The answer is whole now, not when the backend closes (mlx_lm.server takes
+                # 10-25 ms more): that is its latency, and a client that hangs up on [DONE]
+                # has not left early. Reading on to the end keeps keep-alive connections.
+                exchange.complete = True
+                clock.finish()
+    return done
+
+
+def _stream_error(exchange: Exchange, exc: httpx.HTTPError) -> ProxyError:
+    if isinstance(exc, httpx.TimeoutException):
+        return BackendTimeoutError(_stalled(exchange))
+    message = f"backend {exchange.backend!r} failed mid-stream: {_describe(exc)}"
+    return BackendUnreachableError(message, code="stream_interrupted")
 
 
 async def watch_disconnect(receive: Receive, exchange: Exchange, task: asyncio.Task[Any]) -> None:
@@ -239,5 +251,5 @@ def _stalled(exchange: Exchange) -> str:
     return f"backend {exchange.backend!r} sent nothing for {seconds:g} s mid-stream"
 
 
-def _describe(exc: httpx.TransportError) -> str:
+def _describe(exc: httpx.HTTPError) -> str:
     return str(exc) or type(exc).__name__

@@ -80,6 +80,8 @@ EXIT_NO_REQUESTS = 1
 EXIT_USAGE = 2
 PERCENTILES = (50, 90, 99)
 METRICS = (("decode_tps", True), ("ttft_ms", False), ("latency_ms", False))  # higher is better?
+# A non-stream request's TTFT is the time to its whole answer: compared on streams only.
+STREAMS_ONLY = frozenset({"ttft_ms"})
 LOAD_BUCKETS = (("0", 0, 0), ("1", 1, 1), ("2-3", 2, 3), ("4+", 4, math.inf))
 LENGTH_BUCKETS = (("1-16", 1, 16), ("17-64", 17, 64), ("65-256", 65, 256), ("257+", 257, math.inf))
 MIN_BUCKET_SAMPLES = 5  # per backend, before a bucket's decode ratio means anything
@@ -183,7 +185,8 @@ def _comparison(
         result[name] = {"n": int(mine.sum()), "n_baseline": int(base.sum())}
         for metric, higher_is_better in METRICS:
             values = getattr(req, metric)
-            a, b = _finite(values[mine]), _finite(values[base])
+            kind = req.stream if metric in STREAMS_ONLY else np.ones_like(mine)
+            a, b = _finite(values[mine & kind]), _finite(values[base & kind])
             result[name][metric] = _compare(
                 metric, name, baseline, a, b, higher_is_better, rng, n_boot
             )

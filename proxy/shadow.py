@@ -37,14 +37,21 @@ SIMILARITY_CHARS = 4000
 
 def is_greedy(body: dict[str, Any]) -> bool:
     """Temperature 0, or unset (mlx_lm.server's default is greedy), and one choice."""
-    return bool(body.get("temperature", 0) == 0 and body.get("n", 1) == 1)
+    return body.get("temperature") in (None, 0) and body.get("n") in (None, 1)
+
+
+def comparable(body: dict[str, Any]) -> bool:
+    """Only the text is compared: tool calls and their arguments are not (yet)."""
+    return not body.get("tools") and not body.get("functions")
 
 
 def wants_shadow(
     shadow: Shadow | None, request: ChatRequest, backend: str, rng: random.Random
 ) -> bool:
     """Whether this request, about to go to `backend`, gets a shadow (pure)."""
-    if shadow is None or backend != shadow.source or not is_greedy(request.body):
+    if shadow is None or backend != shadow.source:
+        return False
+    if not is_greedy(request.body) or not comparable(request.body):
         return False
     return rng.random() < shadow.sample
 
@@ -98,6 +105,7 @@ class Shadower:
         self._log = log
         self._stats = stats
         self._tasks: set[asyncio.Task[None]] = set()
+        self.running: Counter[str] = Counter()  # shadows in flight, by target
 
     def submit(self, mirror: Mirror) -> None:
         """Start the shadow in the background, or drop it if the target is busy."""
@@ -112,6 +120,7 @@ class Shadower:
             )
             return
         self._in_flight[target] += 1  # at once: the next request already sees it busy
+        self.running[target] += 1
         task = asyncio.ensure_future(self._run(mirror))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -139,6 +148,7 @@ class Shadower:
             self._stats.observe_shadow(self.shadow.source, fields["match"])
         finally:
             self._in_flight[self.shadow.target] -= 1
+            self.running[self.shadow.target] -= 1
         self._log.event("shadow", **fields)
 
 
@@ -170,7 +180,9 @@ async def _stream_text(response: httpx.Response) -> str:
                 parts.append(event.text)
             elif event.kind is Kind.ERROR:
                 raise ShadowError("error event mid-stream")
-    return "".join(parts)
+            elif event.kind is Kind.DONE:
+                return "".join(parts)
+    raise ShadowError("the stream ended before [DONE]")
 
 
 def _message_text(body: bytes) -> str:
@@ -178,4 +190,6 @@ def _message_text(body: bytes) -> str:
         choice = orjson.loads(body)["choices"][0]
     except (ValueError, KeyError, IndexError, TypeError):
         raise ShadowError("not a chat completion") from None
+    if not isinstance(choice, dict):
+        raise ShadowError("not a chat completion")
     return generated(choice) or ""

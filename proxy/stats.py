@@ -119,7 +119,8 @@ def mann_whitney_p(a: npt.ArrayLike, b: npt.ArrayLike) -> float | None:
 def sample_ratio(
     observed: Mapping[str, int], expected_pct: Mapping[str, float], *, threshold: float = 0.001
 ) -> SampleRatio:
-    """Sample ratio mismatch check: chi-square goodness of fit of split-routed counts.
+    """Sample ratio mismatch check of split-routed counts: an exact binomial test for two
+    backends, chi-square goodness of fit for more (when every cell expects 5 or more).
 
     A split that does not deliver its configured proportions means the groups differ in
     something besides the backend, and then no latency comparison between them is fair.
@@ -166,6 +167,9 @@ def samples_needed(
     return max(2, math.ceil(n))
 
 
+MIN_VERDICT_SAMPLES = 10
+
+
 def verdict(
     metric: str,
     backend: str,
@@ -187,10 +191,23 @@ def verdict(
     counts = f"n={n_a}/{n_b}"
     if ratio.value is None or ratio.low is None or ratio.high is None or p is None:
         return f"{backend}: not enough data yet for {metric} ({counts})"
+    if min(n_a, n_b) < MIN_VERDICT_SAMPLES:
+        # With so few, the rank test cannot reach significance (3 vs 4 requests: p >= 0.057)
+        # while a bootstrap interval looks deceptively tight.
+        return (
+            f"{backend}: not enough data yet for {metric} ({counts}; a verdict needs"
+            f" {MIN_VERDICT_SAMPLES} per backend; ratio so far {ratio.value:.2f})"
+        )
     interval = f"95% CI {ratio.low:.2f}-{ratio.high:.2f}, {_format_p(p)}, {counts}"
-    if p < alpha and not ratio.low <= 1.0 <= ratio.high:
+    significant, excludes_one = p < alpha, not ratio.low <= 1.0 <= ratio.high
+    if significant and excludes_one:
         return (
             f"{backend}: {_direction(metric, baseline, ratio.value, higher_is_better)} ({interval})"
+        )
+    if significant != excludes_one:
+        return (
+            f"{backend}: inconclusive for {metric} vs {baseline}: the test and the interval"
+            f" disagree (ratio {ratio.value:.2f}, {interval}); wait for more requests"
         )
     line = (
         f"{backend}: no significant difference in {metric} vs {baseline} "
@@ -282,4 +299,8 @@ def _sample_ratio_p(
         return 1.0  # one backend takes everything: nothing can deviate
     f_obs = [counts[name] for name in expected_share]
     f_exp = [share * total for share in expected_share.values()]
+    if len(f_obs) == 2:  # exact, where chi-square is poor with a small arm (90/10 of 20)
+        return float(scipy.stats.binomtest(f_obs[0], total, f_exp[0] / total).pvalue)
+    if min(f_exp) < 5:  # chi-square's approximation needs about 5 expected per cell
+        return None
     return float(scipy.stats.chisquare(f_obs, f_exp).pvalue)

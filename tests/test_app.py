@@ -285,6 +285,7 @@ async def test_log_line_has_every_field(config: Config) -> None:
         "in_flight",
         "error",
         "client_disconnected",
+        "behind_shadow",
     }
     assert line["event"] == "request" and line["request_id"] == "r9"
     assert line["timestamp"].endswith("Z")

@@ -347,13 +347,15 @@ def test_errors_and_disconnects_count_but_stay_out_of_the_figures(
         *traffic("baseline", 20, decode=20.0, seed=1),
         request("baseline", status=502, error="backend_unreachable", latency_ms=1.0),
         request("baseline", status=499, client_disconnected=True, latency_ms=2.0),
+        # left mid-stream: the stream had started (200), so no error, but it is cut short
+        request("baseline", status=200, client_disconnected=True, latency_ms=3.0),
         request(None, reason=None, status=400, error="bad_request"),
     ]
     result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
     baseline = result["backends"]["baseline"]
-    assert (baseline["requests"], baseline["errors"], baseline["ok"]) == (22, 1, 20)
-    assert baseline["error_rate"] == pytest.approx(1 / 22)
-    assert baseline["client_disconnected"] == 1
+    assert (baseline["requests"], baseline["errors"], baseline["ok"]) == (23, 1, 20)
+    assert baseline["error_rate"] == pytest.approx(1 / 23)
+    assert baseline["client_disconnected"] == 2
     assert baseline["latency_ms"]["p50"]["n"] == 20
     assert result["input"]["unrouted"] == 1
     assert set(result["backends"]) == {"baseline"}
@@ -436,3 +438,29 @@ def test_parse_split() -> None:
     assert report.parse_split("baseline=62.5, speculative=37.5") == {
         "baseline": 62.5, "speculative": 37.5,
     }  # fmt: skip
+
+
+def test_requests_behind_a_shadow_stay_out_of_the_comparison(tmp_path: Path, capsys: Any) -> None:
+    """They may have queued behind the shadow on a one-at-a-time server: not a fair sample."""
+    lines = [
+        *traffic("baseline", 100, decode=20.0, seed=1),
+        *traffic("speculative", 100, decode=20.0, seed=2),
+        *traffic("speculative", 100, decode=5.0, seed=3, behind_shadow=True),
+    ]
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    comparison = result["comparison"]["speculative"]
+    assert comparison["n"] == 100
+    assert comparison["decode_tps"]["ratio"]["value"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_ttft_is_compared_on_streams_only(tmp_path: Path, capsys: Any) -> None:
+    """A non-stream request's TTFT is its whole answer: mixing them would hide a change."""
+    lines = [
+        *traffic("baseline", 60, decode=20.0, seed=1),
+        *traffic("speculative", 60, decode=20.0, seed=2),
+        *[request("baseline", stream=False, ttft_ms=5000.0, decode_tps=None) for _ in range(200)],
+    ]
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    ttft = result["comparison"]["speculative"]["ttft_ms"]
+    assert ttft["ratio"]["n"] == 60
+    assert ttft["ratio"]["value"] == pytest.approx(1.0, abs=0.15)

@@ -243,3 +243,53 @@ def test_live_stats_ignore_requests_rejected_before_routing() -> None:
     stats = LiveStats(random.Random(0))
     stats.observe(RequestRecord("r", status=400, error="bad_request"))
     assert stats.snapshot() == {}
+
+
+def test_requests_sent_while_a_shadow_runs_are_marked(shadowed: Any, fake2: FakeBackend) -> None:
+    """A real request may queue behind a shadow on a one-at-a-time server: the report
+    must know, so the line says so."""
+    fake2.extra_mode = "prefill=1"
+    proxy = shadowed()
+    httpx.post(proxy.url + CHAT, json=GREEDY, headers={"X-Backend": "baseline"}, timeout=10)
+    time.sleep(0.2)  # the shadow now runs on spec
+    httpx.post(
+        proxy.url + CHAT,
+        json={**GREEDY, "temperature": 0.5},
+        headers={"X-Backend": "spec", "X-Request-Id": "behind"},
+        timeout=10,
+    )
+    events(proxy, "shadow", 1)
+    time.sleep(0.1)
+    lines = {line["request_id"]: line for line in proxy.log() if line["event"] == "request"}
+    assert lines["behind"]["behind_shadow"] is True
+    assert not any(line["behind_shadow"] for rid, line in lines.items() if rid != "behind")
+
+
+def test_tool_requests_are_not_mirrored(shadowed: Any, fake2: FakeBackend) -> None:
+    proxy = shadowed()
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    httpx.post(
+        proxy.url + CHAT,
+        json={**GREEDY, "tools": tools},
+        headers={"X-Backend": "baseline"},
+        timeout=10,
+    )
+    time.sleep(0.3)
+    assert events(proxy, "shadow", 1, timeout=0.2) == [] and not fake2.requests
+
+
+def test_a_shadow_stream_cut_short_is_an_error_not_a_mismatch(
+    shadowed: Any, fake2: FakeBackend
+) -> None:
+    fake2.extra_mode = "die_after=2"
+    proxy = shadowed()
+    with httpx.stream(
+        "POST",
+        proxy.url + CHAT,
+        json={**GREEDY, "stream": True},
+        timeout=10,
+        headers={"X-Backend": "baseline"},
+    ) as response:
+        list(response.iter_lines())
+    [event] = events(proxy, "shadow", 1)
+    assert event["error"] is not None and "match" not in event

@@ -207,3 +207,15 @@ def test_the_answer_ends_at_done_not_when_the_backend_closes(proxy: RunningProxy
     line = assert_one_sane_line(proxy)
     assert line["client_disconnected"] is False and line["error"] is None
     assert line["latency_ms"] < 500
+
+
+def test_a_failure_after_done_is_not_an_error(proxy: RunningProxy) -> None:
+    """The backend lingers past the read timeout after [DONE]: the answer was whole."""
+    with httpx.stream(
+        "POST", proxy.url + CHAT, json=STREAM, timeout=10, headers={"X-Fake": "tokens=3; linger=2"}
+    ) as response:
+        lines = list(response.iter_lines())
+    assert lines[-2] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    line = assert_one_sane_line(proxy)
+    assert (line["error"], line["client_disconnected"]) == (None, False)
+    assert line["latency_ms"] < 500
