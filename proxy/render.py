@@ -100,10 +100,13 @@ def figures(req: Requests, names: Sequence[str]) -> list[tuple[str, str]]:
     decode = {name: req.decode_tps[mask] for name, mask in ok.items()}
     times = {name: req.timestamp[mask] for name, mask in ok.items()}
     return [
-        ("Latency, CDF (status 200, no error)", plots.cdf_svg(latency, "latency ms", log_x=True)),
-        ("Decode tokens/s, CDF (streams)", plots.cdf_svg(decode, "decode tokens/s")),
-        ("Latency over time, rolling median", plots.timeline_svg(times, latency, "latency ms")),
-        ("Decode tokens/s over time, rolling median",
+        ("Latency, CDF (answered whole, all routing reasons)",
+         plots.cdf_svg(latency, "latency ms", log_x=True)),
+        ("Decode tokens/s, CDF (streams, all routing reasons)",
+         plots.cdf_svg(decode, "decode tokens/s")),
+        ("Latency over time, median of consecutive windows",
+         plots.timeline_svg(times, latency, "latency ms")),
+        ("Decode tokens/s over time, median of consecutive windows",
          plots.timeline_svg(times, decode, "decode tokens/s")),
     ]  # fmt: skip
 
