@@ -229,7 +229,7 @@ def _sample_ratio_section(check: dict[str, Any]) -> Section:
         [name, "-", f"{check['observed'][name]:,}", _percent(check["observed_share"][name])]
         for name in check["unexpected"]
     ]
-    notes = [f"split from {check['source']}; chi-square p = {_p(check['p_value'])}"]
+    notes = [f"split from {check['source']}; test p = {_p(check['p_value'])}"]
     alarm = MISMATCH if check["mismatch"] else None
     return Section(title, ["backend", "expected", "observed", "observed share"], rows, notes, alarm)
 
