@@ -7,7 +7,6 @@ while it waits on the backend, and to log after the last byte has been sent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
@@ -57,13 +56,7 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     record = RequestRecord(request_id(headers.get("x-request-id")))
     response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
-    started = False
     shadowed: tuple[dict[str, Any], ChatRequest, list[str]] | None = None
-
-    async def tracked_send(message: MutableMapping[str, Any]) -> None:
-        nonlocal started
-        started = True
-        await send(message)
 
     try:
         raw = await _read_body(receive, headers, runtime.config.limits.max_body_bytes)
@@ -72,15 +65,18 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
         decision = choose(runtime.router, headers, runtime.rng)
         record.backend, record.reason = decision.backend, decision.reason
         response_headers.append((b"x-backend", decision.backend.encode()))
-        exchange = _build_exchange(runtime, scope, request, decision.backend, record, clock)
-        exchange.response_headers = response_headers  # the client's answer carries them all
+        exchange = _build_exchange(
+            runtime, scope, request, decision.backend, record, clock, response_headers
+        )
         if wants_shadow(runtime.config.shadow, request, decision.backend, runtime.rng):
             exchange.collect = []
             shadowed = (scope, request, exchange.collect)
-        await _dispatch(runtime, exchange, receive, tracked_send)
+        await _dispatch(runtime, exchange, receive, send)
     except ProxyError as exc:
+        # The relay sets the status as it starts the answer: unset, nothing was sent yet.
+        answered = record.status is not None
         record.status, record.error = exc.status, exc.kind
-        if not started and not record.client_disconnected:
+        if not answered and not record.client_disconnected:
             await send_error(send, exc, response_headers)
     except ClientGoneError:
         record.client_disconnected, record.status = True, CLIENT_CLOSED
@@ -167,13 +163,14 @@ def _build_exchange(
     backend: str,
     record: RequestRecord,
     clock: Clock,
+    response_headers: list[tuple[bytes, bytes]],
 ) -> Exchange:
     return Exchange(
         backend=backend,
         request=_upstream_request(runtime, scope, request, backend, record.request_id),
         record=record,
         clock=clock,
-        response_headers=[],
+        response_headers=response_headers,
         wants_usage=request.wants_usage,
         rewrites=model_rewriter(runtime.config.backends[backend].model, request.model),
     )

@@ -64,7 +64,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -425,25 +425,20 @@ def parse_split(text: str) -> dict[str, float]:
     return split
 
 
-def _positive(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return number
+def _whole(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= minimum (numpy takes no negative seed, and no
+    bootstrap is made of zero resamples), refused here rather than with a traceback later."""
 
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
+        return number
 
-def _seed(text: str) -> int:
-    """numpy takes no negative seed: refuse it here rather than with a traceback later."""
-    try:
-        number = int(text)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return number
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -458,8 +453,8 @@ def _parser() -> argparse.ArgumentParser:
     expected.add_argument("--split", type=parse_split, help="expected split: a=50,b=50")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
-    parser.add_argument("--seed", type=_seed, default=0, help="bootstrap random seed (0)")
-    parser.add_argument("--boot", type=_positive, default=2000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=_whole(0), default=0, help="bootstrap random seed (0)")
+    parser.add_argument("--boot", type=_whole(1), default=2000, help="bootstrap resamples")
     return parser
 
 

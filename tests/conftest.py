@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 import uvicorn
@@ -78,6 +79,12 @@ class RunningProxy:
                 return lines
             time.sleep(0.01)
         return self.log()
+
+
+def stream_lines(url: str, body: dict[str, Any], headers: dict[str, str]) -> list[str]:
+    """POST a streaming request over a real socket and read the whole answer, line by line."""
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as response:
+        return list(response.iter_lines())
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from proxy.errors import ConfigError
 from proxy.livestats import LiveStats, Reservoir
 from proxy.payload import ChatRequest
 from proxy.shadow import common_prefix, compare, is_greedy, wants_shadow
-from tests.conftest import RunningProxy, make_config
+from tests.conftest import RunningProxy, make_config, stream_lines
 from tests.fakebackend import FakeBackend
 
 CHAT = "/v1/chat/completions"
@@ -152,14 +152,7 @@ def test_greedy_request_is_mirrored_after_the_answer(shadowed: Any, fake2: FakeB
 def test_streamed_answers_are_compared_too(shadowed: Any, fake2: FakeBackend) -> None:
     fake2.extra_mode = "tokens=3"  # the target answers differently
     proxy = shadowed()
-    with httpx.stream(
-        "POST",
-        proxy.url + CHAT,
-        json={**GREEDY, "stream": True},
-        timeout=10,
-        headers={"X-Backend": "baseline"},
-    ) as response:
-        list(response.iter_lines())
+    stream_lines(proxy.url + CHAT, {**GREEDY, "stream": True}, {"X-Backend": "baseline"})
     [event] = events(proxy, "shadow", 1)
     assert event["match"] is False
     assert (event["from_chars"], event["to_chars"]) == (25, 15)
@@ -283,13 +276,6 @@ def test_a_shadow_stream_cut_short_is_an_error_not_a_mismatch(
 ) -> None:
     fake2.extra_mode = "die_after=2"
     proxy = shadowed()
-    with httpx.stream(
-        "POST",
-        proxy.url + CHAT,
-        json={**GREEDY, "stream": True},
-        timeout=10,
-        headers={"X-Backend": "baseline"},
-    ) as response:
-        list(response.iter_lines())
+    stream_lines(proxy.url + CHAT, {**GREEDY, "stream": True}, {"X-Backend": "baseline"})
     [event] = events(proxy, "shadow", 1)
     assert event["error"] is not None and "match" not in event

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningProxy, free_port, make_config
+from tests.conftest import RunningProxy, free_port, make_config, stream_lines
 from tests.fakebackend import FakeBackend
 
 CHAT = "/v1/chat/completions"
@@ -77,14 +77,7 @@ def test_first_token_reaches_client_while_backend_still_generates(
 
 
 def test_keepalives_are_forwarded_but_do_not_count_as_first_token(proxy: RunningProxy) -> None:
-    with httpx.stream(
-        "POST",
-        proxy.url + CHAT,
-        json=STREAM,
-        timeout=10,
-        headers={"X-Fake": "tokens=3; prefill=0.4"},
-    ) as response:
-        lines = list(response.iter_lines())
+    lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=3; prefill=0.4"})
     assert any(line.startswith(": keepalive") for line in lines)
     line = assert_one_sane_line(proxy)
     assert line["ttft_ms"] >= 400
@@ -131,14 +124,7 @@ def test_client_leaving_a_slow_non_stream_request_closes_the_backend_connection(
 
 
 def test_backend_dying_mid_stream_gives_the_client_an_error_event(proxy: RunningProxy) -> None:
-    with httpx.stream(
-        "POST",
-        proxy.url + CHAT,
-        json=STREAM,
-        timeout=10,
-        headers={"X-Fake": "tokens=10; delay=0.05; die_after=3"},
-    ) as response:
-        lines = list(response.iter_lines())
+    lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=10; delay=0.05; die_after=3"})
     assert len(content_events(lines)) == 3
     last = json.loads([line for line in lines if line.startswith("data: ")][-1][6:])
     assert last["error"]["code"] in {"stream_incomplete", "stream_interrupted"}
@@ -149,10 +135,7 @@ def test_backend_dying_mid_stream_gives_the_client_an_error_event(proxy: Running
 
 def test_stalled_stream_ends_with_timeout_event(proxy: RunningProxy) -> None:
     started = time.perf_counter()
-    with httpx.stream(
-        "POST", proxy.url + CHAT, json=STREAM, timeout=10, headers={"X-Fake": "tokens=3; stall=5"}
-    ) as response:
-        lines = list(response.iter_lines())
+    lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=3; stall=5"})
     assert time.perf_counter() - started < 3  # the read timeout is 1 s
     last = json.loads([line for line in lines if line.startswith("data: ")][-1][6:])
     assert last["error"]["code"] == "backend_timeout"
@@ -211,10 +194,7 @@ def test_the_answer_ends_at_done_not_when_the_backend_closes(proxy: RunningProxy
 
 def test_a_failure_after_done_is_not_an_error(proxy: RunningProxy) -> None:
     """The backend lingers past the read timeout after [DONE]: the answer was whole."""
-    with httpx.stream(
-        "POST", proxy.url + CHAT, json=STREAM, timeout=10, headers={"X-Fake": "tokens=3; linger=2"}
-    ) as response:
-        lines = list(response.iter_lines())
+    lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=3; linger=2"})
     assert lines[-2] == "data: [DONE]" and not any('"error"' in line for line in lines)
     line = assert_one_sane_line(proxy)
     assert (line["error"], line["client_disconnected"]) == (None, False)
