@@ -29,10 +29,14 @@ class RequestRecord:
     """Everything the request line says, filled in as the request goes."""
 
     request_id: str
+    config_version: str | None = None  # the routes config that routed it (hot reloads)
     model: str | None = None
     stream: bool = False
     backend: str | None = None
     reason: str | None = None
+    fallback_from: str | None = None  # the backend first chosen, when it went elsewhere
+    fallback_cause: str | None = None  # "unhealthy" | "failed" | "full"
+    queue_ms: float | None = None  # wait for a concurrency slot
     status: int | None = None
     ttft_ms: float | None = None
     latency_ms: float | None = None
@@ -90,6 +94,10 @@ class AccessLog:
             ],
             wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         ).bind()
+
+    def bind(self, **fields: Any) -> None:
+        """Add fields to every later line (the proxy's config_version)."""
+        self.logger = self.logger.bind(**fields)
 
     def request(self, record: RequestRecord) -> None:
         self.logger.info("request", **record.fields())

@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy import auth
 from proxy.accesslog import AccessLog, request_id
 from proxy.chat import Completions
-from proxy.config import Config
-from proxy.errors import openai_error
+from proxy.config import Config, Health
+from proxy.errors import ConfigError, ProxyError, openai_error
+from proxy.health import probe_forever
 from proxy.launch import Supervisor
-from proxy.runtime import Runtime
+from proxy.metrics import CONTENT_TYPE
+from proxy.relay import Receive, Send, send_error
+from proxy.runtime import Routes, Runtime
 from proxy.upstream import UpstreamTransport
 
 _HEALTH_TIMEOUT = httpx.Timeout(2.0).as_dict()
@@ -34,20 +42,31 @@ def create_app(
     rng: random.Random | None = None,
     log: AccessLog | None = None,
     supervisor: Supervisor | None = None,
+    config_path: Path | None = None,
 ) -> Starlette:
     """Build the proxy. `transport` and `rng` are for tests; `log` defaults to the config's;
-    `supervisor`, the launched backends, adds their process figures to /healthz."""
+    `supervisor`, the launched backends, adds their process figures to /healthz;
+    `config_path` is the file that SIGHUP and `POST /admin/reload` read again."""
+    initial = Routes.build(config)  # a missing key variable fails here, before serving
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         access_log = log or AccessLog(config.logging.path, stdout=config.logging.stdout)
         upstream = transport or UpstreamTransport()
-        runtime = Runtime(config, upstream, access_log, rng or random.Random(), supervisor)
+        runtime = Runtime(
+            initial, upstream, access_log, rng or random.Random(), supervisor, config_path
+        )
+        app.state.runtime = runtime  # for the SIGHUP handler, which has no request
+        probes = asyncio.ensure_future(
+            probe_forever(runtime.health, upstream, lambda: _probed(runtime.config))
+        )
         try:
             yield {"runtime": runtime}
         finally:
-            if runtime.shadower is not None:
-                await runtime.shadower.aclose()
+            probes.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probes
+            await runtime.shadower.aclose()
             await upstream.aclose()
             if log is None:
                 access_log.close()
@@ -61,15 +80,63 @@ def create_app(
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/stats", stats, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/admin/reload", admin_reload, methods=["POST"]),
     ]
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(AccessControl)],
         exception_handlers={
             HTTPException: _http_error,  # type: ignore[dict-item]
             Exception: _unexpected_error,
         },
     )
+
+
+def _probed(config: Config) -> Iterator[tuple[str, str, Health]]:
+    for name, backend in config.backends.items():
+        yield name, backend.url, backend.health
+
+
+async def reload_config(app: Starlette, source: str) -> None:
+    """Reload for a signal: the outcome goes to the log (and stderr), as nobody waits."""
+    runtime: Runtime | None = getattr(app.state, "runtime", None)
+    if runtime is None:
+        return  # not serving yet
+    with contextlib.suppress(ConfigError):  # logged by the runtime; the old config stays
+        await runtime.reload(source)
+
+
+class AccessControl:
+    """API keys and the admin token (see auth.py), before any route runs."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            runtime: Runtime = scope["state"]["runtime"]
+            try:
+                auth.check(scope, runtime.routes.keys)
+            except ProxyError as exc:
+                await _refuse(runtime, scope, send, exc)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(runtime: Runtime, scope: dict[str, Any], send: Send, exc: ProxyError) -> None:
+    given = dict(scope["headers"]).get(b"x-request-id")
+    rid = request_id(given.decode("latin-1") if given else None)
+    runtime.log.event(
+        "rejected",
+        request_id=rid,
+        method=scope["method"],
+        path=scope["path"],
+        status=exc.status,
+        error=exc.kind,
+    )
+    await send_error(send, exc, [(b"x-request-id", rid.encode("latin-1"))])
 
 
 def _model_card(model: str) -> dict[str, Any]:
@@ -124,6 +191,7 @@ async def healthz(request: Request) -> JSONResponse:
             "probe_ms": round((time.perf_counter() - started) * 1000, 3),
             "in_flight": runtime.in_flight[name],
             "split": runtime.config.routing.split.get(name, 0.0),
+            **_routing_state(runtime, name),
         }
         if runtime.supervisor is not None and name in runtime.supervisor.backends:
             results[name]["process"] = runtime.supervisor.backends[name].status()
@@ -131,9 +199,50 @@ async def healthz(request: Request) -> JSONResponse:
     async with anyio.create_task_group() as group:
         for name, backend in runtime.config.backends.items():
             group.start_soon(probe, name, backend.url)
-    status = "ok" if all(r["reachable"] for r in results.values()) else "degraded"
+    ok = all(r["reachable"] and r["healthy"] for r in results.values())
     ordered = {name: results[name] for name in runtime.config.backends}
-    return _answer(request, {"status": status, "model": runtime.config.model, "backends": ordered})
+    body = {
+        "status": "ok" if ok else "degraded",
+        "model": runtime.config.model,
+        "config_version": runtime.routes.version,
+        "backends": ordered,
+    }
+    return _answer(request, body)
+
+
+def _routing_state(runtime: Runtime, name: str) -> dict[str, Any]:
+    """What the proxy itself thinks of a backend: health, fallback, slots."""
+    state = runtime.health.backends[name]
+    limiter = runtime.limiters[name]
+    return {
+        "healthy": state.healthy,
+        "consecutive_failures": state.failures,
+        "last_error": state.last_error,
+        "ejections": state.ejections,
+        "fallback": runtime.config.fallback_of(name),
+        "max_in_flight": limiter.limit,
+        "queued": limiter.queued,
+    }
+
+
+async def metrics(request: Request) -> Response:
+    runtime: Runtime = request.state.runtime
+    return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def admin_reload(request: Request) -> JSONResponse:
+    """Re-read routes.yaml: 200 with the new version, or 400 and the old config kept."""
+    runtime: Runtime = request.state.runtime
+    previous = runtime.routes.version
+    try:
+        routes = await runtime.reload("admin")
+    except ConfigError as exc:
+        body = openai_error(str(exc), "invalid_request_error", code="invalid_config")
+        return _answer(request, body, 400)
+    return _answer(
+        request,
+        {"status": "reloaded", "config_version": routes.version, "previous": previous},
+    )
 
 
 async def stats(request: Request) -> JSONResponse:

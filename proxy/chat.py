@@ -7,12 +7,16 @@ while it waits on the backend, and to log after the last byte has been sent.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from proxy import failover
 from proxy.accesslog import RequestRecord, request_id
-from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError
+from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError, TooBusyError
+from proxy.health import failure_kind
+from proxy.limits import Full
 from proxy.payload import (
     ChatRequest,
     model_rewriter,
@@ -30,8 +34,8 @@ from proxy.relay import (
     send_error,
     watch_disconnect,
 )
-from proxy.routing import choose
-from proxy.runtime import Runtime
+from proxy.routing import Decision, choose
+from proxy.runtime import Routes, Runtime
 from proxy.shadow import Mirror, wants_shadow
 from proxy.timing import Clock
 
@@ -52,26 +56,26 @@ class Completions:
 
 async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     runtime: Runtime = scope["state"]["runtime"]
+    routes = runtime.routes  # read once: a reload meanwhile does not change this request
     clock = Clock()
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    record = RequestRecord(request_id(headers.get("x-request-id")))
+    record = RequestRecord(request_id(headers.get("x-request-id")), routes.version)
     response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
-    shadowed: tuple[dict[str, Any], ChatRequest, list[str]] | None = None
+    call: _Call | None = None
 
     try:
-        raw = await _read_body(receive, headers, runtime.config.limits.max_body_bytes)
-        request = parse_body(raw, runtime.config.model)
+        raw = await _read_body(receive, headers, routes.config.limits.max_body_bytes)
+        request = parse_body(raw, routes.config.model)
         record.model, record.stream = request.model, request.stream
-        decision = choose(runtime.router, headers, runtime.rng)
-        record.backend, record.reason = decision.backend, decision.reason
-        response_headers.append((b"x-backend", decision.backend.encode()))
-        exchange = _build_exchange(
-            runtime, scope, request, decision.backend, record, clock, response_headers
-        )
-        if wants_shadow(runtime.config.shadow, request, decision.backend, runtime.rng):
-            exchange.collect = []
-            shadowed = (scope, request, exchange.collect)
-        await _dispatch(runtime, exchange, receive, send)
+        decision = choose(routes.router, headers, runtime.rng)
+        _note(record, decision)
+        decision = failover.steer(decision, runtime.health.healthy, routes.config.fallback_of)
+        exchange = _exchange(routes, scope, request, decision.backend, record, clock)
+        exchange.response_headers = response_headers
+        call = _Call(runtime, routes, scope, request, exchange)
+        if wants_shadow(routes.config.shadow, request, decision.backend, runtime.rng):
+            call.exchange.collect = []
+        await _dispatch(call, decision, receive, send)
     except ProxyError as exc:
         # The relay sets the status as it starts the answer: unset, nothing was sent yet.
         answered = record.status is not None
@@ -85,13 +89,23 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
         raise
     finally:
         _finish(runtime, record, clock)
-        complete = record.status == 200 and record.error is None and not record.client_disconnected
-        if shadowed is not None and complete:
-            _start_shadow(runtime, record, *shadowed)
+        if call is not None and call.exchange.collect is not None:
+            _start_shadow(call)
+
+
+@dataclass(slots=True)
+class _Call:
+    """One client request, with what it needs on every attempt."""
+
+    runtime: Runtime
+    routes: Routes
+    scope: dict[str, Any]
+    request: ChatRequest
+    exchange: Exchange
 
 
 def _finish(runtime: Runtime, record: RequestRecord, clock: Clock) -> None:
-    """The figures of a request that is over, to the log and the live stats."""
+    """The figures of a request that is over, to the log, the live stats and the metrics."""
     clock.finish()
     record.ttft_ms = clock.ttft_ms()
     record.latency_ms = clock.latency_ms()
@@ -99,31 +113,111 @@ def _finish(runtime: Runtime, record: RequestRecord, clock: Clock) -> None:
         record.decode_tps = clock.decode_tps(record.completion_tokens)
     runtime.log.request(record)
     runtime.stats.observe(record)
+    runtime.metrics.observe(record)
 
 
-async def _dispatch(runtime: Runtime, exchange: Exchange, receive: Receive, send: Send) -> None:
-    """Open the upstream response and relay it, closing it early if the client leaves."""
-    backend = exchange.backend
-    exchange.record.in_flight = runtime.in_flight[backend]
-    if runtime.shadower is not None:
-        exchange.record.behind_shadow = runtime.shadower.running[backend] > 0
-    runtime.in_flight[backend] += 1
+async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Send) -> None:
+    """Serve the request, closing the upstream early if the client leaves."""
+    record = call.exchange.record
     task = asyncio.current_task()
     assert task is not None
     # A plain task rather than an anyio task group: this runs for every request, and the
     # task group's cancel-scope bookkeeping was a measurable share of the proxy's CPU.
-    watcher = asyncio.ensure_future(watch_disconnect(receive, exchange, task))
+    watcher = asyncio.ensure_future(watch_disconnect(receive, call.exchange, task))
     try:
-        await _relay(runtime.transport, exchange, send)
+        await _serve(call, decision, send)
     except asyncio.CancelledError:
         # Cancelled by the watcher because the client left: that ends the request normally.
-        if not exchange.record.client_disconnected or task.uncancel() > 0:
+        if not record.client_disconnected or task.uncancel() > 0:
             raise
-        if exchange.record.status is None:
-            exchange.record.status = CLIENT_CLOSED
+        if record.status is None:
+            record.status = CLIENT_CLOSED
     finally:
         watcher.cancel()
+
+
+async def _serve(call: _Call, decision: Decision, send: Send) -> None:
+    """One attempt, and one retry on the fallback if the backend failed before answering."""
+    routes, health = call.routes, call.runtime.health
+    decision = await _admit(call, decision)
+    try:
+        await _attempt(call, decision, send)
+        return
+    except ProxyError as error:
+        again = failover.retry(decision, error, health.healthy, routes.config.fallback_of)
+        if again is None or call.exchange.record.status is not None:
+            raise
+    await _attempt(call, await _admit(call, again), send)
+
+
+async def _admit(call: _Call, decision: Decision) -> Decision:
+    """Take a concurrency slot on the decision's backend, or on its fallback when it is full
+    (then the returned decision says so). The caller's `_attempt` gives the slot back."""
+    record, limiters = call.exchange.record, call.runtime.limiters
+    try:
+        waited = await limiters[decision.backend].acquire()
+    except Full as full:
+        moved = failover.overflow(decision, call.routes.config.fallback_of)
+        if moved is None:
+            raise TooBusyError(
+                f"backend {decision.backend!r} is busy: {full}", full.retry_after
+            ) from None
+        _note(record, moved)
+        try:
+            waited = await limiters[moved.backend].acquire()
+        except Full as also:
+            raise TooBusyError(
+                f"backends {decision.backend!r} and {moved.backend!r} are busy: {also}",
+                also.retry_after,
+            ) from None
+        decision = moved
+    record.queue_ms = round((record.queue_ms or 0.0) + waited * 1000.0, 3)
+    return decision
+
+
+async def _attempt(call: _Call, decision: Decision, send: Send) -> None:
+    """Send the request to the decision's backend (whose slot is taken) and relay the
+    answer; what happened counts for or against the backend's health."""
+    runtime, exchange = call.runtime, call.exchange
+    backend = decision.backend
+    _aim(call, decision)
+    exchange.record.in_flight = runtime.in_flight[backend]
+    exchange.record.behind_shadow = runtime.shadower.running[backend] > 0
+    runtime.in_flight[backend] += 1
+    try:
+        await _relay(runtime.transport, exchange, send)
+    except ProxyError as error:
+        if failover.backend_failed(error):
+            runtime.health.failure(backend, failure_kind(error))
+        raise
+    finally:
         runtime.in_flight[backend] -= 1
+        runtime.limiters[backend].release()
+    if exchange.record.error is not None:  # a stream that broke after it started
+        runtime.health.failure(backend, exchange.record.error)
+    elif not exchange.record.client_disconnected:
+        runtime.health.success(backend)
+
+
+def _aim(call: _Call, decision: Decision) -> None:
+    """Point the exchange (and the log line, and x-backend) at the decision's backend."""
+    exchange, backend = call.exchange, decision.backend
+    _note(exchange.record, decision)
+    if exchange.backend != backend:  # moved: a new request, for the backend's model name
+        aimed = _exchange(
+            call.routes, call.scope, call.request, backend, exchange.record, exchange.clock
+        )
+        exchange.backend, exchange.request, exchange.rewrites = (
+            backend,
+            aimed.request,
+            aimed.rewrites,
+        )
+    exchange.response_headers[1:] = [(b"x-backend", backend.encode())]
+
+
+def _note(record: RequestRecord, decision: Decision) -> None:
+    record.backend, record.reason = decision.backend, decision.reason
+    record.fallback_from, record.fallback_cause = decision.fallback_from, decision.fallback_cause
 
 
 async def _relay(transport: httpx.AsyncBaseTransport, exchange: Exchange, send: Send) -> None:
@@ -139,49 +233,48 @@ async def _relay(transport: httpx.AsyncBaseTransport, exchange: Exchange, send: 
         await response.aclose()
 
 
-def _start_shadow(
-    runtime: Runtime,
-    record: RequestRecord,
-    scope: dict[str, Any],
-    request: ChatRequest,
-    collected: list[str],
-) -> None:
+def _start_shadow(call: _Call) -> None:
     """The same request to the shadow target, now that the client has its whole answer."""
-    assert runtime.shadower is not None
-    target = runtime.shadower.shadow.target
-    upstream = _upstream_request(runtime, scope, request, target, record.request_id)
-    text = "".join(collected)
-    runtime.shadower.submit(
-        Mirror(upstream, request.stream, record.request_id, text, record.latency_ms)
+    record, shadow = call.exchange.record, call.routes.config.shadow
+    complete = record.status == 200 and record.error is None and not record.client_disconnected
+    # Moved to another backend on the way (a fallback): not the answer the shadow checks.
+    if shadow is None or not complete or record.backend != shadow.source:
+        return
+    assert call.exchange.collect is not None
+    upstream = _upstream_request(
+        call.routes, call.scope, call.request, shadow.target, record.request_id
+    )
+    text = "".join(call.exchange.collect)
+    call.runtime.shadower.submit(
+        shadow, Mirror(upstream, call.request.stream, record.request_id, text, record.latency_ms)
     )
 
 
-def _build_exchange(
-    runtime: Runtime,
+def _exchange(
+    routes: Routes,
     scope: dict[str, Any],
     request: ChatRequest,
     backend: str,
     record: RequestRecord,
     clock: Clock,
-    response_headers: list[tuple[bytes, bytes]],
 ) -> Exchange:
     return Exchange(
         backend=backend,
-        request=_upstream_request(runtime, scope, request, backend, record.request_id),
+        request=_upstream_request(routes, scope, request, backend, record.request_id),
         record=record,
         clock=clock,
-        response_headers=response_headers,
+        response_headers=[],
         wants_usage=request.wants_usage,
-        rewrites=model_rewriter(runtime.config.backends[backend].model, request.model),
+        rewrites=model_rewriter(routes.config.backends[backend].model, request.model),
     )
 
 
 def _upstream_request(
-    runtime: Runtime, scope: dict[str, Any], request: ChatRequest, backend: str, request_id: str
+    routes: Routes, scope: dict[str, Any], request: ChatRequest, backend: str, request_id: str
 ) -> httpx.Request:
-    url = runtime.upstream_url(backend, scope["path"])
-    body = upstream_body(request, runtime.config.backends[backend].model)
-    headers = upstream_headers(scope["headers"], runtime.not_forwarded)
+    url = routes.upstream_url(backend, scope["path"])
+    body = upstream_body(request, routes.config.backends[backend].model)
+    headers = upstream_headers(scope["headers"], routes.not_forwarded)
     headers += [
         (b"host", url.netloc),
         (b"content-length", str(len(body)).encode()),  # mlx_lm.server answers 411 without
@@ -194,7 +287,7 @@ def _upstream_request(
         url,
         headers=headers,
         stream=httpx.ByteStream(body),
-        extensions={"timeout": runtime.timeouts[backend]},
+        extensions={"timeout": routes.timeouts[backend]},
     )
 
 

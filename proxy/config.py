@@ -7,14 +7,17 @@ never a traceback from deep inside pydantic or yaml.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import orjson
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from proxy.errors import ConfigError
 
@@ -32,11 +35,29 @@ class Listen(_Frozen):
 
 
 class Timeouts(_Frozen):
-    """Seconds. `read` is the longest silence between two reads from the backend, so a long
-    healthy stream is never cut off; prefill of a long prompt on a CPU can take minutes."""
+    """Seconds, per backend. There is no total timeout: a long healthy stream is never cut off.
+
+    - connect:     to open a TCP connection.
+    - first_token: from sending the request to the first generated token of a stream, or to
+                   the whole answer of a non-stream request (mlx_lm.server sends it all at
+                   once, at the end). Prefill of a long prompt on a CPU can take minutes.
+    - idle:        the longest silence between two chunks once a stream has started.
+    """
 
     connect: float = Field(default=5.0, gt=0)
-    read: float = Field(default=600.0, gt=0)
+    first_token: float = Field(default=600.0, gt=0)
+    idle: float = Field(default=60.0, gt=0)
+
+
+class Health(_Frozen):
+    """Outlier ejection and active probing of a backend's `GET /health`."""
+
+    eject_after: int = Field(default=3, ge=1)  # consecutive failures (a refusal counts all)
+    probe_interval: float = Field(default=2.0, gt=0)  # seconds between probes
+    probe_timeout: float = Field(default=2.0, gt=0)
+    # An ejected backend stays out at least this long before a passing probe readmits it,
+    # so one that answers /health but fails requests does not flap on every probe.
+    min_eject: float = Field(default=5.0, ge=0)
 
 
 class Launch(_Frozen):
@@ -73,6 +94,14 @@ class Backend(_Frozen):
     # name it does not know, so by default we send the name of the model it was started with.
     model: str = "default_model"
     timeouts: Timeouts = Timeouts()
+    # Where its split and sticky traffic goes while it is unhealthy or full, and where a
+    # request that fails before any byte reached the client is retried. Unset: the
+    # baseline (none for the baseline itself); `null`: nowhere.
+    fallback: BackendName | None = None
+    max_in_flight: int | None = Field(default=None, ge=1)  # unset: no limit
+    max_queue: int = Field(default=16, ge=0)  # requests that may wait for a slot
+    queue_timeout: float = Field(default=30.0, gt=0)  # seconds one may wait
+    health: Health = Health()
     launch: Launch | None = None
 
     @field_validator("url")
@@ -121,6 +150,9 @@ HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", max_
 
 
 class Routing(_Frozen):
+    # The reference arm: every backend's default fallback. Unset: the backend named
+    # "baseline", else the first one listed.
+    baseline: BackendName | None = None
     header: HeaderName = "X-Backend"
     sticky_header: HeaderName | None = None
     # Strict: YAML's `true` or "50" is a mistake here, not a percentage.
@@ -162,6 +194,42 @@ class Limits(_Frozen):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
 
 
+class Auth(_Frozen):
+    """Client API keys (`Authorization: Bearer <key>`) for /v1/*, and an admin token for
+    /admin/*. Keys come from the file or from environment variables (comma-separated),
+    which are read when the config is loaded. SecretStr keeps them out of reprs and logs."""
+
+    api_keys: list[SecretStr] = []
+    api_keys_env: str | None = None
+    admin_token: SecretStr | None = None
+    admin_token_env: str | None = None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value() for key in keys):
+            raise ValueError("an API key must not be empty")
+        return keys
+
+    def client_keys(self, environ: Mapping[str, str]) -> tuple[bytes, ...]:
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_keys_env is not None:
+            keys += [k.strip() for k in environ.get(self.api_keys_env, "").split(",") if k.strip()]
+        return tuple(key.encode() for key in keys)
+
+    def admin(self, environ: Mapping[str, str]) -> bytes | None:
+        if self.admin_token is not None:
+            return self.admin_token.get_secret_value().encode()
+        if self.admin_token_env is not None and environ.get(self.admin_token_env):
+            return environ[self.admin_token_env].encode()
+        return None
+
+
+class Shutdown(_Frozen):
+    # On SIGTERM: stop accepting, let in-flight requests finish for up to this long.
+    grace_seconds: float = Field(default=30.0, ge=0)
+
+
 class Shadow(_Frozen):
     """Mirror a sample of greedy requests served by `from` to `to`, after the client has its
     answer, and compare the two completions."""
@@ -181,6 +249,41 @@ class Config(_Frozen):
     logging: Logging = Logging()
     limits: Limits = Limits()
     shadow: Shadow | None = None
+    auth: Auth = Auth()
+    shutdown: Shutdown = Shutdown()
+
+    @model_validator(mode="after")
+    def _fallbacks_name_backends(self) -> Config:
+        if self.routing.baseline is not None and self.routing.baseline not in self.backends:
+            raise ValueError(f"routing.baseline: unknown backend {self.routing.baseline}")
+        for name, backend in self.backends.items():
+            if backend.fallback is None:
+                continue
+            if backend.fallback not in self.backends:
+                raise ValueError(f"backends.{name}.fallback: unknown backend {backend.fallback}")
+            if backend.fallback == name:
+                raise ValueError(f"backends.{name}.fallback: a backend cannot be its own fallback")
+        return self
+
+    @property
+    def baseline(self) -> str:
+        if self.routing.baseline is not None:
+            return self.routing.baseline
+        return "baseline" if "baseline" in self.backends else next(iter(self.backends))
+
+    def fallback_of(self, name: str) -> str | None:
+        """Where `name`'s traffic goes when it cannot serve (one hop: never chained)."""
+        backend = self.backends[name]
+        if "fallback" in backend.model_fields_set:
+            return backend.fallback
+        return None if name == self.baseline else self.baseline
+
+    def version(self) -> str:
+        """A short hash of the effective config, on every log line: a report never mixes
+        two splits unknowingly. Secrets are left out (a short hash of a key is a leak)."""
+        data = self.model_dump(mode="json", by_alias=True, exclude={"auth"})
+        data["auth"] = bool(self.auth.api_keys or self.auth.api_keys_env)
+        return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
 
     @model_validator(mode="after")
     def _shadow_names_backends(self) -> Config:

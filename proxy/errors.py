@@ -3,9 +3,14 @@
     ConfigError                  routes.yaml is invalid (startup; never reaches a client)
     ProxyError                   answered to a client in the OpenAI error shape
     ├── BadRequestError          400  malformed JSON, non-object body, bad field type
-    ├── UnknownBackendError      400  the routing header names no configured backend
+    │   └── UnknownBackendError  400  the routing header names no configured backend
+    ├── AuthenticationError      401  missing or wrong API key (or admin token)
+    ├── ForbiddenError           403  /admin/* with no admin token configured, from afar
     ├── PayloadTooLargeError     413  body over `limits.max_body_bytes`
+    ├── TooBusyError             429  the backend's concurrency limit and wait queue are full
+    ├── BackendUnavailableError  503  the header forces a backend that is ejected as unhealthy
     ├── BackendUnreachableError  502  connection refused, reset or broken before an answer
+    │   └── BackendRefusedError  502  nothing listens there (ejects the backend at once)
     ├── BackendTimeoutError      504  no connection or no answer within the backend's timeouts
     └── BackendStatusError       the backend's own 4xx/5xx, its body turned into the OpenAI shape
 
@@ -27,6 +32,7 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     kind = "internal_error"
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # extra response headers
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -48,6 +54,35 @@ class UnknownBackendError(BadRequestError):
     kind = "unknown_backend"
 
 
+class AuthenticationError(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    kind = "invalid_api_key"
+    headers = ((b"www-authenticate", b"Bearer"),)
+
+
+class ForbiddenError(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    kind = "forbidden"
+
+
+class TooBusyError(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    kind = "backend_busy"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.headers = ((b"retry-after", str(retry_after).encode()),)
+
+
+class BackendUnavailableError(ProxyError):
+    status = 503
+    type = "server_error"
+    kind = "backend_unhealthy"
+
+
 class PayloadTooLargeError(ProxyError):
     status = 413
     type = "invalid_request_error"
@@ -58,6 +93,10 @@ class BackendUnreachableError(ProxyError):
     status = 502
     type = "upstream_error"
     kind = "backend_unreachable"
+
+
+class BackendRefusedError(BackendUnreachableError):
+    """The connection was refused: the backend is not running."""
 
 
 class BackendTimeoutError(ProxyError):

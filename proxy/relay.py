@@ -10,6 +10,7 @@ a time, and generating for nobody would block everyone else.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import orjson
 
 from proxy.accesslog import RequestRecord
 from proxy.errors import (
+    BackendRefusedError,
     BackendStatusError,
     BackendTimeoutError,
     BackendUnreachableError,
@@ -27,6 +29,7 @@ from proxy.errors import (
 from proxy.payload import rewrite
 from proxy.sse import EventSplitter, Kind, classify, generated
 from proxy.timing import Clock
+from proxy.upstream import set_read_timeout
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -50,6 +53,12 @@ class Exchange:
     # a disconnect to anyone still listening, and that is not the client leaving early.
     complete: bool = False
     collect: list[str] | None = None  # the generated text goes here when shadowed
+    sent_at: float = 0.0  # perf_counter() when the request went to the backend
+
+    @property
+    def timeouts(self) -> dict[str, float]:
+        """Seconds: `read` is the backend's first_token timeout, `idle` its idle one."""
+        return self.request.extensions["timeout"]  # type: ignore[no-any-return]
 
 
 async def open_upstream(transport: httpx.AsyncBaseTransport, exchange: Exchange) -> httpx.Response:
@@ -58,10 +67,17 @@ async def open_upstream(transport: httpx.AsyncBaseTransport, exchange: Exchange)
     Straight to the transport: `AsyncClient.send` adds auth, redirect and cookie handling
     that a proxy must not do anyway, at a measurable cost per request.
     """
+    exchange.sent_at = time.perf_counter()
     try:
         response = await transport.handle_async_request(exchange.request)
+    except httpx.ConnectTimeout:
+        raise BackendTimeoutError(f"backend {exchange.backend!r}: no connection in time") from None
     except httpx.TimeoutException:
-        raise BackendTimeoutError(f"backend {exchange.backend!r} timed out") from None
+        raise BackendTimeoutError(_no_token(exchange)) from None
+    except httpx.ConnectError as exc:
+        raise BackendRefusedError(
+            f"backend {exchange.backend!r} is unreachable: {_describe(exc)}"
+        ) from None
     except httpx.TransportError as exc:
         raise BackendUnreachableError(
             f"backend {exchange.backend!r} is unreachable: {_describe(exc)}"
@@ -99,36 +115,51 @@ async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -
 
 
 async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send) -> None:
-    """An SSE answer: forward each whole event as it arrives, watching what passes."""
+    """An SSE answer: forward each whole event as it arrives, watching what passes.
+
+    The answer starts (status and headers) with the backend's first event, not with its
+    headers: until then nothing has reached the client, so a backend that fails or stalls
+    in prefill raises a `ProxyError` here, and the request can still be retried elsewhere
+    or answered with a plain error status. (`: keepalive` comments before it are dropped.)
+    """
     record = exchange.record
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": _SSE_HEADERS + exchange.response_headers,
-        }
-    )
-    record.status = response.status_code
     splitter = EventSplitter()
     try:
         done = await _forward_events(response, exchange, splitter, send)
     except httpx.HTTPError as exc:
+        if record.status is None:
+            raise _stream_error(exchange, exc) from None
         if exchange.complete:  # it failed after [DONE]: the client has its whole answer
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
             await _fail_stream(send, exchange, _stream_error(exchange, exc))
         return
     if leftover := splitter.leftover():  # bytes after the last blank line: the client's too
-        await send({"type": "http.response.body", "body": leftover, "more_body": True})
+        await _send_events(send, exchange, response, leftover)
     if not done and record.error is None:
         # mlx_lm.server speaks HTTP/1.0: a backend that dies mid-stream looks like a clean
         # end of the body. Only `[DONE]` says the answer is complete.
         message = f"backend {exchange.backend!r} ended the stream before [DONE]"
         error = BackendUnreachableError(message, code="stream_incomplete")
+        if record.status is None:
+            raise error
         await _fail_stream(send, exchange, error)
         return
     exchange.complete = True
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_events(
+    send: Send, exchange: Exchange, response: httpx.Response, body: bytes
+) -> None:
+    """Forward whole events, starting the answer first if they are its first bytes."""
+    if exchange.record.status is None:
+        headers = _SSE_HEADERS + exchange.response_headers
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        exchange.record.status = response.status_code
+    await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
 async def _forward_events(
@@ -137,11 +168,19 @@ async def _forward_events(
     """Forward the backend's events, whole, as they arrive; True if [DONE] passed."""
     record, clock = exchange.record, exchange.clock
     done = False
+    # Until the first token, each read may wait only for what is left of `first_token`;
+    # after it, `idle` (the transport's default for reads of the body).
+    first_token_by = exchange.sent_at + exchange.timeouts["read"]
+    set_read_timeout(response, max(first_token_by - time.perf_counter(), 0.001))
     async for chunk in _raw(response):
         out = []
         for raw in splitter.feed(chunk):
             event = classify(raw)
+            if event.kind is Kind.COMMENT and record.status is None:
+                continue  # a keepalive before the answer started: see relay_stream
             if event.kind is Kind.CONTENT:
+                if clock.first_token is None:
+                    set_read_timeout(response, exchange.timeouts["idle"])
                 clock.token()
                 if exchange.collect is not None:
                     exchange.collect.append(event.text)
@@ -154,9 +193,11 @@ async def _forward_events(
                 if event.kind is Kind.USAGE and not exchange.wants_usage:
                     continue
             out.append(raw)
+        if clock.first_token is None:
+            set_read_timeout(response, max(first_token_by - time.perf_counter(), 0.001))
         if out:
             body = rewrite(b"".join(out), exchange.rewrites)  # events are whole: no split
-            await send({"type": "http.response.body", "body": body, "more_body": True})
+            await _send_events(send, exchange, response, body)
             if done and not exchange.complete:
                 # The answer is whole now, not when the backend closes (mlx_lm.server takes
                 # 10-25 ms more): that is its latency, and a client that hangs up on [DONE]
@@ -168,6 +209,8 @@ async def _forward_events(
 
 def _stream_error(exchange: Exchange, exc: httpx.HTTPError) -> ProxyError:
     if isinstance(exc, httpx.TimeoutException):
+        if exchange.clock.first_token is None:
+            return BackendTimeoutError(_no_token(exchange))
         return BackendTimeoutError(_stalled(exchange))
     message = f"backend {exchange.backend!r} failed mid-stream: {_describe(exc)}"
     return BackendUnreachableError(message, code="stream_interrupted")
@@ -189,6 +232,7 @@ async def send_error(send: Send, exc: ProxyError, headers: list[tuple[bytes, byt
     start_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        *exc.headers,
         *headers,
     ]
     await send({"type": "http.response.start", "status": exc.status, "headers": start_headers})
@@ -247,8 +291,14 @@ def _count_tokens(record: RequestRecord, usage: Any) -> None:
 
 
 def _stalled(exchange: Exchange) -> str:
-    seconds = exchange.request.extensions["timeout"]["read"]
+    seconds = exchange.timeouts["idle"]
     return f"backend {exchange.backend!r} sent nothing for {seconds:g} s mid-stream"
+
+
+def _no_token(exchange: Exchange) -> str:
+    seconds = exchange.timeouts["read"]
+    what = "its first token" if exchange.record.stream else "its answer"
+    return f"backend {exchange.backend!r} did not send {what} within {seconds:g} s"
 
 
 def _describe(exc: httpx.HTTPError) -> str:

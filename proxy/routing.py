@@ -26,7 +26,14 @@ from proxy.errors import UnknownBackendError
 @dataclass(frozen=True, slots=True)
 class Decision:
     backend: str
-    reason: str  # "header" | "sticky" | "split"
+    reason: str  # "header" | "sticky" | "split" | "fallback"
+    # Set when the request was moved off the backend first chosen (see health and limits).
+    fallback_from: str | None = None
+    fallback_cause: str | None = None  # "unhealthy" | "failed" | "full"
+
+    def moved_to(self, backend: str, cause: str) -> Decision:
+        """This request sent to `backend` instead, logged as a fallback."""
+        return Decision(backend, "fallback", self.fallback_from or self.backend, cause)
 
 
 @dataclass(frozen=True)

@@ -1,61 +1,78 @@
-"""What a running proxy shares between requests, built once from the config.
+"""What a running proxy shares between requests.
 
-The app's lifespan owns it (and the upstream transport in it) and hands it to every request through
-the ASGI scope's state: no globals.
+`Routes` is everything derived from one config. A reload builds a new one and swaps it in
+whole: each request reads `runtime.routes` once, so it is routed, limited and logged under
+one consistent config version from start to end, while in-flight requests finish under
+the one they started with. `Runtime` holds what outlives a config: the connection pool,
+the log, live counters, each backend's health and concurrency slots.
+
+The app's lifespan owns the runtime and hands it to every request through the ASGI
+scope's state: no globals.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
 from proxy.accesslog import AccessLog
-from proxy.config import Config
+from proxy.auth import Keys, resolve_keys
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError
+from proxy.health import BackendHealth, HealthBoard
 from proxy.launch import Supervisor
+from proxy.limits import Limiter
 from proxy.livestats import LiveStats
+from proxy.metrics import BackendGauges, Metrics
 from proxy.payload import NOT_FORWARDED
 from proxy.routing import Router
 from proxy.shadow import Shadower
 
 
-@dataclass
-class Runtime:
+@dataclass(frozen=True)
+class Routes:
     config: Config
-    transport: httpx.AsyncBaseTransport
-    log: AccessLog
-    rng: random.Random
-    supervisor: Supervisor | None = None  # the backends this proxy launched, if any
-    router: Router = field(init=False)
-    timeouts: dict[str, dict[str, float | None]] = field(init=False)  # httpx's "timeout" extension
+    version: str
+    router: Router
+    keys: Keys
+    # Per backend, the transport's "timeout" extension: connect, read (the head, which is
+    # the whole answer of a non-stream request, so `first_token`), idle (later reads).
+    timeouts: dict[str, dict[str, float]]
     # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.
-    not_forwarded: frozenset[bytes] = field(init=False)
-    in_flight: Counter[str] = field(default_factory=Counter)
-    stats: LiveStats = field(default_factory=LiveStats)
-    shadower: Shadower | None = field(init=False)
+    not_forwarded: frozenset[bytes]
     _urls: dict[tuple[str, str], httpx.URL] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        routing = self.config.routing
-        self.router = Router.build(self.config.weights(), routing.header, routing.sticky_header)
-        self.timeouts = {
-            name: httpx.Timeout(
-                connect=backend.timeouts.connect,
-                read=backend.timeouts.read,
-                write=backend.timeouts.read,
-                pool=backend.timeouts.connect,
-            ).as_dict()
-            for name, backend in self.config.backends.items()
-        }
+    @classmethod
+    def build(cls, config: Config, environ: Mapping[str, str] = os.environ) -> Routes:
+        routing = config.routing
+        keys = resolve_keys(config.auth, environ)
         private = {routing.header.lower().encode(), b"x-request-id"}
-        self.not_forwarded = NOT_FORWARDED | private
-        self.shadower = None
-        if self.config.shadow is not None:
-            self.shadower = Shadower(
-                self.config.shadow, self.transport, self.in_flight, self.log, self.stats
-            )
+        if keys.client:  # the key was for the proxy: the backends need not see it
+            private.add(b"authorization")
+        return cls(
+            config=config,
+            version=config.version(),
+            router=Router.build(config.weights(), routing.header, routing.sticky_header),
+            keys=keys,
+            timeouts={
+                name: {
+                    "connect": b.timeouts.connect,
+                    "read": b.timeouts.first_token,
+                    "write": b.timeouts.idle,
+                    "pool": b.timeouts.connect,
+                    "idle": b.timeouts.idle,
+                }
+                for name, b in config.backends.items()
+            },
+            not_forwarded=NOT_FORWARDED | private,
+        )
 
     def upstream_url(self, backend: str, path: str) -> httpx.URL:
         """The backend's URL for `path`, parsed once: httpx's URL parsing is not cheap."""
@@ -63,3 +80,118 @@ class Runtime:
         if url is None:
             url = self._urls[backend, path] = httpx.URL(self.config.backends[backend].url + path)
         return url
+
+
+@dataclass
+class Runtime:
+    routes: Routes
+    transport: httpx.AsyncBaseTransport
+    log: AccessLog
+    rng: random.Random
+    supervisor: Supervisor | None = None  # the backends this proxy launched, if any
+    config_path: Path | None = None  # what a reload reads
+    in_flight: Counter[str] = field(default_factory=Counter)
+    stats: LiveStats = field(default_factory=LiveStats)
+    health: HealthBoard = field(init=False)
+    limiters: dict[str, Limiter] = field(init=False)
+    shadower: Shadower = field(init=False)
+    metrics: Metrics = field(init=False)
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        config = self.routes.config
+        self.log.bind(config_version=self.routes.version)
+        self.health = HealthBoard(config, self._health_changed)
+        self.limiters = {name: Limiter(b) for name, b in config.backends.items()}
+        self.metrics = Metrics(self._gauges)
+        self.shadower = Shadower(self.transport, self.in_flight, self.log, self.stats, self.metrics)
+
+    @property
+    def config(self) -> Config:
+        return self.routes.config
+
+    async def reload(self, source: str) -> Routes:
+        """Re-read the config file and apply it to new requests; raise `ConfigError` (the
+        old config stays) when it is invalid or changes what only a restart can change."""
+        async with self._reloading:
+            try:
+                if self.config_path is None:
+                    raise ConfigError("no config file to reload: the proxy was built in code")
+                config = await asyncio.to_thread(load_config, self.config_path)
+                fixed = needs_restart(self.config, config)
+                if fixed:
+                    raise ConfigError(
+                        f"{self.config_path}: {', '.join(fixed)}: changes need a restart;"
+                        " nothing was applied"
+                    )
+                routes = Routes.build(config)
+            except ConfigError as exc:
+                self.metrics.reload("rejected")
+                self.log.event("config_rejected", source=source, error=str(exc))
+                raise
+            previous, self.routes = self.routes, routes
+            self._apply(config)
+            self.metrics.reload("applied")
+            self.log.bind(config_version=routes.version)
+            self.log.event(
+                "config_reloaded",
+                source=source,
+                previous=previous.version,
+                changed=previous.version != routes.version,
+            )
+            return routes
+
+    def _apply(self, config: Config) -> None:
+        """Carry health and slots over to the new config, by backend name."""
+        self.health.update(config)
+        limiters = {}
+        for name, backend in config.backends.items():
+            limiter = self.limiters.get(name)
+            if limiter is None:
+                limiter = Limiter(backend)
+            else:
+                limiter.update(backend)
+            limiters[name] = limiter
+        self.limiters = limiters
+
+    def _gauges(self) -> tuple[str, Iterator[BackendGauges]]:
+        def each() -> Iterator[BackendGauges]:
+            for name, state in self.health.backends.items():
+                limiter = self.limiters.get(name)
+                yield BackendGauges(
+                    name,
+                    self.in_flight[name],
+                    limiter.queued if limiter is not None else 0,
+                    state.healthy,
+                    state.ejections,
+                )
+
+        return self.routes.version, each()
+
+    def _health_changed(self, name: str, state: BackendHealth) -> None:
+        self.log.event(
+            "backend_healthy" if state.healthy else "backend_ejected",
+            backend=name,
+            last_error=state.last_error,
+            ejections=state.ejections,
+        )
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The keys whose change a reload cannot apply: the listening socket, the log file, the
+    launched processes and the shutdown deadline are set up once, at start."""
+    changed = [
+        key for key in ("listen", "logging", "shutdown") if getattr(old, key) != getattr(new, key)
+    ]
+    for name in sorted(set(old.backends) | set(new.backends)):
+        before, after = old.backends.get(name), new.backends.get(name)
+        launch_before = before.launch if before else None
+        launch_after = after.launch if after else None
+        if launch_before != launch_after or (
+            launch_before is not None
+            and before is not None
+            and after is not None
+            and before.url != after.url
+        ):
+            changed.append(f"backends.{name}.launch")
+    return changed

@@ -28,6 +28,7 @@ import orjson
 from proxy.accesslog import AccessLog
 from proxy.config import Shadow
 from proxy.livestats import LiveStats
+from proxy.metrics import Metrics
 from proxy.payload import ChatRequest
 from proxy.sse import EventSplitter, Kind, classify, generated
 
@@ -93,35 +94,37 @@ class Mirror:
 class Shadower:
     def __init__(
         self,
-        shadow: Shadow,
         transport: httpx.AsyncBaseTransport,
         in_flight: Counter[str],
         log: AccessLog,
         stats: LiveStats,
+        metrics: Metrics,
     ):
-        self.shadow = shadow
         self._transport = transport
         self._in_flight = in_flight
         self._log = log
         self._stats = stats
+        self._metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
         self.running: Counter[str] = Counter()  # shadows in flight, by target
 
-    def submit(self, mirror: Mirror) -> None:
-        """Start the shadow in the background, or drop it if the target is busy."""
-        target = self.shadow.target
-        if self._in_flight[target] >= self.shadow.max_in_flight:
+    def submit(self, shadow: Shadow, mirror: Mirror) -> None:
+        """Start the shadow in the background, or drop it if the target is busy. `shadow`
+        is the config that chose the request (a reload may have changed it since)."""
+        target = shadow.target
+        if self._in_flight[target] >= shadow.max_in_flight:
+            self._metrics.shadow("dropped")
             self._log.event(
                 "shadow_dropped",
                 request_id=mirror.request_id,
-                **{"from": self.shadow.source},
+                **{"from": shadow.source},
                 to=target,
                 in_flight=self._in_flight[target],
             )
             return
         self._in_flight[target] += 1  # at once: the next request already sees it busy
         self.running[target] += 1
-        task = asyncio.ensure_future(self._run(mirror))
+        task = asyncio.ensure_future(self._run(shadow, mirror))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -130,11 +133,11 @@ class Shadower:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(self, mirror: Mirror) -> None:
+    async def _run(self, shadow: Shadow, mirror: Mirror) -> None:
         fields: dict[str, Any] = {
             "request_id": mirror.request_id,
-            "from": self.shadow.source,
-            "to": self.shadow.target,
+            "from": shadow.source,
+            "to": shadow.target,
             "from_latency_ms": mirror.primary_latency_ms,
         }
         started = time.perf_counter()
@@ -142,13 +145,15 @@ class Shadower:
             other = await _completion_text(self._transport, mirror.request, mirror.stream)
         except (httpx.HTTPError, ShadowError) as exc:
             fields.update(error=type(exc).__name__, to_latency_ms=None)
+            self._metrics.shadow("failed")
         else:
             fields.update(compare(mirror.primary, other), error=None)
             fields["to_latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            self._stats.observe_shadow(self.shadow.source, fields["match"])
+            self._stats.observe_shadow(shadow.source, fields["match"])
+            self._metrics.shadow("match" if fields["match"] else "mismatch")
         finally:
-            self._in_flight[self.shadow.target] -= 1
-            self.running[self.shadow.target] -= 1
+            self._in_flight[shadow.target] -= 1
+            self.running[shadow.target] -= 1
         self._log.event("shadow", **fields)
 
 

@@ -8,6 +8,9 @@ close-delimited bodies (mlx_lm.server ends a stream by closing the connection), 
 connect/read timeouts. This does only that, with the C parser uvicorn uses too, behind
 httpx's `Request`/`Response` so the code above it (and tests' `MockTransport`) is unchanged.
 
+Timeouts come in the request's "timeout" extension: `connect`, `read` for the answer's head,
+and `idle` (default: `read`) for each later read of its body.
+
 Failures are raised as httpx's exceptions: `ConnectError`, `ConnectTimeout`, `ReadTimeout`,
 `ReadError` (connection reset) and `RemoteProtocolError` (malformed or cut-short answer).
 """
@@ -189,11 +192,12 @@ class _Body(httpx.AsyncByteStream):
         conn: _Connection,
         read_timeout: float | None,
     ) -> None:
-        self._pool, self._key, self._conn, self._timeout = pool, key, conn, read_timeout
+        self._pool, self._key, self._conn = pool, key, conn
+        self.timeout = read_timeout  # for each read; the relay changes it as a stream goes
         self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        while chunk := await self._conn.read(self._timeout):
+        while chunk := await self._conn.read(self.timeout):
             yield chunk
         self._release()
 
@@ -236,7 +240,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             conn.status,
             headers=conn.headers,
-            stream=_Body(self, key, conn, timeouts.get("read")),
+            stream=_Body(self, key, conn, timeouts.get("idle", timeouts.get("read"))),
             extensions={"http_version": b"HTTP/1.1"},
         )
 
@@ -286,6 +290,13 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 idle.append(conn)
                 return
         conn.close()  # an unfinished answer: closing tells the backend to stop
+
+
+def set_read_timeout(response: httpx.Response, seconds: float) -> None:
+    """Change the longest wait for the next chunk of `response` (a no-op for responses of
+    other transports, such as the tests' MockTransport)."""
+    if isinstance(response.stream, _Body):
+        response.stream.timeout = seconds
 
 
 def _serialise(request: httpx.Request, body: bytes) -> bytes:

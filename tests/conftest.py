@@ -68,7 +68,11 @@ class RunningProxy:
     server: uvicorn.Server
 
     def log(self) -> list[dict[str, Any]]:
-        return read_log(self.log_path)
+        """The request lines (the proxy's other events: `events`)."""
+        return [line for line in read_log(self.log_path) if line["event"] == "request"]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in read_log(self.log_path) if line["event"] == name]
 
     def wait_for_log(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Log lines are written after the last byte; wait until `count` have landed."""

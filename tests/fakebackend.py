@@ -11,6 +11,8 @@ a Content-Length. A request picks its behaviour with an `X-Fake` header, for exa
     die_after=N    stream: drop the connection after N tokens, without [DONE]
     status=N       answer with this error status and an mlx_lm-style body
     stall=S        stream: after the first token, send nothing for S seconds
+    hang=S         send nothing at all (not even the status line) for S seconds first
+    quiet=S        stream: send the headers, then nothing (no keepalives) for S seconds
     linger=S       stream: keep the connection open S seconds after [DONE]
 
 Every request is recorded (path, headers, JSON body), and so is the moment the client
@@ -123,10 +125,13 @@ class FakeBackend:
     ) -> None:
         mode = _mode(seen.headers.get("x-fake", "") + ";" + self.extra_mode)
         assert seen.body is not None
+        watcher = asyncio.ensure_future(_watch_close(reader, seen))
+        if mode.get("hang"):
+            await asyncio.sleep(mode["hang"])
         if "status" in mode:
+            watcher.cancel()
             await _answer(writer, int(mode["status"]), {"error": "fake backend failure"})
             return
-        watcher = asyncio.ensure_future(_watch_close(reader, seen))
         try:
             if seen.body.get("stream"):
                 await _stream(writer, seen.body, mode)
@@ -147,6 +152,9 @@ async def _stream(
     writer: asyncio.StreamWriter, body: dict[str, Any], mode: dict[str, float]
 ) -> None:
     writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+    if mode.get("quiet"):
+        await writer.drain()
+        await asyncio.sleep(mode["quiet"])
     prefill = mode.get("prefill", 0.0)
     while prefill > 0:
         step = min(prefill, 0.05)

@@ -272,8 +272,12 @@ async def test_log_line_has_every_field(config: Config) -> None:
         "event",
         "timestamp",
         "request_id",
+        "config_version",
         "backend",
         "reason",
+        "fallback_from",
+        "fallback_cause",
+        "queue_ms",
         "model",
         "stream",
         "status",
@@ -290,6 +294,8 @@ async def test_log_line_has_every_field(config: Config) -> None:
     assert line["event"] == "request" and line["request_id"] == "r9"
     assert line["timestamp"].endswith("Z")
     assert (line["status"], line["error"], line["in_flight"], line["model"]) == (200, None, 0, "m")
+    assert line["config_version"] == config.version() and line["queue_ms"] == 0
+    assert line["fallback_from"] is None and line["fallback_cause"] is None
     assert 0 < line["ttft_ms"] <= line["latency_ms"]
     assert line["decode_tps"] is None  # unknowable without a stream
 

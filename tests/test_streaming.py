@@ -28,7 +28,7 @@ def proxy(tmp_path: Path, fake: FakeBackend, serve_proxy: Any) -> RunningProxy:
     config = make_config(
         tmp_path,
         {"baseline": fake.url},
-        backends={"baseline": {"url": fake.url, "timeouts": {"read": 1.0}}},
+        backends={"baseline": {"url": fake.url, "timeouts": {"idle": 1.0}}},
     )
     running: RunningProxy = serve_proxy(config)
     return running
@@ -76,9 +76,14 @@ def test_first_token_reaches_client_while_backend_still_generates(
     assert line["decode_tps"] == pytest.approx(5.0, rel=0.15)
 
 
-def test_keepalives_are_forwarded_but_do_not_count_as_first_token(proxy: RunningProxy) -> None:
+def test_keepalives_before_the_answer_are_not_first_tokens_and_not_forwarded(
+    proxy: RunningProxy,
+) -> None:
+    # The answer starts with the backend's first event, so that a backend failing in
+    # prefill can still be retried elsewhere: the keepalives before it are dropped.
     lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=3; prefill=0.4"})
-    assert any(line.startswith(": keepalive") for line in lines)
+    assert not any(line.startswith(":") for line in lines)
+    assert lines[0].startswith("data: ") and lines[-2:] == ["data: [DONE]", ""]
     line = assert_one_sane_line(proxy)
     assert line["ttft_ms"] >= 400
 

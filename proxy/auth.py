@@ -1,0 +1,91 @@
+"""Who may use the proxy: client API keys for the API, an admin token for /admin/*.
+
+A raw ASGI middleware, so the check is in one place and costs nothing when no key is set.
+Keys are compared in constant time (`hmac.compare_digest`, against every key, with no
+early exit), and neither keys nor the Authorization header are ever logged.
+
+- /v1/* and /chat/*: when client keys are configured, `Authorization: Bearer <key>`
+  must carry one of them (the openai SDK's `api_key`); else 401 in the OpenAI shape.
+- /admin/*: the admin token when one is configured; without one, loopback clients only
+  (403 for anyone else), so a proxy listening on a public address is not reconfigurable
+  by strangers.
+- /healthz, /stats, /metrics stay open for probes and scrapers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.config import Auth
+from proxy.errors import AuthenticationError, ConfigError, ForbiddenError, ProxyError
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+@dataclass(frozen=True)
+class Keys:
+    client: tuple[bytes, ...]  # empty: the API is open
+    admin: bytes | None
+
+    def __repr__(self) -> str:  # never print a key by accident
+        return f"Keys(client={len(self.client)} keys, admin={'set' if self.admin else 'unset'})"
+
+
+def resolve_keys(auth: Auth, environ: Mapping[str, str] = os.environ) -> Keys:
+    """The keys in effect; a named environment variable that is unset is a config error
+    (silently running without the keys the operator meant to set would open the API)."""
+    for key, name in (
+        ("api_keys_env", auth.api_keys_env),
+        ("admin_token_env", auth.admin_token_env),
+    ):
+        if name is not None and not environ.get(name, "").strip():
+            raise ConfigError(f"auth.{key}: environment variable {name} is not set or empty")
+    return Keys(auth.client_keys(environ), auth.admin(environ))
+
+
+def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else None
+    return None
+
+
+def matches(given: bytes | None, keys: tuple[bytes, ...]) -> bool:
+    """Constant time in the keys' content: every key is compared, whatever matched."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given or b"", key)
+    return found and given is not None
+
+
+def check(scope: Mapping[str, Any], keys: Keys) -> None:
+    """Raise the `ProxyError` a request to this path gets, or return if it may pass."""
+    path: str = scope["path"]
+    if path.startswith("/admin/"):
+        _check_admin(scope, keys)
+    elif (
+        keys.client
+        and path.startswith(("/v1/", "/chat/"))
+        and not matches(bearer(scope["headers"]), keys.client)
+    ):
+        raise AuthenticationError(
+            "Incorrect or missing API key: send `Authorization: Bearer <key>`"
+        )
+
+
+def _check_admin(scope: Mapping[str, Any], keys: Keys) -> None:
+    if keys.admin is not None:
+        if not matches(bearer(scope["headers"]), (keys.admin,)):
+            raise AuthenticationError("admin endpoints need `Authorization: Bearer <admin token>`")
+    elif (scope.get("client") or ("",))[0] not in _LOOPBACK:
+        raise ForbiddenError("admin endpoints are loopback-only unless auth.admin_token is set")
+
+
+def rejected(exc: ProxyError) -> dict[str, Any]:
+    """The log fields of a refused request: what and why, never the key."""
+    return {"status": exc.status, "error": exc.kind}

@@ -1,0 +1,135 @@
+"""Which backends are healthy: outlier ejection from request outcomes, readmission by probes.
+
+A backend is ejected after `health.eject_after` consecutive failures (a refused connection
+counts as all of them at once: nothing listens there). Failures are connection errors,
+timeouts, 5xx answers and broken streams, from real requests or from the active probe of
+`GET /health` that runs every `health.probe_interval` for every backend. An ejected backend
+stays out for at least `health.min_eject` seconds; after that, the first passing probe
+readmits it. While it is out, its split and sticky traffic goes to its fallback (see
+failover.py, whose decisions are pure functions of this table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import httpx
+
+from proxy.config import Config, Health
+from proxy.errors import BackendRefusedError, BackendStatusError, BackendTimeoutError
+
+REFUSED = "refused"  # a failure kind that ejects at once
+
+
+@dataclass(slots=True)
+class BackendHealth:
+    url: str
+    rules: Health
+    healthy: bool = True
+    failures: int = 0  # consecutive
+    last_error: str | None = None
+    ejected_at: float | None = None  # time.monotonic()
+    ejections: int = 0
+
+    def failed(self, kind: str, now: float) -> bool:
+        """Count a failure; True when it ejects the backend."""
+        self.failures = self.rules.eject_after if kind == REFUSED else self.failures + 1
+        self.last_error = kind
+        if self.healthy and self.failures >= self.rules.eject_after:
+            self.healthy, self.ejected_at = False, now
+            self.ejections += 1
+            return True
+        return False
+
+    def succeeded(self, now: float, *, probe: bool) -> bool:
+        """Count a success; True when it readmits the backend. Only a probe readmits, and
+        only after `min_eject`: a request that got through proves less than a fresh probe."""
+        self.failures = 0
+        if self.healthy:
+            return False
+        assert self.ejected_at is not None
+        if probe and now - self.ejected_at >= self.rules.min_eject:
+            self.healthy, self.ejected_at = True, None
+            return True
+        return False
+
+
+class HealthBoard:
+    """Every backend's health, kept across config reloads for backends whose URL stays."""
+
+    def __init__(self, config: Config, on_change: Callable[[str, BackendHealth], None]):
+        self.backends: dict[str, BackendHealth] = {}
+        self._on_change = on_change
+        self.update(config)
+
+    def update(self, config: Config) -> None:
+        old = self.backends
+        self.backends = {}
+        for name, backend in config.backends.items():
+            kept = old.get(name)
+            if kept is not None and kept.url == backend.url:
+                kept.rules = backend.health
+                self.backends[name] = kept
+            else:
+                self.backends[name] = BackendHealth(backend.url, backend.health)
+
+    def healthy(self, name: str) -> bool:
+        return self.backends[name].healthy
+
+    def failure(self, name: str, kind: str) -> None:
+        state = self.backends.get(name)  # gone after a reload: nothing to record
+        if state is not None and state.failed(kind, time.monotonic()):
+            self._on_change(name, state)
+
+    def success(self, name: str, *, probe: bool = False) -> None:
+        state = self.backends.get(name)
+        if state is not None and state.succeeded(time.monotonic(), probe=probe):
+            self._on_change(name, state)
+
+
+def failure_kind(exc: BaseException) -> str:
+    """The health table's name for what went wrong (an httpx or a proxy error)."""
+    if isinstance(exc, httpx.ConnectError | BackendRefusedError):
+        return REFUSED
+    if isinstance(exc, httpx.TimeoutException | BackendTimeoutError):
+        return "timeout"
+    if isinstance(exc, BackendStatusError):
+        return f"http_{exc.status}"
+    return "broken"
+
+
+async def probe_forever(
+    board: HealthBoard,
+    transport: httpx.AsyncBaseTransport,
+    backends: Callable[[], Iterable[tuple[str, str, Health]]],
+) -> None:
+    """Probe every backend's `/health` on its interval, until cancelled."""
+    next_at: dict[str, float] = {}
+    while True:
+        now = time.monotonic()
+        due = [b for b in backends() if next_at.get(b[0], 0.0) <= now]
+        for name, _, rules in due:
+            next_at[name] = now + rules.probe_interval
+        await asyncio.gather(*(_probe(board, transport, *b) for b in due))
+        await asyncio.sleep(0.1)  # a tick: intervals are seconds, so 100 ms is exact enough
+
+
+async def _probe(
+    board: HealthBoard, transport: httpx.AsyncBaseTransport, name: str, url: str, rules: Health
+) -> None:
+    timeout = httpx.Timeout(rules.probe_timeout).as_dict()
+    request = httpx.Request("GET", url + "/health", extensions={"timeout": timeout})
+    try:
+        response = await transport.handle_async_request(request)
+        await response.aread()
+        await response.aclose()
+    except httpx.HTTPError as exc:
+        board.failure(name, failure_kind(exc))
+        return
+    if response.status_code >= 500:  # mlx_lm.server: 503 when its generation thread died
+        board.failure(name, f"probe_http_{response.status_code}")
+    else:
+        board.success(name, probe=True)
