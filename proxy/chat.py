@@ -84,6 +84,9 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
             await send_error(send, exc, response_headers)
     except ClientGoneError:
         record.client_disconnected, record.status = True, CLIENT_CLOSED
+    except asyncio.CancelledError:  # not the client leaving: the server's shutdown deadline
+        record.error = record.error or "cancelled"
+        raise
     except Exception:  # a bug: logged as such here, answered and traced by the app
         record.status, record.error = 500, "internal_error"
         raise

@@ -1,19 +1,25 @@
-"""`python -m proxy serve|check|backends --config routes.yaml`, `python -m proxy report LOG`."""
+"""`python -m proxy serve|check|backends --config routes.yaml`, `python -m proxy report LOG`.
+
+`serve` reloads its config file on SIGHUP (as `POST /admin/reload` does)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
 
 from proxy.accesslog import AccessLog
-from proxy.app import create_app
+from proxy.app import create_app, reload_config
+from proxy.auth import resolve_keys
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.launch import LaunchError, Supervisor, build_command
@@ -30,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
+        resolve_keys(config.auth)  # a named key variable that is unset: a config error too
         if args.command == "check":
             print(f"{args.config}: OK\n{describe(config)}")
             return 0
@@ -50,26 +57,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"specproxy for http://{host}:{port}\n{describe(config)}", file=sys.stderr, flush=True
         )
+        if not _loopback(host) and not (config.auth.api_keys or config.auth.api_keys_env):
+            print(
+                f"warning: listening on {host} with no API keys (auth.api_keys): anyone who"
+                " can reach this address can use the backends",
+                file=sys.stderr,
+            )
         with listener:
-            return _run(lambda stop: serve(config, log, listener, stop))
+            path = Path(args.config)
+            return _run(lambda stop: serve(config, log, listener, stop, path))
     finally:
         log.close()
 
 
-async def serve(config: Config, log: AccessLog, listener: socket.socket, stop: _Stop) -> int:
-    """Bring up the launched backends, serve until a signal, then stop them all."""
+async def serve(
+    config: Config, log: AccessLog, listener: socket.socket, stop: _Stop, config_path: Path
+) -> int:
+    """Bring up the launched backends, serve until a signal, then stop them all.
+
+    On SIGTERM or SIGINT, uvicorn stops accepting and lets in-flight requests finish for up
+    to `shutdown.grace_seconds` (then cancels them: each still gets its log line); only
+    then are the launched backends stopped. SIGHUP reloads the config file.
+    """
     supervisor = stop.supervisor = Supervisor(config, log)
     try:
         await supervisor.start()
+        app = create_app(config, log=log, supervisor=supervisor, config_path=config_path)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(config, log=log, supervisor=supervisor),
+                app,
                 access_log=False,  # our own line per request replaces it
                 log_level="warning",
-                timeout_graceful_shutdown=30,
+                timeout_graceful_shutdown=config.shutdown.grace_seconds,
             )
         )
-        stop.server = server
+        stop.server, stop.app = server, app
         host, port = listener.getsockname()[:2]
         print(f"specproxy: serving on http://{host}:{port}", file=sys.stderr, flush=True)
         await server.serve(sockets=[listener])
@@ -104,8 +126,17 @@ class _Stop:
         self.event = asyncio.Event()
         self.supervisor: Supervisor | None = None
         self.server: uvicorn.Server | None = None
+        self.app: Starlette | None = None
         self.running = False
         self.signal: int | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file (the outcome is logged)."""
+        if self.app is not None and self.signal is None:
+            task = asyncio.ensure_future(reload_config(self.app, "SIGHUP"))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
 
     def __call__(self, signum: int) -> None:
         if self.signal is None:
@@ -128,6 +159,7 @@ def _run(body: Callable[[_Stop], Awaitable[int]]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, stop.reload)
         try:
             return await body(stop)
         except LaunchError as exc:
@@ -163,6 +195,13 @@ def _event_loop_run(coroutine: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coroutine)
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _open_log(config: Config) -> AccessLog:
     try:
         return AccessLog(config.logging.path, stdout=config.logging.stdout)
@@ -173,12 +212,16 @@ def _open_log(config: Config) -> AccessLog:
 
 
 def describe(config: Config) -> str:
-    lines = [f"  model {config.model!r}"]
+    """What the config does, for people (secrets are never shown: only whether they are set)."""
+    lines = [f"  model {config.model!r}  (config_version {config.version()})"]
     for name, weight in config.weights():
         backend = config.backends[name]
         lines.append(f"  backend {name:<12} {weight:>5g}%  {backend.url}")
         if backend.launch is not None:
             lines.append(f"    launched: {' '.join(build_command(name, backend, 'python'))}")
+        limit = backend.max_in_flight
+        slots = "no limit" if limit is None else f"{limit} at a time, {backend.max_queue} may wait"
+        lines.append(f"    fallback {config.fallback_of(name) or '(none)'}; {slots}")
     routing = config.routing
     lines.append(f"  force with header {routing.header}")
     if routing.sticky_header:
@@ -187,6 +230,10 @@ def describe(config: Config) -> str:
         shadow = config.shadow
         share = f"{shadow.sample * 100:g}% of greedy requests"
         lines.append(f"  shadow {shadow.source} -> {shadow.target}, {share}")
+    auth = config.auth
+    keys = "required" if auth.api_keys or auth.api_keys_env else "not required"
+    admin = "admin token" if auth.admin_token or auth.admin_token_env else "loopback only"
+    lines.append(f"  API keys {keys}; /admin/* {admin}")
     lines.append(f"  request log {config.logging.path or '(stdout only)'}")
     return "\n".join(lines)
 

@@ -102,11 +102,11 @@ def serve_proxy() -> Iterator[Any]:
     """Start the proxy for a config under uvicorn on a loopback port, in a thread."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(config: Config) -> RunningProxy:
+    def start(config: Config, config_path: Path | None = None) -> RunningProxy:
         port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(config),
+                create_app(config, config_path=config_path),
                 host="127.0.0.1",
                 port=port,
                 log_level="warning",

@@ -103,6 +103,27 @@ def test_backend_left_out_of_the_split_gets_weight_zero(tmp_path: Path) -> None:
             "routing: sticky_header must differ from header",
         ),
         (("baseline: {url", "base line: {url"), "backends: 'base line' is not a usable name"),
+        (
+            ("{url: http://127.0.0.1:8081}", "{url: http://127.0.0.1:8081, fallback: nowhere}"),
+            "backends.speculative.fallback: unknown backend nowhere",
+        ),
+        (
+            ("{url: http://127.0.0.1:8081}", "{url: http://127.0.0.1:8081, fallback: speculative}"),
+            "backends.speculative.fallback: a backend cannot be its own fallback",
+        ),
+        (("routing:", "routing:\n  baseline: nobody"), "routing.baseline: unknown backend nobody"),
+        (
+            ("{url: http://127.0.0.1:8081}", "{url: http://127.0.0.1:8081, max_in_flight: 0}"),
+            "backends.speculative.max_in_flight: Input should be greater than or equal to 1",
+        ),
+        (
+            ("{url: http://127.0.0.1:8081}", "{url: http://127.0.0.1:8081, timeouts: {read: 5}}"),
+            "backends.speculative.timeouts.read: unknown key",
+        ),
+        (
+            ("model: m\n", "model: m\nauth: {api_keys: ['']}\n"),
+            "auth.api_keys: an API key must not be empty",
+        ),
     ],
 )
 def test_invalid_file_names_the_key_and_problem(
@@ -111,6 +132,50 @@ def test_invalid_file_names_the_key_and_problem(
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, VALID.replace(*change)))
     assert message in str(info.value)
+
+
+def test_fallback_defaults_to_the_baseline_and_can_be_turned_off(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, VALID))
+    assert config.baseline == "baseline"
+    assert (config.fallback_of("speculative"), config.fallback_of("baseline")) == ("baseline", None)
+    off = VALID.replace(
+        "{url: http://127.0.0.1:8081}", "{url: http://127.0.0.1:8081, fallback: null}"
+    )
+    assert load_config(write(tmp_path, off)).fallback_of("speculative") is None
+    renamed = VALID.replace("baseline", "base").replace("routing:", "routing:\n  baseline: base")
+    assert load_config(write(tmp_path, renamed)).fallback_of("speculative") == "base"
+    first = VALID.replace("baseline", "a")  # no backend named baseline: the first listed
+    assert load_config(write(tmp_path, first)).fallback_of("speculative") == "a"
+
+
+def test_config_version_follows_the_config_but_not_its_secrets(tmp_path: Path) -> None:
+    version = load_config(write(tmp_path, VALID)).version()
+    assert len(version) == 12 and version == load_config(write(tmp_path, VALID)).version()
+    other_split = VALID.replace("baseline: 50, speculative: 50", "baseline: 60, speculative: 40")
+    assert load_config(write(tmp_path, other_split)).version() != version
+    keyed = VALID + "auth: {api_keys: [sk-one]}\n"
+    rekeyed = VALID + "auth: {api_keys: [sk-two]}\n"
+    assert load_config(write(tmp_path, keyed)).version() == (
+        load_config(write(tmp_path, rekeyed)).version()
+    )
+
+
+def test_keys_from_an_unset_environment_variable_are_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "auth: {api_keys_env: SPECPROXY_TEST_UNSET_KEYS}\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: auth.api_keys_env: environment variable SPECPROXY_TEST_UNSET_KEYS is not set"
+        " or empty"
+    )
+
+
+def test_check_never_prints_a_secret(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "auth: {api_keys: [sk-very-secret], admin_token: adm-secret}\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "API keys required; /admin/* admin token" in result.stdout
+    assert "secret" not in result.stdout + result.stderr
 
 
 def test_empty_file(tmp_path: Path) -> None:
