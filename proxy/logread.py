@@ -5,7 +5,9 @@ stdin. DuckDB's JSON reader parses each line once: `event == "request"` lines ar
 `shadow` and `shadow_dropped` lines the shadow check, other events are counted and ignored;
 a line that is not JSON, or JSON without an `event`, is counted as `skipped`, never fatal.
 A field of the wrong type reads as missing (so does a timestamp outside years 1-9999);
-blank lines are not counted.
+blank lines are not counted. Logs written before failover, concurrency limits and hot
+reload lack `config_version`, `fallback_from`, `fallback_cause` and `queue_ms`: those read
+as missing, and such lines count as one config version, `unknown`.
 
 Nothing here judges the figures: that is `proxy.report`.
 """
@@ -17,7 +19,7 @@ import glob
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ Floats = npt.NDArray[np.float64]
 Bools = npt.NDArray[np.bool_]
 Ints = npt.NDArray[np.int32]
 
+UNKNOWN_VERSION = "unknown"  # the config version of lines without one (older logs)
+
 
 class UsageError(Exception):
     """Bad arguments or unreadable input: exit 2 with this message."""
@@ -37,14 +41,24 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class Requests:
-    """The request lines, one array entry per line. Missing numbers are NaN; `backend` holds
-    an index into `names` (-1: rejected before routing)."""
+    """The request lines, one array entry per line. Missing numbers are NaN. `backend` and
+    `fallback_from` hold an index into `names` (-1: rejected before routing, or not moved),
+    `fallback_cause` one into `causes` (-1: none given), `config_version` one into
+    `versions` (lines without one are `unknown`)."""
 
-    names: tuple[str, ...]
+    names: tuple[str, ...]  # every backend that served a request or was moved away from
+    causes: tuple[str, ...]
+    versions: tuple[str, ...]
     backend: Ints
+    # Each reason excludes `moved`: a line naming the backend it was moved from is a move,
+    # whatever its reason says.
     split: Bools  # reason == "split"
     sticky: Bools
     header: Bools
+    moved: Bools  # reason == "fallback" (or a fallback_from given): not where it was routed
+    fallback_from: Ints
+    fallback_cause: Ints
+    config_version: Ints
     status: Floats
     error: Bools  # error is not null
     client_disconnected: Bools
@@ -55,11 +69,32 @@ class Requests:
     decode_tps: Floats
     completion_tokens: Floats
     in_flight: Floats
+    queue_ms: Floats  # wait for a concurrency slot
     timestamp: Floats  # seconds since the epoch
 
     def of(self, name: str) -> Bools:
         mask: Bools = self.backend == self.names.index(name)
         return mask
+
+    @property
+    def served(self) -> tuple[str, ...]:
+        """The backends that served at least one of these requests."""
+        counts = np.bincount(self.backend[self.backend >= 0], minlength=len(self.names))
+        return tuple(name for name, count in zip(self.names, counts, strict=True) if count)
+
+    def in_versions(self, versions: Iterable[str]) -> Bools:
+        codes = [self.versions.index(v) for v in versions if v in self.versions]
+        mask: Bools = np.isin(self.config_version, codes)
+        return mask
+
+    def where(self, mask: Bools) -> Requests:
+        """Only the lines `mask` selects; the name tables stay as they are."""
+        arrays: dict[str, Any] = {
+            field.name: value[mask]
+            for field in dataclasses.fields(self)
+            if isinstance(value := getattr(self, field.name), np.ndarray)
+        }
+        return dataclasses.replace(self, **arrays)
 
     @property
     def ok(self) -> Bools:
@@ -70,9 +105,9 @@ class Requests:
 
     @property
     def comparable(self) -> Bools:
-        """Randomly routed, successful, and not queued behind a shadow check: the only
-        fair A/B sample."""
-        return (self.split | self.sticky) & self.ok & ~self.behind_shadow
+        """Randomly routed, served where routed (not moved by failover), successful, and not
+        queued behind a shadow check: the only fair A/B sample."""
+        return (self.split | self.sticky) & ~self.moved & self.ok & ~self.behind_shadow
 
 
 @dataclass(frozen=True)
@@ -151,6 +186,10 @@ _FIELDS = {
     "completion_tokens": "DOUBLE",
     "decode_tps": "DOUBLE",
     "in_flight": "DOUBLE",
+    "queue_ms": "DOUBLE",
+    "config_version": "VARCHAR",
+    "fallback_from": "VARCHAR",
+    "fallback_cause": "VARCHAR",
     "error": "JSON",
     "client_disconnected": "BOOLEAN",
     "stream": "BOOLEAN",
@@ -176,10 +215,14 @@ SELECT * FROM read_ndjson(?, columns = {columns}, ignore_errors = true)
 # DuckDB parses timestamps far beyond what Python's datetime can show (year 99999 is fine
 # to it): those read as missing rather than crash the report's time span.
 _REQUESTS = """
-SELECT coalesce(list_position(?, backend), 0)::INT - 1 AS backend,
-       coalesce(reason = 'split', false) AS split,
-       coalesce(reason = 'sticky', false) AS sticky,
-       coalesce(reason = 'header', false) AS header,
+SELECT coalesce(list_position($names, backend), 0)::INT - 1 AS backend,
+       coalesce(reason = 'split' AND fallback_from IS NULL, false) AS split,
+       coalesce(reason = 'sticky' AND fallback_from IS NULL, false) AS sticky,
+       coalesce(reason = 'header' AND fallback_from IS NULL, false) AS header,
+       coalesce(reason = 'fallback' OR fallback_from IS NOT NULL, false) AS moved,
+       coalesce(list_position($names, fallback_from), 0)::INT - 1 AS fallback_from,
+       coalesce(list_position($causes, fallback_cause), 0)::INT - 1 AS fallback_cause,
+       list_position($versions, {version})::INT - 1 AS config_version,
        coalesce(error IS NOT NULL AND error != 'null', false) AS error,
        coalesce(client_disconnected, false) AS client_disconnected,
        coalesce(stream, false) AS stream,
@@ -190,8 +233,10 @@ SELECT coalesce(list_position(?, backend), 0)::INT - 1 AS backend,
 FROM (SELECT *, try_cast(timestamp AS TIMESTAMPTZ) AS ts FROM log WHERE event = 'request')
 """
 _REQUEST_NUMBERS = (
-    "status", "ttft_ms", "latency_ms", "decode_tps", "completion_tokens", "in_flight"
+    "status", "ttft_ms", "latency_ms", "decode_tps", "completion_tokens", "in_flight", "queue_ms"
 )  # fmt: skip
+_VERSION = f"coalesce(config_version, '{UNKNOWN_VERSION}')"
+_DISTINCT = "SELECT DISTINCT {column} FROM log WHERE event = 'request' AND {column} IS NOT NULL"
 
 _SHADOWS = """
 SELECT coalesce("from", '') AS "from", coalesce("to", '') AS "to",
@@ -230,16 +275,21 @@ def _numbers(names: Sequence[str]) -> str:
 
 
 def _requests(con: Any) -> Requests:
-    names = [
-        row[0]
-        for row in con.execute(
-            "SELECT DISTINCT backend FROM log WHERE event = 'request' AND backend IS NOT NULL"
-            " ORDER BY 1"
-        ).fetchall()
-    ]
-    sql = _REQUESTS.format(numbers=_numbers(_REQUEST_NUMBERS))
-    columns = con.execute(sql, [names]).fetchnumpy()
-    return Requests(names=tuple(names), **{k: np.asarray(v) for k, v in columns.items()})
+    names = _distinct(con, "backend", "fallback_from")
+    causes = _distinct(con, "fallback_cause")
+    versions = _distinct(con, _VERSION)
+    sql = _REQUESTS.format(numbers=_numbers(_REQUEST_NUMBERS), version=_VERSION)
+    params = {"names": list(names), "causes": list(causes), "versions": list(versions)}
+    arrays: dict[str, Any] = {
+        k: np.asarray(v) for k, v in con.execute(sql, params).fetchnumpy().items()
+    }
+    return Requests(names=names, causes=causes, versions=versions, **arrays)
+
+
+def _distinct(con: Any, *columns: str) -> tuple[str, ...]:
+    """The distinct values of these columns over the request lines, sorted."""
+    sql = " UNION ".join(_DISTINCT.format(column=column) for column in columns)
+    return tuple(sorted(row[0] for row in con.execute(sql).fetchall()))
 
 
 def _shadows(con: Any) -> Shadows:

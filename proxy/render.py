@@ -2,7 +2,8 @@
 
 Everything is read from the document, whose schema is stable: this module knows the schema,
 not the code that computes it. The page's plots come from `proxy.plots`, drawn from the
-request arrays (`proxy.logread`).
+request arrays (`proxy.logread`). Sections about things that may not have happened (several
+config versions, failover, queueing) are left out when they did not.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ _PREFIX_PERCENTILES = (10, 50, 90)  # mismatch_prefix_chars
 
 MISMATCH = (
     "SAMPLE RATIO MISMATCH: the split traffic does not match the configured split, so the"
-    " comparison may be biased (retries, lost log lines, proxies with another split)"
+    " comparison may be biased (retries, failover, lost log lines, proxies with another split)"
 )
+MIXED_VERSIONS = (
+    "MIXED CONFIG VERSIONS: the requests were routed by several routes configs (a reload, or"
+    " proxies with different files), so the comparison pools what may be different splits;"
+    " --config-version V keeps one"
+)
+_CAUSES = ("unhealthy", "failed", "full")  # the schema's fallback causes, always present
 
 
 @dataclass(frozen=True)
@@ -113,11 +120,14 @@ def figures(req: Requests, names: Sequence[str]) -> list[tuple[str, str]]:
 
 def sections(report: dict[str, Any], *, min_bucket_samples: int) -> list[Section]:
     """The report's tables, in order; `min_bucket_samples` is only quoted in a note."""
-    return [
+    optional = [
         _input_section(report["input"], report["notes"]),
+        _versions_section(report["config_versions"]),
         _backends_section(report["backends"]),
+        _failover_section(report["failover"], report["baseline"]),
+        _queue_section(report["backends"]),
         *(_percentile_section(report["backends"], metric) for metric in _UNITS),
-        _comparison_section(report["comparison"], report["baseline"], report["sample_ratio"]),
+        _comparison_section(report),
         _forced_section(report["forced"]),
         _breakdown_section(
             "By load (in flight at dispatch)", report, "in_flight", min_bucket_samples
@@ -128,6 +138,7 @@ def sections(report: dict[str, Any], *, min_bucket_samples: int) -> list[Section
         _sample_ratio_section(report["sample_ratio"]),
         _shadow_section(report["shadow"]),
     ]
+    return [section for section in optional if section is not None]
 
 
 def _input_section(data: dict[str, Any], notes: list[str]) -> Section:
@@ -144,6 +155,34 @@ def _input_section(data: dict[str, Any], notes: list[str]) -> Section:
     return Section("Input", ["", ""], rows, notes, numeric=False)
 
 
+def _versions_section(versions: dict[str, Any]) -> Section | None:
+    """Shown when the input has several config versions, or only some were kept."""
+    if len(versions["versions"]) < 2 and not versions["selected"]:
+        return None
+    rows = [
+        [v["version"], f"{v['requests']:,}", v["first"] or "-", v["last"] or "-",
+         _split(v["split_observed"], v["split_share"]), "yes" if v["selected"] else "no"]
+        for v in versions["versions"]
+    ]  # fmt: skip
+    headers = ["version", "requests", "first", "last", "split observed", "analysed"]
+    notes = []
+    if any(v["version"] == "unknown" for v in versions["versions"]):
+        notes.append("unknown: lines that log no config_version (written before hot reload)")
+    if versions["selected"]:
+        kept = ", ".join(versions["selected"])
+        notes.append(f"--config-version {kept}: {versions['requests']:,} request lines kept")
+    alarm = MIXED_VERSIONS if versions["mixed"] else None
+    return Section("Config versions (request lines)", headers, rows, notes, alarm, numeric=False)
+
+
+def _split(observed: dict[str, int], shares: dict[str, float]) -> str:
+    if not observed:
+        return "- (no split-routed requests)"
+    return " / ".join(f"{name} {_percent(shares[name])}" for name in observed) + (
+        f" (n={sum(observed.values()):,})"
+    )
+
+
 def _backends_section(backends: dict[str, Any]) -> Section:
     rows = [
         [name, f"{b['requests']:,}", f"{b['ok']:,}", f"{b['errors']:,}",
@@ -152,6 +191,48 @@ def _backends_section(backends: dict[str, Any]) -> Section:
     ]  # fmt: skip
     headers = ["backend", "requests", "ok", "errors", "error rate", "disconnected"]
     return Section("Backends (all requests)", headers, rows)
+
+
+def _failover_section(failover: dict[str, Any], baseline: str) -> Section | None:
+    """Shown when requests were moved off the backend first chosen."""
+    if not failover["moved"]:
+        return None
+    backends = failover["backends"]
+    causes = list(_CAUSES)
+    for b in backends.values():
+        causes += [c for c in b["moved_away_by_cause"] if c not in causes]
+    rows = [
+        [name, f"{b['moved_away']:,}",
+         *(f"{b['moved_away_by_cause'].get(c, 0):,}" for c in causes), f"{b['received']:,}"]
+        for name, b in backends.items()
+    ]  # fmt: skip
+    headers = ["backend", "moved away", *causes, "received as fallback"]
+    notes = [
+        f"{failover['moved']:,} requests were served by another backend than the one routed"
+        " to: they count in the per-backend figures, never in the A/B comparison",
+        *(
+            f"{name}: the comparison lacks its {b['moved_away']:,} requests moved away"
+            " (while it was ejected, failing or full): it sees it only when it could serve,"
+            " and the sample ratio check counts them as lost"
+            for name, b in backends.items()
+            if b["moved_away"] and name != baseline
+        ),
+    ]
+    return Section("Failover (moved away from a backend, by cause)", headers, rows, notes)
+
+
+def _queue_section(backends: dict[str, Any]) -> Section | None:
+    """Shown when any request logged a wait for a concurrency slot."""
+    if not any(b["queue_ms"]["n"] for b in backends.values()):
+        return None
+    waits = {name: b["queue_ms"] for name, b in backends.items()}
+    rows = [
+        [name, f"{q['n']:,}", f"{q['waited']:,}", _fmt(q["p50"]), _fmt(q["p95"])]
+        for name, q in waits.items()
+    ]
+    headers = ["backend", "n", "waited", "p50 ms", "p95 ms"]
+    note = "the wait for a concurrency slot (max_in_flight); it is part of latency and TTFT"
+    return Section("Queue wait for a slot (ms)", headers, rows, [note])
 
 
 def _percentile_section(backends: dict[str, Any], metric: str) -> Section:
@@ -163,9 +244,8 @@ def _percentile_section(backends: dict[str, Any], metric: str) -> Section:
     return Section(f"{_UNITS[metric]} (status 200, no error)", headers, rows)
 
 
-def _comparison_section(
-    comparison: dict[str, Any], baseline: str, check: dict[str, Any]
-) -> Section:
+def _comparison_section(report: dict[str, Any]) -> Section:
+    comparison, baseline = report["comparison"], report["baseline"]
     rows, verdicts = [], []
     for name, c in comparison.items():
         for metric in _UNITS:
@@ -177,8 +257,12 @@ def _comparison_section(
     headers = ["backends", "metric", "n (smaller)", "median ratio [95% CI]", "p", "n needed"]
     if not comparison:
         verdicts.append("no backend to compare with the baseline")
-    title = "A/B comparison (split or sticky routing, status 200, no error)"
-    alarm = MISMATCH if check["mismatch"] else None
+    title = "A/B comparison (split or sticky routing, not moved, status 200, no error)"
+    alarm = (
+        MISMATCH if report["sample_ratio"]["mismatch"]
+        else MIXED_VERSIONS if report["config_versions"]["mixed"]
+        else None
+    )  # fmt: skip
     return Section(title, headers, rows, verdicts, alarm)
 
 
@@ -229,7 +313,9 @@ def _sample_ratio_section(check: dict[str, Any]) -> Section:
         [name, "-", f"{check['observed'][name]:,}", _percent(check["observed_share"][name])]
         for name in check["unexpected"]
     ]
-    notes = [f"split from {check['source']}; test p = {_p(check['p_value'])}"]
+    version = check["config_version"]
+    of = f", config version {version}" if version else ""
+    notes = [f"split from {check['source']}{of}; test p = {_p(check['p_value'])}"]
     alarm = MISMATCH if check["mismatch"] else None
     return Section(title, ["backend", "expected", "observed", "observed share"], rows, notes, alarm)
 

@@ -2,19 +2,28 @@
 
     python -m proxy report logs/*.jsonl [--baseline baseline]
         [--config routes.yaml | --split baseline=50,speculative=50]
-        [--json] [--html FILE] [--seed N] [--boot 2000]
+        [--config-version V[,V...]] [--json] [--html FILE] [--seed N] [--boot 2000]
 
 LOG is a file or a glob; `-` or no LOG reads stdin. Reading (which lines count as what, and
 what is skipped) is `proxy.logread`; drawing the tables and the page is `proxy.render`. This
-module computes the figures, as the JSON document below.
+module computes the figures, as the JSON document below; `proxy.report_routing` the parts
+about routing itself (config versions, failover, queueing, the sample ratio check).
 
 Which requests count where:
+- `--config-version V` (repeatable, or a comma list; `unknown` is the lines without one)
+  keeps only the request lines of those config versions, for everything but
+  `config_versions`, which lists every version in the input.
 - per backend: every request line counts for `requests`, `errors` and disconnects; the
-  percentiles use the successful ones (status 200, no error), whatever routed them.
+  percentiles use the successful ones (status 200, no error), whatever routed them,
+  failover included.
 - the A/B comparison and its breakdowns use only requests routed by `split` or `sticky`
-  with status 200 and no error: a header-forced request is the client's choice, not a random
-  one, so those are summarised apart (`forced`).
-- the sample ratio check counts `split`-routed requests only (sticky ones move by session).
+  with status 200 and no error, served where they were routed: a header-forced request is
+  the client's choice, not a random one, so those are summarised apart (`forced`); a
+  request moved by failover (`reason` "fallback") went where the failure sent it, so it
+  only counts in `failover`.
+- the sample ratio check counts `split`-routed requests only (sticky ones move by session,
+  moved ones went elsewhere), and only when they come from one config version: otherwise
+  it is skipped with a note, and `notes` says the logs mix versions.
 
 Speed, measured on this 2-core machine (already loaded by other work) with a synthetic
 1,000,000-line log (371 MB: 980,000 requests on two backends, 10,000 other events, 10,000
@@ -32,9 +41,15 @@ Exit codes: 0 a report, 1 no request lines in the input, 2 bad arguments or unre
                "unrouted": int, "shadow": int, "other_events": {event: int},
                "first": iso8601 | null, "last": iso8601 | null},
      "baseline": str,
+     "config_versions": {"mixed": bool, "selected": [str] | null, "requests": int,
+                         "versions": [{"version": str, "requests": int, "selected": bool,
+                                       "first", "last": iso8601 | null,
+                                       "split_observed": {name: int},
+                                       "split_share": {name: float}}]},
      "backends": {name: {"requests", "errors": int, "error_rate": float,
                          "client_disconnected": int, "ok": int,
-                         "ttft_ms" | "latency_ms" | "decode_tps": {"p50" | "p90" | "p99": EST}}},
+                         "ttft_ms" | "latency_ms" | "decode_tps": {"p50" | "p90" | "p99": EST},
+                         "queue_ms": {"n", "waited": int, "p50", "p95": float | null}}},
      "comparison": {name: {"n": int, "n_baseline": int,
                            "decode_tps" | "ttft_ms" | "latency_ms": {
                                "ratio": EST, "p_value": float | null, "higher_is_better": bool,
@@ -45,7 +60,12 @@ Exit codes: 0 a report, 1 no request lines in the input, 2 bad arguments or unre
                        {"bucket": str, "backends": {name: {"n": int,
                            "median_decode_tps", "median_latency_ms": float | null}},
                         "decode_ratio": {name: float | null}}]},
-     "sample_ratio": {"source": str | null, "note": str | null, "expected_share",
+     "failover": {"moved": int,
+                  "backends": {name: {"moved_away", "received": int,
+                                      "moved_away_by_cause" | "received_by_cause":
+                                          {"unhealthy" | "failed" | "full" | ...: int}}}},
+     "sample_ratio": {"source": str | null, "note": str | null,
+                      "config_version": str | null, "expected_share",
                       "observed_share": {name: float}, "observed": {name: int},
                       "unexpected": [name], "p_value": float | null, "mismatch": bool},
      "shadow": [{"from", "to": str, "n", "errors", "dropped": int, "exact_match_rate",
@@ -56,6 +76,22 @@ Exit codes: 0 a report, 1 no request lines in the input, 2 bad arguments or unre
 
 EST is a `proxy.stats.Estimate`: {"value", "low", "high": float | null, "n": int}.
 Ratios are backend / baseline (medians). Every missing figure is null, never NaN.
+
+Added to schema 1 with failover, concurrency limits and hot reload (older logs lack the
+fields they read: their lines are config version `unknown`, with no moves and no waits):
+- `config_versions`: every config version of the request lines, in order of first
+  appearance: its request count, time span, and split-routed requests per backend
+  (`split_observed`, and as shares); `selected` is `--config-version` (null: all kept),
+  `requests` the request lines kept, `mixed` whether those span several versions.
+- `backends.*.queue_ms`: the wait for a concurrency slot over the lines that log one (`n`),
+  how many waited at all (`waited`: over 0 ms), and its p50 and p95 (plain percentiles).
+- `failover`: `moved`, the request lines not served where they were routed; per backend,
+  the requests moved away from it (`fallback_from`) and those it received instead, each
+  by `fallback_cause`: `unhealthy` (ejected), `failed` (failed before any byte and retried
+  on the fallback), `full` (its limit and queue were full), `unknown` (no cause logged).
+  Every backend in the input is listed, the baseline first; the three causes always.
+- `sample_ratio.config_version`: the one version the check ran on (null when skipped for
+  mixed versions).
 """
 
 from __future__ import annotations
@@ -65,7 +101,6 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +109,16 @@ import numpy as np
 from proxy import stats
 from proxy.logread import Floats, LogData, Requests, Shadows, UsageError, load_logs
 from proxy.render import MISMATCH, figures, render_html, render_text
+from proxy.report_routing import (
+    config_versions,
+    failover,
+    mixed_versions_note,
+    parse_versions,
+    queue_wait,
+    sample_ratio_check,
+    select_versions,
+)
+from proxy.report_values import estimate, finite, median, number, time_span
 
 SCHEMA = 1
 EXIT_NO_REQUESTS = 1
@@ -98,16 +143,20 @@ def build_report(
     split_source: str | None,
     rng: np.random.Generator,
     n_boot: int,
+    versions: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Every figure of the report, as the JSON document `--json` prints."""
-    req = data.requests
-    notes: list[str] = []
-    if baseline not in req.names:
+    """Every figure of the report, as the JSON document `--json` prints; `versions` keeps
+    only the request lines of those config versions."""
+    req = select_versions(data.requests, versions)
+    versions_seen = config_versions(data.requests, versions)
+    notes = [mixed_versions_note(versions_seen)] if versions_seen["mixed"] else []
+    if baseline not in req.served:
         notes.append(f"baseline {baseline!r} served no request: no comparison (--baseline)")
     return {
         "schema": SCHEMA,
         "input": _input_summary(data),
         "baseline": baseline,
+        "config_versions": versions_seen,
         "backends": {name: _backend(req, name, rng, n_boot) for name in _order(req, baseline)},
         "comparison": _comparison(req, baseline, rng, n_boot),
         "forced": {
@@ -119,20 +168,23 @@ def build_report(
             "in_flight": _breakdown(req, baseline, req.in_flight, LOAD_BUCKETS),
             "completion_tokens": _breakdown(req, baseline, req.completion_tokens, LENGTH_BUCKETS),
         },
-        "sample_ratio": sample_ratio_check(req, split, split_source),
+        "failover": failover(req, _order(req, baseline, every=True)),
+        "sample_ratio": sample_ratio_check(req, split, split_source, versions_seen),
         "shadow": shadow_summary(data.shadows),
         "notes": notes,
     }
 
 
-def _order(req: Requests, baseline: str) -> list[str]:
-    """The baseline first, then the others by name."""
-    return sorted(req.names, key=lambda name: (name != baseline, name))
+def _order(req: Requests, baseline: str, *, every: bool = False) -> list[str]:
+    """The baseline first, then the others by name: those that served a request, or
+    `every` backend named (one may only appear as the backend a request was moved from)."""
+    names = req.names if every else req.served
+    return sorted(names, key=lambda name: (name != baseline, name))
 
 
 def _input_summary(data: LogData) -> dict[str, Any]:
-    times = data.requests.timestamp[np.isfinite(data.requests.timestamp)]
     events = dict(data.events)
+    first, last = time_span(data.requests.timestamp)
     return {
         "files": data.files,
         **data.counts,
@@ -140,13 +192,9 @@ def _input_summary(data: LogData) -> dict[str, Any]:
         "unrouted": int((data.requests.backend < 0).sum()),
         "shadow": events.pop("shadow", 0),
         "other_events": events,
-        "first": _iso(times.min()) if times.size else None,
-        "last": _iso(times.max()) if times.size else None,
+        "first": first,
+        "last": last,
     }
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(float(seconds), UTC).isoformat().replace("+00:00", "Z")
 
 
 def _backend(req: Requests, name: str, rng: np.random.Generator, n_boot: int) -> dict[str, Any]:
@@ -162,18 +210,19 @@ def _backend(req: Requests, name: str, rng: np.random.Generator, n_boot: int) ->
         "ok": int(ok.sum()),
     }
     for metric, _ in METRICS:
-        samples = _finite(getattr(req, metric)[ok])
+        samples = finite(getattr(req, metric)[ok])
         figures[metric] = {
-            f"p{q}": _estimate(stats.percentile(samples, q, rng=rng, n_boot=n_boot))
+            f"p{q}": estimate(stats.percentile(samples, q, rng=rng, n_boot=n_boot))
             for q in PERCENTILES
         }
+    figures["queue_ms"] = queue_wait(req, mine)
     return figures
 
 
 def _comparison(
     req: Requests, baseline: str, rng: np.random.Generator, n_boot: int
 ) -> dict[str, Any]:
-    if baseline not in req.names:
+    if baseline not in req.served:
         return {}
     fair = req.comparable
     base = fair & req.of(baseline)
@@ -186,7 +235,7 @@ def _comparison(
         for metric, higher_is_better in METRICS:
             values = getattr(req, metric)
             kind = req.stream if metric in STREAMS_ONLY else np.ones_like(mine)
-            a, b = _finite(values[mine & kind]), _finite(values[base & kind])
+            a, b = finite(values[mine & kind]), finite(values[base & kind])
             result[name][metric] = _compare(
                 metric, name, baseline, a, b, higher_is_better, rng, n_boot
             )
@@ -211,8 +260,8 @@ def _compare(
         higher_is_better=higher_is_better, needed=needed,
     )  # fmt: skip
     return {
-        "ratio": _estimate(ratio),
-        "p_value": _number(p),
+        "ratio": estimate(ratio),
+        "p_value": number(p),
         "higher_is_better": higher_is_better,
         "samples_needed": needed,
         "verdict": line,
@@ -225,7 +274,7 @@ def _forced(req: Requests, name: str) -> dict[str, Any]:
     return {
         "requests": int(mine.sum()),
         "ok": int(ok.sum()),
-        **{f"median_{metric}": _median(getattr(req, metric)[ok]) for metric, _ in METRICS},
+        **{f"median_{metric}": median(getattr(req, metric)[ok]) for metric, _ in METRICS},
     }
 
 
@@ -243,11 +292,11 @@ def _breakdown(
         decode = {}
         for name in names:
             mine = inside & req.of(name)
-            decode[name] = _finite(req.decode_tps[mine])
+            decode[name] = finite(req.decode_tps[mine])
             per_backend[name] = {
                 "n": int(mine.sum()),
-                "median_decode_tps": _median(decode[name]),
-                "median_latency_ms": _median(req.latency_ms[mine]),
+                "median_decode_tps": median(decode[name]),
+                "median_latency_ms": median(req.latency_ms[mine]),
             }
         rows.append({"bucket": label, "backends": per_backend,
                      "decode_ratio": _decode_ratios(decode, baseline)})  # fmt: skip
@@ -257,39 +306,11 @@ def _breakdown(
 def _decode_ratios(decode: dict[str, Floats], baseline: str) -> dict[str, float | None]:
     base = decode.get(baseline, np.array([]))
     return {
-        name: _number(np.median(samples) / np.median(base))
+        name: number(np.median(samples) / np.median(base))
         if min(base.size, samples.size) >= MIN_BUCKET_SAMPLES
         else None
         for name, samples in decode.items()
         if name != baseline
-    }
-
-
-def sample_ratio_check(
-    req: Requests, split: dict[str, float] | None, source: str | None
-) -> dict[str, Any]:
-    """Did the split-routed traffic land in the configured proportions? If not, something
-    between client and backends (retries, errors before logging, a stale routes file on one
-    proxy) biases the comparison."""
-    empty: dict[str, Any] = {
-        "source": source, "note": None, "expected_share": {}, "observed_share": {},
-        "observed": {}, "unexpected": [], "p_value": None, "mismatch": False,
-    }  # fmt: skip
-    if split is None:
-        return {**empty, "note": "no split given (--split, --config or ./routes.yaml): skipped"}
-    observed = {name: int((req.of(name) & req.split).sum()) for name in req.names}
-    if not sum(observed.values()):
-        return {**empty, "note": "no split-routed requests: skipped"}
-    result = stats.sample_ratio(observed, split)
-    return {
-        **empty,
-        "expected_share": result.expected_share,
-        "observed_share": result.observed_share,
-        "observed": result.observed,
-        # Split traffic to a backend the split leaves out is a routing bug, not chance.
-        "unexpected": sorted(n for n, c in observed.items() if c and not split.get(n)),
-        "p_value": _number(result.p_value),
-        "mismatch": result.mismatch,
     }
 
 
@@ -302,7 +323,7 @@ def shadow_summary(shadows: Shadows) -> list[dict[str, Any]]:
         mine = in_pair & ~shadows.dropped
         good = mine & ~shadows.error
         mismatches = good & ~shadows.match
-        prefix = _finite(shadows.common_prefix_chars[mismatches])
+        prefix = finite(shadows.common_prefix_chars[mismatches])
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = shadows.to_latency_ms[good] / shadows.from_latency_ms[good]
         rows.append({
@@ -312,38 +333,14 @@ def shadow_summary(shadows: Shadows) -> list[dict[str, Any]]:
             "errors": int((mine & shadows.error).sum()),
             "dropped": int((in_pair & shadows.dropped).sum()),
             "exact_match_rate": float(shadows.match[good].mean()) if good.any() else None,
-            "similarity_p50": _median(shadows.similarity[good]),
+            "similarity_p50": median(shadows.similarity[good]),
             "mismatch_prefix_chars": {
-                f"p{q}": _number(np.percentile(prefix, q)) if prefix.size else None
+                f"p{q}": number(np.percentile(prefix, q)) if prefix.size else None
                 for q in (10, 50, 90)
             },
-            "latency_ratio_median": _median(ratio),
+            "latency_ratio_median": median(ratio),
         })  # fmt: skip
     return rows
-
-
-def _finite(values: Floats) -> Floats:
-    return values[np.isfinite(values)]
-
-
-def _median(values: Floats) -> float | None:
-    values = _finite(values)
-    return float(np.median(values)) if values.size else None
-
-
-def _number(value: float | np.floating[Any] | None) -> float | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _estimate(estimate: stats.Estimate) -> dict[str, Any]:
-    return {
-        "value": _number(estimate.value),
-        "low": _number(estimate.low),
-        "high": _number(estimate.high),
-        "n": int(estimate.n),
-    }
 
 
 # --- command line --------------------------------------------------------------------------
@@ -354,9 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage and the problem
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    versions = [v for group in args.config_version or [] for v in group] or None
     try:
         split, split_source = _expected_split(args)
         data = load_logs(args.logs)
+        selected = select_versions(data.requests, versions)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -372,10 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     report = build_report(
         data, baseline=args.baseline, split=split, split_source=split_source,
-        rng=rng, n_boot=args.boot,
+        rng=rng, n_boot=args.boot, versions=versions,
     )  # fmt: skip
     if args.html:
-        plots = figures(data.requests, _order(data.requests, args.baseline))
+        plots = figures(selected, _order(selected, args.baseline))
         page = render_html(report, plots, min_bucket_samples=MIN_BUCKET_SAMPLES)
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"specproxy: wrote {args.html}", file=sys.stderr)
@@ -451,6 +450,10 @@ def _parser() -> argparse.ArgumentParser:
     expected = parser.add_mutually_exclusive_group()
     expected.add_argument("--config", help="routes file whose routing.split is expected")
     expected.add_argument("--split", type=parse_split, help="expected split: a=50,b=50")
+    parser.add_argument(
+        "--config-version", action="append", type=parse_versions, metavar="V[,V...]",
+        help="only request lines of these config versions (repeatable; 'unknown': none logged)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
     parser.add_argument("--seed", type=_whole(0), default=0, help="bootstrap random seed (0)")

@@ -82,7 +82,7 @@ async def test_a_newcomer_cannot_overtake_a_woken_waiter() -> None:
 async def test_wait_times_out() -> None:
     slots = limiter(max_in_flight=1, max_queue=1, queue_timeout=0.05)
     await slots.acquire()
-    with pytest.raises(Full, match="within 0.05 s") as caught:
+    with pytest.raises(Full, match=r"within 0\.05 s") as caught:
         await slots.acquire()
     assert caught.value.retry_after == 1 and slots.queued == 0 and slots.active == 1
 

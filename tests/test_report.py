@@ -224,8 +224,8 @@ def test_json_schema_keys_are_pinned(tmp_path: Path, capsys: Any) -> None:
     result = run_json(capsys, str(log), "--split", "baseline=50,speculative=50")
     assert result["schema"] == 1
     assert set(result) == {
-        "schema", "input", "baseline", "backends", "comparison", "forced", "breakdowns",
-        "sample_ratio", "shadow", "notes",
+        "schema", "input", "baseline", "config_versions", "backends", "comparison", "forced",
+        "breakdowns", "failover", "sample_ratio", "shadow", "notes",
     }  # fmt: skip
     assert set(result["input"]) == {
         "files", "lines", "skipped", "requests", "unrouted", "shadow", "other_events", "first",
@@ -234,8 +234,9 @@ def test_json_schema_keys_are_pinned(tmp_path: Path, capsys: Any) -> None:
     backend = result["backends"]["speculative"]
     assert set(backend) == {
         "requests", "errors", "error_rate", "client_disconnected", "ok", "ttft_ms",
-        "latency_ms", "decode_tps",
+        "latency_ms", "decode_tps", "queue_ms",
     }  # fmt: skip
+    assert set(backend["queue_ms"]) == {"n", "waited", "p50", "p95"}
     assert set(backend["ttft_ms"]) == {"p50", "p90", "p99"}
     estimate_keys = {"value", "low", "high", "n"}
     assert set(backend["ttft_ms"]["p99"]) == estimate_keys
@@ -253,8 +254,16 @@ def test_json_schema_keys_are_pinned(tmp_path: Path, capsys: Any) -> None:
     assert set(bucket) == {"bucket", "backends", "decode_ratio"}
     assert set(bucket["backends"]["baseline"]) == {"n", "median_decode_tps", "median_latency_ms"}
     assert set(result["sample_ratio"]) == {
-        "source", "note", "expected_share", "observed_share", "observed", "unexpected",
-        "p_value", "mismatch",
+        "source", "note", "config_version", "expected_share", "observed_share", "observed",
+        "unexpected", "p_value", "mismatch",
+    }  # fmt: skip
+    assert set(result["config_versions"]) == {"mixed", "selected", "requests", "versions"}
+    assert set(result["config_versions"]["versions"][0]) == {
+        "version", "requests", "selected", "first", "last", "split_observed", "split_share",
+    }  # fmt: skip
+    assert set(result["failover"]) == {"moved", "backends"}
+    assert set(result["failover"]["backends"]["speculative"]) == {
+        "moved_away", "moved_away_by_cause", "received", "received_by_cause",
     }  # fmt: skip
     assert set(result["shadow"][0]) == {
         "from", "to", "n", "errors", "dropped", "exact_match_rate", "similarity_p50",
@@ -418,6 +427,8 @@ def test_shadow_section_per_pair(tmp_path: Path, capsys: Any) -> None:
         ["--boot", "0"],
         ["--seed", "-1"],
         ["--config", "missing.yaml"],
+        ["--config-version", ","],
+        ["--config-version", "0123456789ab"],  # not in the logs
         ["--no-such-flag"],
     ],
 )
@@ -464,3 +475,237 @@ def test_ttft_is_compared_on_streams_only(tmp_path: Path, capsys: Any) -> None:
     ttft = result["comparison"]["speculative"]["ttft_ms"]
     assert ttft["ratio"]["n"] == 60
     assert ttft["ratio"]["value"] == pytest.approx(1.0, abs=0.15)
+
+
+# --- failover, config versions, queueing ---------------------------------------------------
+
+VERSION_A, VERSION_B = "a1a1a1a1a1a1", "b2b2b2b2b2b2"
+
+
+def moved(
+    backend: str, n: int, *, fallback_from: str | None, cause: str | None, **fields: Any
+) -> list[dict[str, Any]]:
+    """n requests routed to `fallback_from` and served by `backend` instead."""
+    fields = {"reason": "fallback", "fallback_from": fallback_from, "fallback_cause": cause,
+              **fields}  # fmt: skip
+    return [request(backend, **fields) for _ in range(n)]
+
+
+def table_rows(text: str, title: str) -> list[list[str]]:
+    """The rows (header included) of one section of the terminal report, split on spaces."""
+    lines = text.splitlines()
+    start = lines.index(title) + 2  # past the underline
+    end = lines.index("", start) if "" in lines[start:] else len(lines)
+    return [line.split() for line in lines[start:end] if line.startswith("  ")]
+
+
+def versioned(lines: list[dict[str, Any]], version: str, hour: int) -> list[dict[str, Any]]:
+    """The lines, as routed by config `version`, within `hour` of the day."""
+    return [
+        {**line, "config_version": version,
+         "timestamp": line["timestamp"].replace("T16:", f"T{hour:02d}:")}
+        for line in lines
+    ]  # fmt: skip
+
+
+def two_version_log(path: Path) -> Path:
+    """A 50/50 split under VERSION_A (16:00-17:00), then a reload to 80/20 (VERSION_B,
+    17:00-18:00): pooled, 340/160 matches neither split."""
+    return write_log(path, [
+        *versioned(traffic("baseline", 100, decode=20.0, seed=1), VERSION_A, 16),
+        *versioned(traffic("speculative", 100, decode=26.0, seed=2), VERSION_A, 16),
+        {"event": "config_reloaded", "config_version": VERSION_B, "previous": VERSION_A},
+        *versioned(traffic("baseline", 240, decode=20.0, seed=3), VERSION_B, 17),
+        *versioned(traffic("speculative", 60, decode=26.0, seed=4), VERSION_B, 17),
+    ])  # fmt: skip
+
+
+def test_fallback_requests_stay_out_of_the_comparison(tmp_path: Path, capsys: Any) -> None:
+    """Moved requests went where a failure sent them: not a random sample of either arm."""
+    lines = [
+        *traffic("baseline", 200, decode=20.0, seed=1),
+        *traffic("speculative", 200, decode=26.0, seed=2),
+        # Overflow from a full speculative backend, served fast by an idle baseline: pooled,
+        # the baseline would look as fast as the speculative one.
+        *moved("baseline", 400, fallback_from="speculative", cause="full", decode_tps=40.0),
+        # A line that names the backend it was moved from is moved, whatever its reason says.
+        *moved("baseline", 50, fallback_from="speculative", cause="failed", reason="split",
+               decode_tps=40.0),
+    ]  # fmt: skip
+    log = write_log(tmp_path / "log.jsonl", lines)
+    result = run_json(capsys, str(log), "--split", "baseline=50,speculative=50")
+    comparison = result["comparison"]["speculative"]
+    assert (comparison["n"], comparison["n_baseline"]) == (200, 200)
+    assert comparison["decode_tps"]["ratio"]["value"] == pytest.approx(1.3, rel=0.05)
+    assert "faster" in comparison["decode_tps"]["verdict"]
+    assert result["breakdowns"]["in_flight"][0]["backends"]["baseline"]["n"] == 200
+    assert result["sample_ratio"]["observed"] == {"baseline": 200, "speculative": 200}
+    assert result["backends"]["baseline"]["requests"] == 650  # served, so counted there
+
+
+def test_failover_counts_by_cause(tmp_path: Path, capsys: Any) -> None:
+    lines = [
+        *traffic("baseline", 20, decode=20.0, seed=1),
+        *traffic("speculative", 20, decode=26.0, seed=2),
+        *moved("baseline", 5, fallback_from="speculative", cause="unhealthy"),
+        *moved("baseline", 2, fallback_from="speculative", cause="failed"),
+        *moved("baseline", 3, fallback_from="speculative", cause="full"),
+        *moved("baseline", 1, fallback_from="speculative", cause=None),
+        *moved("speculative", 4, fallback_from="baseline", cause="failed"),
+        # All of `draft2`'s traffic moved away: it served nothing, yet it is listed.
+        *moved("baseline", 6, fallback_from="draft2", cause="unhealthy"),
+    ]
+    log = write_log(tmp_path / "log.jsonl", lines)
+    result = run_json(capsys, str(log))
+    assert result["failover"] == {
+        "moved": 21,
+        "backends": {
+            "baseline": {
+                "moved_away": 4,
+                "moved_away_by_cause": {"unhealthy": 0, "failed": 4, "full": 0},
+                "received": 17,
+                "received_by_cause": {"unhealthy": 11, "failed": 2, "full": 3, "unknown": 1},
+            },
+            "draft2": {
+                "moved_away": 6,
+                "moved_away_by_cause": {"unhealthy": 6, "failed": 0, "full": 0},
+                "received": 0,
+                "received_by_cause": {"unhealthy": 0, "failed": 0, "full": 0},
+            },
+            "speculative": {
+                "moved_away": 11,
+                "moved_away_by_cause": {"unhealthy": 5, "failed": 2, "full": 3, "unknown": 1},
+                "received": 4,
+                "received_by_cause": {"unhealthy": 0, "failed": 4, "full": 0},
+            },
+        },
+    }
+    assert set(result["backends"]) == {"baseline", "speculative"}  # draft2 served nothing
+    assert report.main([str(log), *BOOT]) == 0
+    table = capsys.readouterr().out
+    assert "speculative: the comparison lacks its 11 requests moved away" in table
+    rows = table_rows(table, "Failover (moved away from a backend, by cause)")
+    assert rows[0][:7] == ["backend", "moved", "away", "unhealthy", "failed", "full", "unknown"]
+    assert rows[2] == ["draft2", "6", "6", "0", "0", "0", "0"]
+
+
+def test_queue_wait_percentiles_per_backend(tmp_path: Path, capsys: Any) -> None:
+    """Only lines that log a wait count; a line without one is not a wait of 0."""
+    lines = [
+        *[request("speculative", queue_ms=float(ms)) for ms in range(101)],
+        *[request("speculative", queue_ms=None) for _ in range(50)],
+        *[request("baseline") for _ in range(10)],  # an older proxy: no queue_ms at all
+    ]
+    log = write_log(tmp_path / "log.jsonl", lines)
+    backends = run_json(capsys, str(log))["backends"]
+    assert backends["speculative"]["queue_ms"] == {"n": 101, "waited": 100, "p50": 50.0,
+                                                    "p95": 95.0}  # fmt: skip
+    assert backends["baseline"]["queue_ms"] == {"n": 0, "waited": 0, "p50": None, "p95": None}
+    assert report.main([str(log), *BOOT]) == 0
+    table = capsys.readouterr().out
+    rows = table_rows(table, "Queue wait for a slot (ms)")
+    assert rows[1:3] == [
+        ["baseline", "0", "0", "-", "-"],
+        ["speculative", "101", "100", "50.0", "95.0"],
+    ]
+
+
+def test_mixed_config_versions_note_and_skip_the_sample_ratio_check(
+    tmp_path: Path, capsys: Any
+) -> None:
+    log = two_version_log(tmp_path / "log.jsonl")
+    split = ["--split", "baseline=50,speculative=50"]
+    result = run_json(capsys, str(log), *split)
+    versions = result["config_versions"]
+    assert (versions["mixed"], versions["selected"], versions["requests"]) == (True, None, 500)
+    first, second = versions["versions"]
+    assert first == {
+        "version": VERSION_A, "requests": 200, "selected": True,
+        "first": "2026-11-28T16:00:00Z", "last": "2026-11-28T16:59:39Z",
+        "split_observed": {"baseline": 100, "speculative": 100},
+        "split_share": {"baseline": 0.5, "speculative": 0.5},
+    }  # fmt: skip
+    assert second["version"] == VERSION_B
+    assert second["split_share"] == {"baseline": 0.8, "speculative": 0.2}
+    check = result["sample_ratio"]
+    assert (check["mismatch"], check["p_value"], check["observed"]) == (False, None, {})
+    assert "skipped" in check["note"]
+    assert f"--config-version {VERSION_B}" in check["note"]
+    note = result["notes"][0]
+    assert note.startswith("MIXED CONFIG VERSIONS")
+    assert f"{VERSION_A} (200 requests, 2026-11-28T16:00:00Z .. 2026-11-28T16:59:39Z" in note
+    assert "split baseline 80.0% / speculative 20.0%" in note
+
+    page = tmp_path / "report.html"
+    assert report.main([str(log), *split, "--html", str(page), *BOOT]) == 0
+    table = capsys.readouterr().out
+    assert "!! MIXED CONFIG VERSIONS" in table
+    assert "Config versions (request lines)" in table
+    assert "SAMPLE RATIO MISMATCH" not in table
+    assert '<p class="alarm">MIXED CONFIG VERSIONS' in page.read_text()
+
+
+def test_config_version_option_keeps_only_those_lines(tmp_path: Path, capsys: Any) -> None:
+    log = two_version_log(tmp_path / "log.jsonl")
+    result = run_json(capsys, str(log), "--config-version", VERSION_B,
+                      "--split", "baseline=80,speculative=20")  # fmt: skip
+    versions = result["config_versions"]
+    assert (versions["mixed"], versions["selected"], versions["requests"]) == (
+        False, [VERSION_B], 300,
+    )  # fmt: skip
+    assert [v["selected"] for v in versions["versions"]] == [False, True]
+    assert result["backends"]["baseline"]["requests"] == 240
+    assert result["comparison"]["speculative"]["n"] == 60
+    check = result["sample_ratio"]
+    assert (check["config_version"], check["mismatch"]) == (VERSION_B, False)
+    assert check["observed"] == {"baseline": 240, "speculative": 60}
+    assert result["notes"] == []
+    assert result["input"]["requests"] == 500  # the input is still all of it
+    # The first version against its own split: 50/50 was delivered.
+    check = run_json(capsys, str(log), "--config-version", VERSION_A,
+                     "--split", "baseline=50,speculative=50")["sample_ratio"]  # fmt: skip
+    assert (check["config_version"], check["mismatch"]) == (VERSION_A, False)
+    # Two versions, as a list or repeated: mixed again, so no sample ratio check.
+    for args in ([f"{VERSION_A},{VERSION_B}"], [VERSION_A, "--config-version", VERSION_B]):
+        result = run_json(capsys, str(log), "--config-version", *args,
+                          "--split", "baseline=50,speculative=50")  # fmt: skip
+        assert result["config_versions"]["mixed"] is True
+        assert result["config_versions"]["requests"] == 500
+        assert "selected request lines" in result["sample_ratio"]["note"]
+
+
+def test_old_logs_without_the_new_fields_are_one_unknown_version(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Lines written before failover and hot reload: no moves, no waits, one version."""
+    old = [
+        *traffic("baseline", 60, decode=20.0, seed=1),
+        *traffic("speculative", 40, decode=20.0, seed=2),
+    ]
+    assert not any("config_version" in line or "queue_ms" in line for line in old)
+    log = write_log(tmp_path / "old.jsonl", old)
+    result = run_json(capsys, str(log), "--split", "baseline=60,speculative=40")
+    versions = result["config_versions"]
+    assert versions["mixed"] is False
+    assert [(v["version"], v["requests"]) for v in versions["versions"]] == [("unknown", 100)]
+    assert result["failover"]["moved"] == 0
+    assert result["backends"]["baseline"]["queue_ms"]["p50"] is None
+    check = result["sample_ratio"]
+    assert (check["config_version"], check["mismatch"]) == ("unknown", False)
+    assert result["comparison"]["speculative"]["n"] == 40
+    assert report.main([str(log), *BOOT]) == 0
+    table = capsys.readouterr().out
+    for absent in ("Failover", "Queue wait", "Config versions", "MIXED"):
+        assert absent not in table
+    kept = run_json(capsys, str(log), "--config-version", "unknown")["config_versions"]
+    assert (kept["selected"], kept["requests"]) == (["unknown"], 100)
+
+    # Appended to by an upgraded proxy: the old lines are a version of their own.
+    new = versioned(traffic("baseline", 10, decode=20.0, seed=3), VERSION_A, 17)
+    both = write_log(tmp_path / "both.jsonl", old + new)
+    result = run_json(capsys, str(both), "--split", "baseline=60,speculative=40")
+    assert [v["version"] for v in result["config_versions"]["versions"]] == [
+        "unknown", VERSION_A,
+    ]  # fmt: skip
+    assert result["config_versions"]["mixed"] is True
+    assert result["sample_ratio"]["p_value"] is None
