@@ -207,9 +207,16 @@ class Auth(_Frozen):
     @field_validator("api_keys")
     @classmethod
     def _no_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
-        if any(not key.get_secret_value() for key in keys):
+        if any(not key.get_secret_value().strip() for key in keys):
             raise ValueError("an API key must not be empty")
         return keys
+
+    @field_validator("admin_token")
+    @classmethod
+    def _no_empty_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("the admin token must not be empty")
+        return token
 
     def client_keys(self, environ: Mapping[str, str]) -> tuple[bytes, ...]:
         keys = [key.get_secret_value() for key in self.api_keys]
