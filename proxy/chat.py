@@ -155,11 +155,13 @@ async def _serve(call: _Call, decision: Decision, send: Send) -> None:
 
 async def _admit(call: _Call, decision: Decision) -> Decision:
     """Take a concurrency slot on the decision's backend, or on its fallback when it is full
-    (then the returned decision says so). The caller's `_attempt` gives the slot back."""
+    (then the returned decision says so). The caller's `_attempt` gives the slot back. Every
+    wait counts in `queue_ms`, the one that ended in a timeout too."""
     record, limiters = call.exchange.record, call.runtime.limiters
     try:
         waited = await limiters[decision.backend].acquire()
     except Full as full:
+        _queued(record, full.waited)
         moved = failover.overflow(decision, call.routes.config.fallback_of)
         if moved is None:
             raise TooBusyError(
@@ -169,13 +171,18 @@ async def _admit(call: _Call, decision: Decision) -> Decision:
         try:
             waited = await limiters[moved.backend].acquire()
         except Full as also:
+            _queued(record, also.waited)
             raise TooBusyError(
                 f"backends {decision.backend!r} and {moved.backend!r} are busy: {also}",
                 also.retry_after,
             ) from None
         decision = moved
-    record.queue_ms = round((record.queue_ms or 0.0) + waited * 1000.0, 3)
+    _queued(record, waited)
     return decision
+
+
+def _queued(record: RequestRecord, seconds: float) -> None:
+    record.queue_ms = round((record.queue_ms or 0.0) + seconds * 1000.0, 3)
 
 
 async def _attempt(call: _Call, decision: Decision, send: Send) -> None:

@@ -45,14 +45,19 @@ class BackendHealth:
         return False
 
     def succeeded(self, now: float, *, probe: bool) -> bool:
-        """Count a success; True when it readmits the backend. Only a probe readmits, and
-        only after `min_eject`: a request that got through proves less than a fresh probe."""
-        self.failures = 0
+        """Count a success; True when it readmits the backend.
+
+        A request that got through resets the failure count. A passing probe does not: a
+        backend can answer /health and still break every stream. Only a probe readmits,
+        and only after `min_eject`: a request that got through proves less than a probe.
+        """
         if self.healthy:
+            if not probe:
+                self.failures = 0
             return False
         assert self.ejected_at is not None
         if probe and now - self.ejected_at >= self.rules.min_eject:
-            self.healthy, self.ejected_at = True, None
+            self.healthy, self.ejected_at, self.failures = True, None, 0
             return True
         return False
 

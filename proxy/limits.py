@@ -20,11 +20,12 @@ from proxy.config import Backend
 
 
 class Full(Exception):
-    """No slot: the queue is full, or the wait for a slot timed out."""
+    """No slot: the queue is full, or the wait for a slot timed out (after `waited` s)."""
 
-    def __init__(self, message: str, retry_after: int):
+    def __init__(self, message: str, retry_after: int, waited: float = 0.0):
         super().__init__(message)
         self.retry_after = retry_after
+        self.waited = waited
 
 
 class _Expired(Exception):
@@ -76,6 +77,7 @@ class Limiter:
             raise Full(
                 f"no free slot within {self.timeout:g} s (limit {self.limit})",
                 retry_after=math.ceil(self.timeout),
+                waited=time.perf_counter() - started,
             ) from None
         except BaseException:  # cancelled (the client left): pass on a slot given meanwhile
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
