@@ -227,7 +227,10 @@ def _routing_state(runtime: Runtime, name: str) -> dict[str, Any]:
 
 async def metrics(request: Request) -> Response:
     runtime: Runtime = request.state.runtime
-    return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
+    rid = request_id(request.headers.get("x-request-id"))
+    return Response(
+        runtime.metrics.render(), media_type=CONTENT_TYPE, headers={"x-request-id": rid}
+    )
 
 
 async def admin_reload(request: Request) -> JSONResponse:

@@ -16,7 +16,7 @@ from proxy import failover
 from proxy.accesslog import RequestRecord, request_id
 from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError, TooBusyError
 from proxy.health import failure_kind
-from proxy.limits import Full
+from proxy.limits import Full, Limiter
 from proxy.payload import (
     ChatRequest,
     model_rewriter,
@@ -157,9 +157,9 @@ async def _admit(call: _Call, decision: Decision) -> Decision:
     """Take a concurrency slot on the decision's backend, or on its fallback when it is full
     (then the returned decision says so). The caller's `_attempt` gives the slot back. Every
     wait counts in `queue_ms`, the one that ended in a timeout too."""
-    record, limiters = call.exchange.record, call.runtime.limiters
+    record = call.exchange.record
     try:
-        waited = await limiters[decision.backend].acquire()
+        waited = await _limiter(call, decision.backend).acquire()
     except Full as full:
         _queued(record, full.waited)
         moved = failover.overflow(decision, call.routes.config.fallback_of)
@@ -169,7 +169,7 @@ async def _admit(call: _Call, decision: Decision) -> Decision:
             ) from None
         _note(record, moved)
         try:
-            waited = await limiters[moved.backend].acquire()
+            waited = await _limiter(call, moved.backend).acquire()
         except Full as also:
             _queued(record, also.waited)
             raise TooBusyError(
@@ -181,6 +181,13 @@ async def _admit(call: _Call, decision: Decision) -> Decision:
     return decision
 
 
+def _limiter(call: _Call, backend: str) -> Limiter:
+    """The backend's slots; a backend a reload removed since this request began gets
+    fresh ones under the config the request started with."""
+    limiter = call.runtime.limiters.get(backend)
+    return limiter if limiter is not None else Limiter(call.routes.config.backends[backend])
+
+
 def _queued(record: RequestRecord, seconds: float) -> None:
     record.queue_ms = round((record.queue_ms or 0.0) + seconds * 1000.0, 3)
 
@@ -190,6 +197,7 @@ async def _attempt(call: _Call, decision: Decision, send: Send) -> None:
     answer; what happened counts for or against the backend's health."""
     runtime, exchange = call.runtime, call.exchange
     backend = decision.backend
+    limiter = _limiter(call, backend)  # the one `_admit` took the slot from: no await since
     _aim(call, decision)
     exchange.record.in_flight = runtime.in_flight[backend]
     exchange.record.behind_shadow = runtime.shadower.running[backend] > 0
@@ -202,7 +210,7 @@ async def _attempt(call: _Call, decision: Decision, send: Send) -> None:
         raise
     finally:
         runtime.in_flight[backend] -= 1
-        runtime.limiters[backend].release()
+        limiter.release()
     if exchange.record.error is not None:  # a stream that broke after it started
         runtime.health.failure(backend, exchange.record.error)
     elif not exchange.record.client_disconnected:

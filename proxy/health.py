@@ -82,7 +82,8 @@ class HealthBoard:
                 self.backends[name] = BackendHealth(backend.url, backend.health)
 
     def healthy(self, name: str) -> bool:
-        return self.backends[name].healthy
+        state = self.backends.get(name)  # gone after a reload: no news is good news
+        return state is None or state.healthy
 
     def failure(self, name: str, kind: str) -> None:
         state = self.backends.get(name)  # gone after a reload: nothing to record

@@ -36,6 +36,9 @@ NOT_FORWARDED = frozenset(
     }
 )
 _DROPPED_FIELDS = ("draft_model", "num_draft_tokens")
+# orjson reads JSON nested 1024 levels deep but writes only 254 levels: a body between the two
+# would be accepted and then fail on its way upstream.
+_MAX_DEPTH = 254
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +57,15 @@ def parse_body(raw: bytes, public_model: str) -> ChatRequest:
         raise BadRequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequestError(f"request body must be a JSON object, not {_json_type(body)}")
-    stream = body.get("stream") or False  # the OpenAI API takes null for false
-    if not isinstance(stream, bool):
+    if raw.count(b"[") + raw.count(b"{") > _MAX_DEPTH:  # only then can it be too deep
+        try:
+            orjson.dumps(body)
+        except orjson.JSONEncodeError as exc:
+            raise BadRequestError(f"request body cannot be passed on: {exc}") from None
+    stream = body.get("stream")
+    if stream is None:  # the OpenAI API takes null for false
+        stream = False
+    elif not isinstance(stream, bool):  # 0, "" or [] too: the backend would read them its way
         raise BadRequestError("'stream' must be true or false", param="stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):

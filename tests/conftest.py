@@ -44,7 +44,8 @@ def make_config(tmp_path: Path, urls: dict[str, str], **overrides: Any) -> Confi
 def read_log(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    # "\n" only: str.splitlines() also cuts at U+2028 and U+0085, which a logged path may hold.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 @pytest.fixture

@@ -69,9 +69,11 @@ def test_keys_from_the_file_and_the_environment_work_with_the_sdk(
 
 
 def test_a_wrong_key_is_an_sdk_authentication_error(keyed: RunningProxy) -> None:
-    with openai.OpenAI(base_url=keyed.url + "/v1", api_key="sk-nope", max_retries=0) as sdk:
-        with pytest.raises(openai.AuthenticationError):
-            sdk.chat.completions.create(model="test-model", messages=BODY["messages"])  # type: ignore[arg-type]
+    with (
+        openai.OpenAI(base_url=keyed.url + "/v1", api_key="sk-nope", max_retries=0) as sdk,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        sdk.chat.completions.create(model="test-model", messages=BODY["messages"])  # type: ignore[arg-type]
 
 
 def test_probes_stay_open(keyed: RunningProxy) -> None:
@@ -131,7 +133,7 @@ def test_keys_are_compared_in_constant_time_against_every_key(
 
 
 def test_an_unset_key_variable_is_refused() -> None:
-    with pytest.raises(ConfigError, match="auth.admin_token_env: environment variable X_ADM"):
+    with pytest.raises(ConfigError, match=r"auth\.admin_token_env: environment variable X_ADM"):
         auth.resolve_keys(Auth(admin_token_env="X_ADM"), {})
     keys = auth.resolve_keys(
         Auth(api_keys_env="X_K", admin_token_env="X_A"), {"X_K": "a,b", "X_A": "t"}

@@ -308,6 +308,8 @@ async def test_log_line_has_every_field(config: Config) -> None:
         (b'{"stream": "yes"}', "bad_request", "'stream' must be true or false"),
         (b'{"model": 5}', "bad_request", "'model' must be a string"),
         (b'{"stream": 1}', "bad_request", "'stream' must be true or false"),
+        (b'{"stream": 0}', "bad_request", "'stream' must be true or false"),
+        (b'{"messages": ' + b"[" * 300 + b"]" * 300 + b"}", "bad_request", "cannot be passed on"),
         (b'{"stream": true, "stream_options": 1}', "bad_request", "'stream_options'"),
     ],
 )
