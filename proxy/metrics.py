@@ -123,6 +123,7 @@ class Metrics:
             "specproxy_config_reloads", "Config reloads by outcome", ["outcome"], registry=r
         )
         r.register(_StateCollector(read_state))
+        self._children: dict[tuple[str, bool], tuple[Histogram, ...]] = {}
 
     def observe(self, record: RequestRecord) -> None:
         backend = record.backend or "none"  # rejected before routing: bad body, auth
@@ -133,15 +134,30 @@ class Metrics:
             self._fallbacks.labels(
                 record.fallback_from, backend, record.fallback_cause or "unknown"
             ).inc()
-        stream = "true" if record.stream else "false"
+        ttft, latency, decode, queue = self._timings(backend, record.stream)
         if record.ttft_ms is not None:
-            self._ttft.labels(backend, stream).observe(record.ttft_ms / 1000)
+            ttft.observe(record.ttft_ms / 1000)
         if record.latency_ms is not None:
-            self._latency.labels(backend, stream).observe(record.latency_ms / 1000)
+            latency.observe(record.latency_ms / 1000)
         if record.decode_tps is not None:
-            self._decode.labels(backend).observe(record.decode_tps)
+            decode.observe(record.decode_tps)
         if record.queue_ms is not None:
-            self._queue.labels(backend).observe(record.queue_ms / 1000)
+            queue.observe(record.queue_ms / 1000)
+
+    def _timings(self, backend: str, stream: bool) -> tuple[Histogram, ...]:
+        """The labelled histograms of a backend, looked up once: `labels()` takes a lock
+        and builds a key on every call, and this runs for every request."""
+        key = (backend, stream)
+        found = self._children.get(key)
+        if found is None:
+            flag = "true" if stream else "false"
+            found = self._children[key] = (
+                self._ttft.labels(backend, flag),
+                self._latency.labels(backend, flag),
+                self._decode.labels(backend),
+                self._queue.labels(backend),
+            )
+        return found
 
     def shadow(self, outcome: str) -> None:
         """ "match", "mismatch", "failed" or "dropped"."""
