@@ -4,8 +4,9 @@ A raw ASGI middleware, so the check is in one place and costs nothing when no ke
 Keys are compared in constant time (`hmac.compare_digest`, against every key, with no
 early exit), and neither keys nor the Authorization header are ever logged.
 
-- /v1/* and /chat/*: when client keys are configured, `Authorization: Bearer <key>`
-  must carry one of them (the openai SDK's `api_key`); else 401 in the OpenAI shape.
+- everything but /admin* and the open paths: when client keys are configured,
+  `Authorization: Bearer <key>` must carry one of them (the openai SDK's `api_key`); else
+  401 in the OpenAI shape. Default deny, so no spelling of a path slips through.
 - /admin/*: the admin token when one is configured; without one, loopback clients only
   (403 for anyone else), so a proxy listening on a public address is not reconfigurable
   by strangers.
@@ -15,6 +16,7 @@ early exit), and neither keys nor the Authorization header are ever logged.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Any
 from proxy.config import Auth
 from proxy.errors import AuthenticationError, ConfigError, ForbiddenError, ProxyError
 
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/stats"})  # for probes and scrapers
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,11 @@ def matches(given: bytes | None, keys: tuple[bytes, ...]) -> bool:
 def check(scope: Mapping[str, Any], keys: Keys) -> None:
     """Raise the `ProxyError` a request to this path gets, or return if it may pass."""
     path: str = scope["path"]
-    if path.startswith("/admin/"):
+    if path.startswith("/admin"):
         _check_admin(scope, keys)
     elif (
         keys.client
-        and path.startswith(("/v1/", "/chat/"))
+        and path not in OPEN_PATHS  # default deny: no path spelling slips through
         and not matches(bearer(scope["headers"]), keys.client)
     ):
         raise AuthenticationError(
@@ -82,8 +84,17 @@ def _check_admin(scope: Mapping[str, Any], keys: Keys) -> None:
     if keys.admin is not None:
         if not matches(bearer(scope["headers"]), (keys.admin,)):
             raise AuthenticationError("admin endpoints need `Authorization: Bearer <admin token>`")
-    elif (scope.get("client") or ("",))[0] not in _LOOPBACK:
+    elif not _loopback((scope.get("client") or ("",))[0]):
         raise ForbiddenError("admin endpoints are loopback-only unless auth.admin_token is set")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # no address (a Unix socket): not known to be local
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def rejected(exc: ProxyError) -> dict[str, Any]:

@@ -111,6 +111,14 @@ def test_without_an_admin_token_admin_is_loopback_only() -> None:
         auth.check({**scope, "client": ("10.1.2.3", 5000)}, keys)
     with pytest.raises(ForbiddenError):
         auth.check({**scope, "client": None}, keys)
+    auth.check({**scope, "client": ("::ffff:127.0.0.1", 5000)}, keys)
+    auth.check({**scope, "client": ("::1", 5000)}, keys)
+
+
+@pytest.mark.parametrize("path", ["/v1//chat/completions", "/V1/models", "/chat/completions", "/x"])
+def test_every_path_but_the_open_ones_needs_the_key(keyed: RunningProxy, path: str) -> None:
+    assert httpx.post(keyed.url + path, json=BODY).status_code == 401
+    assert httpx.get(keyed.url + "/admin").status_code == 401  # the admin token, not a key
 
 
 def test_keys_are_compared_in_constant_time_against_every_key(
