@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,14 +23,14 @@ from proxy.accesslog import AccessLog, request_id
 from proxy.chat import Completions
 from proxy.config import Config, Health
 from proxy.errors import ConfigError, ProxyError, openai_error
-from proxy.health import probe_forever
+from proxy.health import probe, probe_forever
 from proxy.launch import Supervisor
 from proxy.metrics import CONTENT_TYPE
 from proxy.relay import Receive, Send, send_error
 from proxy.runtime import Routes, Runtime
 from proxy.upstream import UpstreamTransport
 
-_HEALTH_TIMEOUT = httpx.Timeout(2.0).as_dict()
+_HEALTH_TIMEOUT = 2.0  # seconds, for the probes /healthz makes while the caller waits
 
 
 def create_app(
@@ -173,55 +171,54 @@ async def get_model(request: Request) -> JSONResponse:
 async def healthz(request: Request) -> JSONResponse:
     """The proxy is up (200); each backend's reachability is probed on its `/health`."""
     runtime: Runtime = request.state.runtime
-    results: dict[str, dict[str, Any]] = {}
-
-    async def probe(name: str, url: str) -> None:
-        started = time.perf_counter()
-        request = httpx.Request("GET", url + "/health", extensions={"timeout": _HEALTH_TIMEOUT})
-        try:
-            response = await runtime.transport.handle_async_request(request)
-            await response.aclose()
-            reachable, detail = response.status_code < 500, f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            reachable, detail = False, str(exc) or type(exc).__name__
-        results[name] = {
-            "url": url,
-            "reachable": reachable,
-            "detail": detail,
-            "probe_ms": round((time.perf_counter() - started) * 1000, 3),
-            "in_flight": runtime.in_flight[name],
-            "split": runtime.config.routing.split.get(name, 0.0),
-            **_routing_state(runtime, name),
-        }
-        if runtime.supervisor is not None and name in runtime.supervisor.backends:
-            results[name]["process"] = runtime.supervisor.backends[name].status()
-
-    async with anyio.create_task_group() as group:
-        for name, backend in runtime.config.backends.items():
-            group.start_soon(probe, name, backend.url)
-    ok = all(r["reachable"] and r["healthy"] for r in results.values())
-    ordered = {name: results[name] for name in runtime.config.backends}
+    routes = runtime.routes  # once: a reload meanwhile changes nothing here
+    names = list(routes.config.backends)
+    probes = [
+        probe(runtime.transport, b.url, _HEALTH_TIMEOUT) for b in routes.config.backends.values()
+    ]
+    results = await asyncio.gather(*probes)
+    backends = {
+        name: _backend_health(runtime, routes, name, reachable, detail)
+        for name, (reachable, detail) in zip(names, results, strict=True)
+    }
+    ok = all(b["reachable"] and b["healthy"] for b in backends.values())
     body = {
         "status": "ok" if ok else "degraded",
-        "model": runtime.config.model,
-        "config_version": runtime.routes.version,
-        "backends": ordered,
+        "model": routes.config.model,
+        "config_version": routes.version,
+        "backends": backends,
     }
     return _answer(request, body)
 
 
-def _routing_state(runtime: Runtime, name: str) -> dict[str, Any]:
+def _backend_health(
+    runtime: Runtime, routes: Routes, name: str, reachable: bool, detail: str
+) -> dict[str, Any]:
+    state = {
+        "url": routes.config.backends[name].url,
+        "reachable": reachable,
+        "detail": detail,
+        "in_flight": runtime.in_flight[name],
+        "split": routes.config.routing.split.get(name, 0.0),
+        **_routing_state(runtime, routes, name),
+    }
+    if runtime.supervisor is not None and name in runtime.supervisor.backends:
+        state["process"] = runtime.supervisor.backends[name].status()
+    return state
+
+
+def _routing_state(runtime: Runtime, routes: Routes, name: str) -> dict[str, Any]:
     """What the proxy itself thinks of a backend: health, fallback, slots."""
-    state = runtime.health.backends[name]
-    limiter = runtime.limiters[name]
+    state = runtime.health.backends.get(name)  # absent only while a reload lands
+    limiter = runtime.limiters.get(name)
     return {
-        "healthy": state.healthy,
-        "consecutive_failures": state.failures,
-        "last_error": state.last_error,
-        "ejections": state.ejections,
-        "fallback": runtime.config.fallback_of(name),
-        "max_in_flight": limiter.limit,
-        "queued": limiter.queued,
+        "healthy": state is None or state.healthy,
+        "consecutive_failures": state.failures if state else 0,
+        "last_error": state.last_error if state else None,
+        "ejections": state.ejections if state else 0,
+        "fallback": routes.config.fallback_of(name),
+        "max_in_flight": limiter.limit if limiter else None,
+        "queued": limiter.queued if limiter else 0,
     }
 
 

@@ -84,15 +84,18 @@ def _check_admin(scope: Mapping[str, Any], keys: Keys) -> None:
     if keys.admin is not None:
         if not matches(bearer(scope["headers"]), (keys.admin,)):
             raise AuthenticationError("admin endpoints need `Authorization: Bearer <admin token>`")
-    elif not _loopback((scope.get("client") or ("",))[0]):
+    elif not is_loopback((scope.get("client") or ("",))[0]):
         raise ForbiddenError("admin endpoints are loopback-only unless auth.admin_token is set")
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether an address (or "localhost") is this machine's loopback."""
+    if host == "localhost":
+        return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return False  # no address (a Unix socket): not known to be local
+        return False  # no address (a Unix socket) or a name: not known to be local
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 

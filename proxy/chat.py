@@ -142,24 +142,25 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
 async def _serve(call: _Call, decision: Decision, send: Send) -> None:
     """One attempt, and one retry on the fallback if the backend failed before answering."""
     routes, health = call.routes, call.runtime.health
-    decision = await _admit(call, decision)
+    decision, limiter = await _admit(call, decision)
     try:
-        await _attempt(call, decision, send)
+        await _attempt(call, decision, limiter, send)
         return
     except ProxyError as error:
         again = failover.retry(decision, error, health.healthy, routes.config.fallback_of)
         if again is None or call.exchange.record.status is not None:
             raise
-    await _attempt(call, await _admit(call, again), send)
+    await _attempt(call, *await _admit(call, again), send)
 
 
-async def _admit(call: _Call, decision: Decision) -> Decision:
+async def _admit(call: _Call, decision: Decision) -> tuple[Decision, Limiter]:
     """Take a concurrency slot on the decision's backend, or on its fallback when it is full
-    (then the returned decision says so). The caller's `_attempt` gives the slot back. Every
-    wait counts in `queue_ms`, the one that ended in a timeout too."""
-    record = call.exchange.record
+    (then the returned decision says so). The caller's `_attempt` gives the slot back to
+    the limiter returned. Every wait counts in `queue_ms`, one that timed out too."""
+    record, limiters = call.exchange.record, call.runtime.limiters
+    limiter = limiters[decision.backend]
     try:
-        waited = await _limiter(call, decision.backend).acquire()
+        waited = await limiter.acquire()
     except Full as full:
         _queued(record, full.waited)
         moved = failover.overflow(decision, call.routes.config.fallback_of)
@@ -168,8 +169,9 @@ async def _admit(call: _Call, decision: Decision) -> Decision:
                 f"backend {decision.backend!r} is busy: {full}", full.retry_after
             ) from None
         _note(record, moved)
+        limiter = limiters[moved.backend]
         try:
-            waited = await _limiter(call, moved.backend).acquire()
+            waited = await limiter.acquire()
         except Full as also:
             _queued(record, also.waited)
             raise TooBusyError(
@@ -178,43 +180,38 @@ async def _admit(call: _Call, decision: Decision) -> Decision:
             ) from None
         decision = moved
     _queued(record, waited)
-    return decision
-
-
-def _limiter(call: _Call, backend: str) -> Limiter:
-    """The backend's slots; a backend a reload removed since this request began gets
-    fresh ones under the config the request started with."""
-    limiter = call.runtime.limiters.get(backend)
-    return limiter if limiter is not None else Limiter(call.routes.config.backends[backend])
+    return decision, limiter
 
 
 def _queued(record: RequestRecord, seconds: float) -> None:
     record.queue_ms = round((record.queue_ms or 0.0) + seconds * 1000.0, 3)
 
 
-async def _attempt(call: _Call, decision: Decision, send: Send) -> None:
-    """Send the request to the decision's backend (whose slot is taken) and relay the
-    answer; what happened counts for or against the backend's health."""
+async def _attempt(call: _Call, decision: Decision, limiter: Limiter, send: Send) -> None:
+    """Send the request to the decision's backend (whose slot in `limiter` is taken) and
+    relay the answer; what happened counts for or against the backend's health."""
     runtime, exchange = call.runtime, call.exchange
     backend = decision.backend
-    limiter = _limiter(call, backend)  # the one `_admit` took the slot from: no await since
-    _aim(call, decision)
-    exchange.record.in_flight = runtime.in_flight[backend]
-    exchange.record.behind_shadow = runtime.shadower.running[backend] > 0
+    url = call.routes.config.backends[backend].url  # health is kept per URL: see health.py
     runtime.in_flight[backend] += 1
     try:
+        _aim(call, decision)
+        exchange.record.in_flight = runtime.in_flight[backend] - 1
+        exchange.record.behind_shadow = runtime.shadower.running[backend] > 0
         await _relay(runtime.transport, exchange, send)
     except ProxyError as error:
         if failover.backend_failed(error):
-            runtime.health.failure(backend, failure_kind(error))
+            runtime.health.failure(backend, url, failure_kind(error))
+        else:  # a 4xx: the request's fault, and the backend is alive
+            runtime.health.success(backend, url)
         raise
     finally:
         runtime.in_flight[backend] -= 1
         limiter.release()
     if exchange.record.error is not None:  # a stream that broke after it started
-        runtime.health.failure(backend, exchange.record.error)
+        runtime.health.failure(backend, url, exchange.record.error)
     elif not exchange.record.client_disconnected:
-        runtime.health.success(backend)
+        runtime.health.success(backend, url)
 
 
 def _aim(call: _Call, decision: Decision) -> None:
@@ -255,8 +252,10 @@ def _start_shadow(call: _Call) -> None:
     """The same request to the shadow target, now that the client has its whole answer."""
     record, shadow = call.exchange.record, call.routes.config.shadow
     complete = record.status == 200 and record.error is None and not record.client_disconnected
-    # Moved to another backend on the way (a fallback): not the answer the shadow checks.
     if shadow is None or not complete or record.backend != shadow.source:
+        return
+    # Moved on the way (a fallback), or the target is down: nothing worth comparing.
+    if record.fallback_from is not None or not call.runtime.health.healthy(shadow.target):
         return
     assert call.exchange.collect is not None
     upstream = _upstream_request(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import signal
 import socket
 import sys
@@ -19,7 +18,7 @@ from starlette.applications import Starlette
 
 from proxy.accesslog import AccessLog
 from proxy.app import create_app, reload_config
-from proxy.auth import resolve_keys
+from proxy.auth import is_loopback, resolve_keys
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.launch import LaunchError, Supervisor, build_command
@@ -57,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"specproxy for http://{host}:{port}\n{describe(config)}", file=sys.stderr, flush=True
         )
-        if not _loopback(host) and not (config.auth.api_keys or config.auth.api_keys_env):
+        if not is_loopback(host) and not (config.auth.api_keys or config.auth.api_keys_env):
             print(
                 f"warning: listening on {host} with no API keys (auth.api_keys): anyone who"
                 " can reach this address can use the backends",
@@ -193,13 +192,6 @@ def _event_loop_run(coroutine: Coroutine[Any, Any, int]) -> int:
     except ImportError:
         return asyncio.run(coroutine)
     return uvloop.run(coroutine)
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _open_log(config: Config) -> AccessLog:

@@ -226,9 +226,9 @@ class Auth(_Frozen):
 
     def admin(self, environ: Mapping[str, str]) -> bytes | None:
         if self.admin_token is not None:
-            return self.admin_token.get_secret_value().encode()
-        if self.admin_token_env is not None and environ.get(self.admin_token_env):
-            return environ[self.admin_token_env].encode()
+            return self.admin_token.get_secret_value().strip().encode()
+        if self.admin_token_env is not None and environ.get(self.admin_token_env, "").strip():
+            return environ[self.admin_token_env].strip().encode()
         return None
 
 

@@ -57,12 +57,12 @@ def retry(
     decision: Decision, error: ProxyError, healthy: Healthy, fallback_of: FallbackOf
 ) -> Decision | None:
     """Where to retry a request whose backend failed before answering, or None."""
-    if decision.reason == "header" or decision.fallback_cause == "failed":
-        return None
+    if decision.reason == "header" or decision.fallback_from is not None:
+        return None  # forced, or already moved once (for any cause): one hop at most
     if not backend_failed(error):
         return None
     other = fallback_of(decision.backend)
-    if other is None or other == decision.backend or not healthy(other):
+    if other is None or not healthy(other):
         return None
     return decision.moved_to(other, "failed")
 

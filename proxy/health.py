@@ -85,15 +85,21 @@ class HealthBoard:
         state = self.backends.get(name)  # gone after a reload: no news is good news
         return state is None or state.healthy
 
-    def failure(self, name: str, kind: str) -> None:
-        state = self.backends.get(name)  # gone after a reload: nothing to record
+    def failure(self, name: str, url: str, kind: str) -> None:
+        state = self._state(name, url)
         if state is not None and state.failed(kind, time.monotonic()):
             self._on_change(name, state)
 
-    def success(self, name: str, *, probe: bool = False) -> None:
-        state = self.backends.get(name)
+    def success(self, name: str, url: str, *, probe: bool = False) -> None:
+        state = self._state(name, url)
         if state is not None and state.succeeded(time.monotonic(), probe=probe):
             self._on_change(name, state)
+
+    def _state(self, name: str, url: str) -> BackendHealth | None:
+        """The health of `name`, if `url` is still its address. A request routed before a
+        reload moved the backend (or removed it) says nothing about the new address."""
+        state = self.backends.get(name)
+        return state if state is not None and state.url == url else None
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -126,16 +132,25 @@ async def probe_forever(
 async def _probe(
     board: HealthBoard, transport: httpx.AsyncBaseTransport, name: str, url: str, rules: Health
 ) -> None:
-    timeout = httpx.Timeout(rules.probe_timeout).as_dict()
-    request = httpx.Request("GET", url + "/health", extensions={"timeout": timeout})
+    ok, detail = await probe(transport, url, rules.probe_timeout)
+    if ok:
+        board.success(name, url, probe=True)
+    else:
+        board.failure(name, url, detail)
+
+
+async def probe(transport: httpx.AsyncBaseTransport, url: str, timeout: float) -> tuple[bool, str]:
+    """GET the backend's /health: whether it passed, and what was seen. A 5xx fails
+    (mlx_lm.server answers 503 when its generation thread died); a 404 passes, since a
+    server without /health is still up."""
+    extensions = {"timeout": {"connect": timeout, "read": timeout}}
+    request = httpx.Request("GET", url + "/health", extensions=extensions)
     try:
         response = await transport.handle_async_request(request)
-        await response.aread()
-        await response.aclose()
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
     except httpx.HTTPError as exc:
-        board.failure(name, failure_kind(exc))
-        return
-    if response.status_code >= 500:  # mlx_lm.server: 503 when its generation thread died
-        board.failure(name, f"probe_http_{response.status_code}")
-    else:
-        board.success(name, probe=True)
+        return False, failure_kind(exc)
+    return response.status_code < 500, f"http_{response.status_code}"

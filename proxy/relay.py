@@ -93,8 +93,11 @@ async def open_upstream(transport: httpx.AsyncBaseTransport, exchange: Exchange)
 
 
 async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -> None:
-    """A non-stream answer: read it whole (it is one JSON object) and send it on."""
+    """A non-stream answer: read it whole (it is one JSON object) and send it on. The
+    whole of it falls under `first_token` (mlx_lm.server sends it all at the end)."""
     exchange.clock.headers()
+    first_token_by = exchange.sent_at + exchange.timeouts["read"]
+    set_read_timeout(response, max(first_token_by - time.perf_counter(), 0.001))
     body = await _read(response, exchange.backend)
     payload = _json_object(body)
     _count_tokens(exchange.record, payload.get("usage"))

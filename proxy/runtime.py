@@ -65,8 +65,6 @@ class Routes:
                 name: {
                     "connect": b.timeouts.connect,
                     "read": b.timeouts.first_token,
-                    "write": b.timeouts.idle,
-                    "pool": b.timeouts.connect,
                     "idle": b.timeouts.idle,
                 }
                 for name, b in config.backends.items()
@@ -142,17 +140,16 @@ class Runtime:
             return routes
 
     def _apply(self, config: Config) -> None:
-        """Carry health and slots over to the new config, by backend name."""
+        """Carry health and slots over to the new config, by backend name. Limiters are
+        never dropped: requests in flight give their slots back to the one they took them
+        from, and a backend removed and added again finds its slots still counted."""
         self.health.update(config)
-        limiters = {}
         for name, backend in config.backends.items():
             limiter = self.limiters.get(name)
             if limiter is None:
-                limiter = Limiter(backend)
+                self.limiters[name] = Limiter(backend)
             else:
                 limiter.update(backend)
-            limiters[name] = limiter
-        self.limiters = limiters
 
     def _gauges(self) -> tuple[str, Iterator[BackendGauges]]:
         def each() -> Iterator[BackendGauges]:
@@ -187,11 +184,7 @@ def needs_restart(old: Config, new: Config) -> list[str]:
         before, after = old.backends.get(name), new.backends.get(name)
         launch_before = before.launch if before else None
         launch_after = after.launch if after else None
-        if launch_before != launch_after or (
-            launch_before is not None
-            and before is not None
-            and after is not None
-            and before.url != after.url
-        ):
+        moved = before and after and before.launch and before.url != after.url
+        if launch_before != launch_after or moved:
             changed.append(f"backends.{name}.launch")
     return changed

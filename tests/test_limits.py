@@ -194,3 +194,75 @@ def test_retry_happens_once_never_for_forced_requests_nor_to_an_ejected_fallback
     # moved for being unhealthy, then failed on the fallback: the baseline has no fallback
     moved = Decision("baseline", "fallback", "speculative", "unhealthy")
     assert failover.retry(moved, error, healthy_except(), fallback_of) is None
+
+
+def test_retry_never_makes_a_second_hop() -> None:
+    chain = {"speculative": "baseline", "baseline": "spare", "spare": None}
+    error = BackendRefusedError("refused")
+    for cause in ("unhealthy", "full"):
+        moved = Decision("baseline", "fallback", "speculative", cause)
+        assert failover.retry(moved, error, healthy_except(), chain.get) is None
+
+
+# --- what a reload keeps --------------------------------------------------------------
+def routes_file(path: Any, backends: dict[str, Any]) -> Any:
+    import json
+
+    data = {
+        "model": "m",
+        "backends": backends,
+        "routing": {"split": {"baseline": 100}},
+        "logging": {"path": None, "stdout": False},
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+async def test_a_backend_removed_and_added_again_keeps_its_slots_counted(tmp_path: Any) -> None:
+    import random
+
+    import httpx
+
+    from proxy.accesslog import AccessLog
+    from proxy.config import load_config
+    from proxy.runtime import Routes, Runtime
+
+    both = {
+        "baseline": {"url": "http://127.0.0.1:1"},
+        "speculative": {"url": "http://127.0.0.1:2", "max_in_flight": 1, "max_queue": 0},
+    }
+    path = routes_file(tmp_path / "routes.yaml", both)
+    transport = httpx.MockTransport(lambda request: httpx.Response(200))
+    runtime = Runtime(
+        Routes.build(load_config(path)), transport, AccessLog(None, stdout=False),
+        random.Random(0), config_path=path,
+    )  # fmt: skip
+    held = runtime.limiters["speculative"]
+    await held.acquire()  # a long stream holds the one slot
+    routes_file(path, {"baseline": both["baseline"]})
+    await runtime.reload("test")
+    routes_file(path, both)
+    await runtime.reload("test")
+    assert runtime.limiters["speculative"] is held and held.active == 1
+    with pytest.raises(Full):  # still one at a time
+        await held.acquire()
+    held.release()
+    assert held.active == 0
+
+
+def test_health_from_an_old_address_is_ignored() -> None:
+    from proxy.config import parse_config
+    from proxy.health import HealthBoard
+
+    def config(url: str) -> Any:
+        return parse_config(
+            {"model": "m", "backends": {"b": {"url": url}}, "routing": {"split": {"b": 100}}}
+        )
+
+    changes: list[str] = []
+    board = HealthBoard(config("http://127.0.0.1:1"), lambda name, state: changes.append(name))
+    board.update(config("http://127.0.0.1:2"))  # a reload fixed the address
+    board.failure("b", "http://127.0.0.1:1", "refused")  # a request routed before it
+    assert board.healthy("b") and changes == []
+    board.failure("b", "http://127.0.0.1:2", "refused")
+    assert not board.healthy("b") and changes == ["b"]
