@@ -63,6 +63,20 @@ def two_backends(
     )
 
 
+def one_slot(
+    tmp_path: Path, fakes: Callable[..., FakeBackend], serve_proxy: Any, **queue: Any
+) -> tuple[RunningProxy, FakeBackend, FakeBackend, Background]:
+    """Speculative with one slot (and `queue` options), held by a 1 s stream sent first."""
+    baseline, speculative = fakes(), fakes()
+    config = two_backends(tmp_path, baseline.url, speculative.url, max_in_flight=1, **queue)
+    proxy = serve_proxy(config)
+    long = Background(
+        lambda: stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=10; delay=0.1"})
+    )
+    assert speculative.wait_for(lambda: len(speculative.requests) == 1, timeout=3)
+    return proxy, baseline, speculative, long
+
+
 def exactly(proxy: RunningProxy, count: int) -> list[dict[str, Any]]:
     """The request lines, once `count` have landed and no more follow."""
     proxy.wait_for_log(count)
@@ -428,14 +442,7 @@ def test_4xx_is_relayed_not_retried_and_not_a_failure(
 def test_full_backend_overflows_split_traffic_and_429s_forced_requests(
     tmp_path: Path, fakes: Callable[..., FakeBackend], serve_proxy: Any
 ) -> None:
-    baseline, speculative = fakes(), fakes()
-    proxy = serve_proxy(
-        two_backends(tmp_path, baseline.url, speculative.url, max_in_flight=1, max_queue=0)
-    )
-    long = Background(
-        lambda: stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=10; delay=0.1"})
-    )
-    assert speculative.wait_for(lambda: len(speculative.requests) == 1, timeout=3)
+    proxy, baseline, speculative, long = one_slot(tmp_path, fakes, serve_proxy, max_queue=0)
     split = httpx.post(proxy.url + CHAT, json=BODY, timeout=10)
     assert split.status_code == 200 and split.headers["x-backend"] == "baseline"
     forced = httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Backend": "speculative"})
@@ -460,21 +467,9 @@ def test_full_backend_overflows_split_traffic_and_429s_forced_requests(
 def test_queued_request_waits_for_the_slot_and_logs_its_wait(
     tmp_path: Path, fakes: Callable[..., FakeBackend], serve_proxy: Any
 ) -> None:
-    baseline, speculative = fakes(), fakes()
-    proxy = serve_proxy(
-        two_backends(
-            tmp_path,
-            baseline.url,
-            speculative.url,
-            max_in_flight=1,
-            max_queue=1,
-            queue_timeout=30,
-        )
+    proxy, baseline, speculative, long = one_slot(
+        tmp_path, fakes, serve_proxy, max_queue=1, queue_timeout=30
     )
-    long = Background(
-        lambda: stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=10; delay=0.1"})
-    )
-    assert speculative.wait_for(lambda: len(speculative.requests) == 1, timeout=3)
     time.sleep(0.2)  # the first has about 0.7 s to go
     sent_at = time.perf_counter()
     second = httpx.post(proxy.url + CHAT, json=BODY, timeout=10)
@@ -559,21 +554,7 @@ def test_client_leaving_the_queue_gives_up_its_place(
 def test_wait_that_times_out_in_the_queue_is_in_queue_ms(
     tmp_path: Path, fakes: Callable[..., FakeBackend], serve_proxy: Any
 ) -> None:
-    baseline, speculative = fakes(), fakes()
-    proxy = serve_proxy(
-        two_backends(
-            tmp_path,
-            baseline.url,
-            speculative.url,
-            max_in_flight=1,
-            max_queue=1,
-            queue_timeout=0.3,
-        )
-    )
-    long = Background(
-        lambda: stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=10; delay=0.1"})
-    )
-    assert speculative.wait_for(lambda: len(speculative.requests) == 1, timeout=3)
+    proxy, _, _, long = one_slot(tmp_path, fakes, serve_proxy, max_queue=1, queue_timeout=0.3)
     started = time.perf_counter()
     moved = httpx.post(proxy.url + CHAT, json=BODY, timeout=10)
     assert time.perf_counter() - started >= 0.3

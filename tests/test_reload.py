@@ -190,6 +190,13 @@ def stop(process: subprocess.Popen[bytes]) -> int:
         return process.wait(10)
 
 
+def wait_for_event(log: Path, name: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(line["event"] == name for line in read_log(log)):
+        assert time.monotonic() < deadline, f"no {name} event"
+        time.sleep(0.05)
+
+
 def test_sighup_reloads_the_file(fake: FakeBackend, fake2: FakeBackend, tmp_path: Path) -> None:
     data = routes(tmp_path, fake, fake2, {"baseline": 100})
     port = free_port()
@@ -202,21 +209,11 @@ def test_sighup_reloads_the_file(fake: FakeBackend, fake2: FakeBackend, tmp_path
         data["routing"]["split"] = {"speculative": 100}
         write(path, data)
         process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while not any(
-            e["event"] == "config_reloaded" for e in read_log(tmp_path / "requests.jsonl")
-        ):
-            assert time.monotonic() < deadline, "no config_reloaded event"
-            time.sleep(0.05)
+        wait_for_event(tmp_path / "requests.jsonl", "config_reloaded")
         assert httpx.post(url + CHAT, json=BODY).headers["x-backend"] == "speculative"
         write(path, "routing: [broken\n")
         process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while not any(
-            e["event"] == "config_rejected" for e in read_log(tmp_path / "requests.jsonl")
-        ):
-            assert time.monotonic() < deadline, "no config_rejected event"
-            time.sleep(0.05)
+        wait_for_event(tmp_path / "requests.jsonl", "config_rejected")
         assert httpx.post(url + CHAT, json=BODY).headers["x-backend"] == "speculative"
         assert process.poll() is None  # a bad file never stops the proxy
     finally:
