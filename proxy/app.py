@@ -98,7 +98,7 @@ def _probed(config: Config) -> Iterator[tuple[str, str, Health]]:
 
 
 async def reload_config(app: Starlette, source: str) -> None:
-    """Reload for a signal: the outcome goes to the log (and stderr), as nobody waits."""
+    """Reload for a signal: the outcome goes to the log only, as nobody waits for it."""
     runtime: Runtime | None = getattr(app.state, "runtime", None)
     if runtime is None:
         return  # not serving yet
