@@ -56,7 +56,12 @@ def create_app(
         )
         app.state.runtime = runtime  # for the SIGHUP handler, which has no request
         probes = asyncio.ensure_future(
-            probe_forever(runtime.health, upstream, lambda: _probed(runtime.config))
+            probe_forever(
+                runtime.health,
+                upstream,
+                lambda: _probed(runtime.config),
+                supervisor.loading if supervisor is not None else lambda name: False,
+            )
         )
         try:
             yield {"runtime": runtime}

@@ -117,21 +117,32 @@ async def probe_forever(
     board: HealthBoard,
     transport: httpx.AsyncBaseTransport,
     backends: Callable[[], Iterable[tuple[str, str, Health]]],
+    loading: Callable[[str], bool] = lambda name: False,
 ) -> None:
-    """Probe every backend's `/health` on its interval, until cancelled."""
+    """Probe every backend's `/health` on its interval, until cancelled. A backend the
+    proxy launched and is (re)starting fails its probe without one: mlx_lm.server answers
+    /health before its model is loaded, and requests sent then would wait for the load."""
     next_at: dict[str, float] = {}
     while True:
         now = time.monotonic()
         due = [b for b in backends() if next_at.get(b[0], 0.0) <= now]
         for name, _, rules in due:
             next_at[name] = now + rules.probe_interval
-        await asyncio.gather(*(_probe(board, transport, *b) for b in due))
+        await asyncio.gather(*(_probe(board, transport, *b, loading) for b in due))
         await asyncio.sleep(0.1)  # a tick: intervals are seconds, so 100 ms is exact enough
 
 
 async def _probe(
-    board: HealthBoard, transport: httpx.AsyncBaseTransport, name: str, url: str, rules: Health
+    board: HealthBoard,
+    transport: httpx.AsyncBaseTransport,
+    name: str,
+    url: str,
+    rules: Health,
+    loading: Callable[[str], bool],
 ) -> None:
+    if loading(name):
+        board.failure(name, url, "loading")
+        return
     ok, detail = await probe(transport, url, rules.probe_timeout)
     if ok:
         board.success(name, url, probe=True)

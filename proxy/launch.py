@@ -114,6 +114,11 @@ class Supervisor:
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: managed.status() for name, managed in self.backends.items()}
 
+    def loading(self, name: str) -> bool:
+        """Whether `name` is a launched backend that is not serving yet (or again)."""
+        managed = self.backends.get(name)
+        return managed is not None and not managed.ready
+
     async def start(self) -> None:
         """Start every backend in parallel and wait until all of them serve."""
         if not self.backends:

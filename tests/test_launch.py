@@ -215,11 +215,15 @@ async def test_a_backend_that_exits_is_restarted(tmp_path: Path) -> None:
     try:
         await supervisor.start()
         first = supervisor.backends["flaky"].process.pid  # type: ignore[union-attr]
+        assert not supervisor.loading("flaky") and not supervisor.loading("not-launched")
         os.killpg(first, signal.SIGKILL)  # a crash
         deadline = time.monotonic() + 15
+        seen_loading = False  # the health probes then keep it ejected
         while supervisor.backends["flaky"].restarts < 1 or not supervisor.backends["flaky"].ready:
+            seen_loading |= supervisor.loading("flaky")
             assert time.monotonic() < deadline, "not restarted"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
+        assert seen_loading and not supervisor.loading("flaky")
         assert supervisor.backends["flaky"].process.pid != first  # type: ignore[union-attr]
     finally:
         await supervisor.stop()

@@ -266,3 +266,28 @@ def test_health_from_an_old_address_is_ignored() -> None:
     assert board.healthy("b") and changes == []
     board.failure("b", "http://127.0.0.1:2", "refused")
     assert not board.healthy("b") and changes == ["b"]
+
+
+async def test_a_launched_backend_that_is_loading_fails_its_probes() -> None:
+    import httpx
+
+    from proxy.config import parse_config
+    from proxy.health import HealthBoard, probe_forever
+
+    config = parse_config(
+        {
+            "model": "m",
+            "backends": {"b": {"url": "http://127.0.0.1:1", "health": {"eject_after": 2}}},
+            "routing": {"split": {"b": 100}},
+        }
+    )
+    board = HealthBoard(config, lambda name, state: None)
+    answered = httpx.MockTransport(lambda request: httpx.Response(200))  # /health says ok
+    rules = config.backends["b"].health
+    probes = asyncio.ensure_future(
+        probe_forever(board, answered, lambda: [("b", "http://127.0.0.1:1", rules)], lambda n: True)
+    )
+    await asyncio.sleep(0.05)
+    probes.cancel()
+    await asyncio.gather(probes, return_exceptions=True)
+    assert board.backends["b"].failures >= 1 and board.backends["b"].last_error == "loading"
