@@ -36,6 +36,9 @@ Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+# How long a backend may keep a stream open after [DONE] before the proxy ends the client's
+# response anyway (and drops that connection): mlx_lm.server closes within 25 ms.
+AFTER_DONE_S = 0.5
 
 
 @dataclass(slots=True)
@@ -204,9 +207,11 @@ async def _forward_events(
             if done and not exchange.complete:
                 # The answer is whole now, not when the backend closes (mlx_lm.server takes
                 # 10-25 ms more): that is its latency, and a client that hangs up on [DONE]
-                # has not left early. Reading on to the end keeps keep-alive connections.
+                # has not left early. Reading on to the end keeps keep-alive connections,
+                # but only briefly: the client's response ends when this read does.
                 exchange.complete = True
                 clock.finish()
+                set_read_timeout(response, AFTER_DONE_S)
     return done
 
 

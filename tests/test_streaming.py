@@ -197,6 +197,18 @@ def test_the_answer_ends_at_done_not_when_the_backend_closes(proxy: RunningProxy
     assert line["latency_ms"] < 500
 
 
+def test_a_backend_that_keeps_the_stream_open_after_done_does_not_hold_the_client(
+    tmp_path: Path, fake: FakeBackend, serve_proxy: Any
+) -> None:
+    proxy = serve_proxy(make_config(tmp_path, {"baseline": fake.url}))  # idle: 60 s
+    started = time.perf_counter()
+    lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=3; linger=10"})
+    assert time.perf_counter() - started < 2  # the response ended: not after 10 s, nor 60
+    assert lines[-2] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    line = assert_one_sane_line(proxy)
+    assert (line["error"], line["client_disconnected"]) == (None, False)
+
+
 def test_a_failure_after_done_is_not_an_error(proxy: RunningProxy) -> None:
     """The backend lingers past the read timeout after [DONE]: the answer was whole."""
     lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=3; linger=2"})
