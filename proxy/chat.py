@@ -28,6 +28,7 @@ from proxy.relay import (
     Exchange,
     Receive,
     Send,
+    WriteWatch,
     open_upstream,
     relay_json,
     relay_stream,
@@ -127,6 +128,7 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
     # A plain task rather than an anyio task group: this runs for every request, and the
     # task group's cancel-scope bookkeeping was a measurable share of the proxy's CPU.
     watcher = asyncio.ensure_future(watch_disconnect(receive, call.exchange, task))
+    writes = WriteWatch(call.exchange, task, call.routes.config.limits.write_timeout)
     try:
         await _serve(call, decision, send)
     except asyncio.CancelledError:
@@ -137,6 +139,7 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
             record.status = CLIENT_CLOSED
     finally:
         watcher.cancel()
+        writes.stop()
 
 
 async def _serve(call: _Call, decision: Decision, send: Send) -> None:

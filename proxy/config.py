@@ -192,6 +192,9 @@ class Logging(_Frozen):
 
 class Limits(_Frozen):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # Seconds a client may leave the next chunk of its answer unaccepted (it stopped
+    # reading) before the proxy drops it: it holds a backend slot all that time.
+    write_timeout: float = Field(default=60.0, gt=0)
 
 
 class Auth(_Frozen):

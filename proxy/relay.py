@@ -57,6 +57,9 @@ class Exchange:
     complete: bool = False
     collect: list[str] | None = None  # the generated text goes here when shadowed
     sent_at: float = 0.0  # perf_counter() when the request went to the backend
+    # Body messages the client has accepted, and whether one is on its way: see WriteWatch.
+    sent: int = 0
+    sending: bool = False
 
     @property
     def timeouts(self) -> dict[str, float]:
@@ -117,7 +120,9 @@ async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     exchange.record.status = response.status_code
     exchange.complete = True
+    exchange.sending = True
     await send({"type": "http.response.body", "body": body})
+    exchange.sending = False
 
 
 async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send) -> None:
@@ -165,7 +170,10 @@ async def _send_events(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
         exchange.record.status = response.status_code
+    exchange.sending = True
     await send({"type": "http.response.body", "body": body, "more_body": True})
+    exchange.sending = False
+    exchange.sent += 1
 
 
 async def _forward_events(
@@ -233,6 +241,33 @@ async def watch_disconnect(receive: Receive, exchange: Exchange, task: asyncio.T
                 exchange.record.client_disconnected = True
                 task.cancel()
             return
+
+
+class WriteWatch:
+    """Drops a client that stopped reading: when the same body message has been waiting
+    for it at two checks `seconds` apart, the exchange's task is cancelled, as if the
+    client had left. Without it, such a client would hold its backend (a one-at-a-time
+    speculative server) for as long as its connection stays open. One timer per request,
+    and two attribute writes per message: nothing on the path of a client that reads."""
+
+    def __init__(self, exchange: Exchange, task: asyncio.Task[Any], seconds: float) -> None:
+        self._exchange, self._task, self._seconds = exchange, task, seconds
+        self._last = -1
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(seconds, self._check)
+
+    def _check(self) -> None:
+        exchange = self._exchange
+        if exchange.sending and exchange.sent == self._last:  # the same send, both times
+            exchange.record.client_disconnected = True
+            exchange.record.error = "client_write_timeout"
+            self._task.cancel()
+            return
+        self._last = exchange.sent if exchange.sending else -1
+        self._timer = self._loop.call_later(self._seconds, self._check)
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 async def send_error(send: Send, exc: ProxyError, headers: list[tuple[bytes, bytes]]) -> None:

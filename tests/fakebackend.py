@@ -138,6 +138,10 @@ class FakeBackend:
             else:
                 await asyncio.sleep(mode.get("prefill", 0) + mode.get("delay", 0) * mode["tokens"])
                 await _answer(writer, 200, _completion(seen.body, int(mode["tokens"])))
+        except ConnectionError:  # a write found the peer gone before the watcher did
+            if seen.client_closed_at is None:
+                seen.client_closed_at = time.perf_counter()
+            raise
         finally:
             watcher.cancel()
 

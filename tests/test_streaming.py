@@ -8,6 +8,7 @@ stream with an error event, and each of these leaves exactly one sane log line.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -216,3 +217,26 @@ def test_a_failure_after_done_is_not_an_error(proxy: RunningProxy) -> None:
     line = assert_one_sane_line(proxy)
     assert (line["error"], line["client_disconnected"]) == (None, False)
     assert line["latency_ms"] < 500
+
+
+def test_a_client_that_stops_reading_is_dropped_and_frees_the_backend(
+    tmp_path: Path, fake: FakeBackend, serve_proxy: Any
+) -> None:
+    config = make_config(tmp_path, {"baseline": fake.url}, limits={"write_timeout": 0.5})
+    proxy = serve_proxy(config)
+    body = json.dumps(STREAM).encode()
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-Fake: tokens=200000\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\n\r\n" + body
+        )  # fmt: skip
+        client.recv(1024)  # the answer started; then never read again
+        assert fake.wait_for(lambda: fake.requests and fake.requests[0].client_closed_at, 15)
+        [line] = proxy.wait_for_log(1, timeout=5)
+    assert (line["status"], line["client_disconnected"]) == (200, True)
+    assert line["error"] == "client_write_timeout"
+    assert httpx.get(proxy.url + "/healthz").json()["backends"]["baseline"]["in_flight"] == 0
