@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     versions = [v for group in args.config_version or [] for v in group] or None
     try:
-        split, split_source = _expected_split(args)
+        split, split_source, baseline = _expected_split(args)
         data = load_logs(args.logs)
         selected = select_versions(data.requests, versions)
     except UsageError as exc:
@@ -370,11 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NO_REQUESTS
     rng = np.random.default_rng(args.seed)
     report = build_report(
-        data, baseline=args.baseline, split=split, split_source=split_source,
+        data, baseline=baseline, split=split, split_source=split_source,
         rng=rng, n_boot=args.boot, versions=versions,
     )  # fmt: skip
     if args.html:
-        plots = figures(selected, _order(selected, args.baseline))
+        plots = figures(selected, _order(selected, baseline))
         page = render_html(report, plots, min_bucket_samples=MIN_BUCKET_SAMPLES)
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"specproxy: wrote {args.html}", file=sys.stderr)
@@ -390,13 +390,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _expected_split(args: argparse.Namespace) -> tuple[dict[str, float] | None, str | None]:
-    """The configured split, from --split, --config, or ./routes.yaml if it exists."""
+def _expected_split(
+    args: argparse.Namespace,
+) -> tuple[dict[str, float] | None, str | None, str]:
+    """The configured split, from --split, --config, or ./routes.yaml if it exists; where
+    it came from; and the baseline: --baseline, else the config's (`routing.baseline`)."""
     if args.split is not None:
-        return args.split, "--split"
+        return args.split, "--split", args.baseline or "baseline"
     path = args.config or ("routes.yaml" if Path("routes.yaml").is_file() else None)
     if path is None:
-        return None, None
+        return None, None, args.baseline or "baseline"
     from proxy.config import load_config
     from proxy.errors import ConfigError
 
@@ -404,7 +407,7 @@ def _expected_split(args: argparse.Namespace) -> tuple[dict[str, float] | None, 
         config = load_config(path)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    return dict(config.weights()), str(path)
+    return dict(config.weights()), str(path), args.baseline or config.baseline
 
 
 def parse_split(text: str) -> dict[str, float]:
@@ -446,7 +449,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Read request logs and report whether the speculative backend pays off.",
     )
     parser.add_argument("logs", nargs="*", metavar="LOG", help="log files or globs; - is stdin")
-    parser.add_argument("--baseline", default="baseline", help="backend to compare against")
+    parser.add_argument(
+        "--baseline",
+        help="backend to compare against (default: the config's routing.baseline, else baseline)",
+    )
     expected = parser.add_mutually_exclusive_group()
     expected.add_argument("--config", help="routes file whose routing.split is expected")
     expected.add_argument("--split", type=parse_split, help="expected split: a=50,b=50")

@@ -709,3 +709,21 @@ def test_old_logs_without_the_new_fields_are_one_unknown_version(
     ]  # fmt: skip
     assert result["config_versions"]["mixed"] is True
     assert result["sample_ratio"]["p_value"] is None
+
+
+def test_the_baseline_comes_from_the_config_unless_given(tmp_path: Path, capsys: Any) -> None:
+    log = write_log(
+        tmp_path / "log.jsonl",
+        traffic("ref", 100, decode=20.0, seed=1) + traffic("draft", 100, decode=26.0, seed=2),
+    )
+    config = tmp_path / "routes.yaml"
+    config.write_text(
+        "model: m\nbackends:\n  draft: {url: 'http://127.0.0.1:1'}\n"
+        "  ref: {url: 'http://127.0.0.1:2'}\n"
+        "routing: {baseline: ref, split: {draft: 50, ref: 50}}\n"
+    )
+    result = run_json(capsys, str(log), "--config", str(config))
+    assert result["baseline"] == "ref" and list(result["comparison"]) == ["draft"]
+    forced = run_json(capsys, str(log), "--config", str(config), "--baseline", "draft")
+    assert forced["baseline"] == "draft" and list(forced["comparison"]) == ["ref"]
+    assert run_json(capsys, str(log), "--split", "ref=50,draft=50")["baseline"] == "baseline"
