@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.config import Auth
-from proxy.errors import AuthenticationError, ConfigError, ForbiddenError, ProxyError
+from proxy.errors import AuthenticationError, ConfigError, ForbiddenError
 
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/stats"})  # for probes and scrapers
 
@@ -46,7 +46,17 @@ def resolve_keys(auth: Auth, environ: Mapping[str, str] = os.environ) -> Keys:
     ):
         if name is not None and not environ.get(name, "").strip():
             raise ConfigError(f"auth.{key}: environment variable {name} is not set or empty")
-    return Keys(auth.client_keys(environ), auth.admin(environ))
+    keys = [key.get_secret_value().strip() for key in auth.api_keys]
+    if auth.api_keys_env is not None:
+        keys += [key.strip() for key in environ[auth.api_keys_env].split(",") if key.strip()]
+    admin = None
+    if auth.admin_token is not None:  # the file's token first, as for the keys
+        admin = auth.admin_token.get_secret_value()
+    elif auth.admin_token_env is not None:
+        admin = environ[auth.admin_token_env]
+    return Keys(
+        tuple(key.encode() for key in keys), admin.strip().encode() if admin is not None else None
+    )
 
 
 def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -98,8 +108,3 @@ def is_loopback(host: str) -> bool:
         return False  # no address (a Unix socket) or a name: not known to be local
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
-
-
-def rejected(exc: ProxyError) -> dict[str, Any]:
-    """The log fields of a refused request: what and why, never the key."""
-    return {"status": exc.status, "error": exc.kind}

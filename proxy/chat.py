@@ -72,7 +72,7 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
         _note(record, decision)
         decision = failover.steer(decision, runtime.health.healthy, routes.config.fallback_of)
         exchange = _exchange(routes, scope, request, decision.backend, record, clock)
-        exchange.response_headers = response_headers
+        exchange.response_headers = response_headers  # `_aim` adds x-backend to them
         call = _Call(runtime, routes, scope, request, exchange)
         if wants_shadow(routes.config.shadow, request, decision.backend, runtime.rng):
             call.exchange.collect = []
@@ -222,14 +222,12 @@ def _aim(call: _Call, decision: Decision) -> None:
     exchange, backend = call.exchange, decision.backend
     _note(exchange.record, decision)
     if exchange.backend != backend:  # moved: a new request, for the backend's model name
-        aimed = _exchange(
-            call.routes, call.scope, call.request, backend, exchange.record, exchange.clock
+        routes, request = call.routes, call.request
+        exchange.backend = backend
+        exchange.request = _upstream_request(
+            routes, call.scope, request, backend, exchange.record.request_id
         )
-        exchange.backend, exchange.request, exchange.rewrites = (
-            backend,
-            aimed.request,
-            aimed.rewrites,
-        )
+        exchange.rewrites = model_rewriter(routes.config.backends[backend].model, request.model)
     exchange.response_headers[1:] = [(b"x-backend", backend.encode())]
 
 

@@ -196,11 +196,13 @@ def _event_loop_run(coroutine: Coroutine[Any, Any, int]) -> int:
 
 def _open_log(config: Config) -> AccessLog:
     try:
-        return AccessLog(config.logging.path, stdout=config.logging.stdout)
+        log = AccessLog(config.logging.path, stdout=config.logging.stdout)
     except OSError as exc:
         raise ConfigError(
             f"logging.path: cannot open {config.logging.path}: {exc.strerror}"
         ) from None
+    log.bind(config_version=config.version())  # the backends' start-up lines carry it too
+    return log
 
 
 def describe(config: Config) -> str:

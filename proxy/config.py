@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -198,9 +197,9 @@ class Limits(_Frozen):
 
 
 class Auth(_Frozen):
-    """Client API keys (`Authorization: Bearer <key>`) for /v1/*, and an admin token for
-    /admin/*. Keys come from the file or from environment variables (comma-separated),
-    which are read when the config is loaded. SecretStr keeps them out of reprs and logs."""
+    """Client API keys (`Authorization: Bearer <key>`), and an admin token for /admin/*.
+    Keys come from the file or from environment variables (comma-separated), which
+    auth.resolve_keys reads. SecretStr keeps them out of reprs and logs."""
 
     api_keys: list[SecretStr] = []
     api_keys_env: str | None = None
@@ -220,19 +219,6 @@ class Auth(_Frozen):
         if token is not None and not token.get_secret_value().strip():
             raise ValueError("the admin token must not be empty")
         return token
-
-    def client_keys(self, environ: Mapping[str, str]) -> tuple[bytes, ...]:
-        keys = [key.get_secret_value() for key in self.api_keys]
-        if self.api_keys_env is not None:
-            keys += [k.strip() for k in environ.get(self.api_keys_env, "").split(",") if k.strip()]
-        return tuple(key.encode() for key in keys)
-
-    def admin(self, environ: Mapping[str, str]) -> bytes | None:
-        if self.admin_token is not None:
-            return self.admin_token.get_secret_value().strip().encode()
-        if self.admin_token_env is not None and environ.get(self.admin_token_env, "").strip():
-            return environ[self.admin_token_env].strip().encode()
-        return None
 
 
 class Shutdown(_Frozen):

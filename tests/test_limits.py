@@ -1,22 +1,30 @@
-"""Concurrency slots and the wait queue (proxy/limits.py), and the pure failover decisions."""
+"""Concurrency slots and the wait queue (proxy/limits.py), the pure failover decisions, and
+what slots and health keep across reloads and restarts."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import random
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from proxy import failover
-from proxy.config import Backend
+from proxy.accesslog import AccessLog
+from proxy.config import Backend, load_config, parse_config
 from proxy.errors import (
     BackendRefusedError,
     BackendStatusError,
     BackendTimeoutError,
     BackendUnavailableError,
 )
+from proxy.health import HealthBoard, probe_forever
 from proxy.limits import Full, Limiter
 from proxy.routing import Decision
+from proxy.runtime import Routes, Runtime
 
 pytestmark = pytest.mark.anyio
 
@@ -205,9 +213,7 @@ def test_retry_never_makes_a_second_hop() -> None:
 
 
 # --- what a reload keeps --------------------------------------------------------------
-def routes_file(path: Any, backends: dict[str, Any]) -> Any:
-    import json
-
+def routes_file(path: Path, backends: dict[str, Any]) -> Path:
     data = {
         "model": "m",
         "backends": backends,
@@ -218,15 +224,7 @@ def routes_file(path: Any, backends: dict[str, Any]) -> Any:
     return path
 
 
-async def test_a_backend_removed_and_added_again_keeps_its_slots_counted(tmp_path: Any) -> None:
-    import random
-
-    import httpx
-
-    from proxy.accesslog import AccessLog
-    from proxy.config import load_config
-    from proxy.runtime import Routes, Runtime
-
+async def test_a_backend_removed_and_added_again_keeps_its_slots_counted(tmp_path: Path) -> None:
     both = {
         "baseline": {"url": "http://127.0.0.1:1"},
         "speculative": {"url": "http://127.0.0.1:2", "max_in_flight": 1, "max_queue": 0},
@@ -251,9 +249,6 @@ async def test_a_backend_removed_and_added_again_keeps_its_slots_counted(tmp_pat
 
 
 def test_health_from_an_old_address_is_ignored() -> None:
-    from proxy.config import parse_config
-    from proxy.health import HealthBoard
-
     def config(url: str) -> Any:
         return parse_config(
             {"model": "m", "backends": {"b": {"url": url}}, "routing": {"split": {"b": 100}}}
@@ -269,11 +264,6 @@ def test_health_from_an_old_address_is_ignored() -> None:
 
 
 async def test_a_launched_backend_that_is_loading_fails_its_probes() -> None:
-    import httpx
-
-    from proxy.config import parse_config
-    from proxy.health import HealthBoard, probe_forever
-
     config = parse_config(
         {
             "model": "m",

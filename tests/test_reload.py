@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from proxy.config import load_config
-from tests.conftest import RunningProxy, free_port, read_log, stream_lines
+from tests.conftest import RunningProxy, free_port, make_config, read_log, stream_lines
 from tests.fakebackend import FakeBackend
 
 CHAT = "/v1/chat/completions"
@@ -112,8 +112,6 @@ def test_a_file_that_is_not_yaml_is_rejected(reloadable: Any) -> None:
 
 
 def test_reload_without_a_file_says_so(fake: FakeBackend, tmp_path: Path, serve_proxy: Any) -> None:
-    from tests.conftest import make_config
-
     proxy = serve_proxy(make_config(tmp_path, {"baseline": fake.url}))
     answer = httpx.post(proxy.url + "/admin/reload")
     assert answer.status_code == 400 and "no config file" in answer.json()["error"]["message"]
