@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
+from starlette.types import Scope
 
 from proxy import failover
 from proxy.accesslog import RequestRecord, request_id
@@ -29,6 +29,7 @@ from proxy.relay import (
     Receive,
     Send,
     WriteWatch,
+    close_upstream,
     open_upstream,
     relay_json,
     relay_stream,
@@ -51,11 +52,11 @@ class ClientGoneError(Exception):
 class Completions:
     """`POST /v1/chat/completions` and friends. A class, so Starlette mounts it as ASGI."""
 
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await completions(scope, receive, send)
 
 
-async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+async def completions(scope: Scope, receive: Receive, send: Send) -> None:
     runtime: Runtime = scope["state"]["runtime"]
     routes = runtime.routes  # read once: a reload meanwhile does not change this request
     clock = Clock()
@@ -88,8 +89,11 @@ async def completions(scope: dict[str, Any], receive: Receive, send: Send) -> No
     except asyncio.CancelledError:  # not the client leaving: the server's shutdown deadline
         record.error = record.error or "cancelled"
         raise
-    except Exception:  # a bug: logged as such here, answered and traced by the app
+    except Exception:  # a bug: answered and logged here, its traceback by the server
+        answered = record.status is not None
         record.status, record.error = 500, "internal_error"
+        if not answered and not record.client_disconnected:
+            await send_error(send, ProxyError("internal error in the proxy"), response_headers)
         raise
     finally:
         _finish(runtime, record, clock)
@@ -103,7 +107,7 @@ class _Call:
 
     runtime: Runtime
     routes: Routes
-    scope: dict[str, Any]
+    scope: Scope
     request: ChatRequest
     exchange: Exchange
 
@@ -246,7 +250,7 @@ async def _relay(transport: httpx.AsyncBaseTransport, exchange: Exchange, send: 
     except OSError:  # servers on ASGI spec 2.4 raise it when the client is gone (uvicorn: 2.3)
         exchange.record.client_disconnected = True
     finally:
-        await response.aclose()
+        await close_upstream(response)
 
 
 def _start_shadow(call: _Call) -> None:
@@ -270,7 +274,7 @@ def _start_shadow(call: _Call) -> None:
 
 def _exchange(
     routes: Routes,
-    scope: dict[str, Any],
+    scope: Scope,
     request: ChatRequest,
     backend: str,
     record: RequestRecord,
@@ -288,7 +292,7 @@ def _exchange(
 
 
 def _upstream_request(
-    routes: Routes, scope: dict[str, Any], request: ChatRequest, backend: str, request_id: str
+    routes: Routes, scope: Scope, request: ChatRequest, backend: str, request_id: str
 ) -> httpx.Request:
     url = routes.upstream_url(backend, scope["path"])
     body = upstream_body(request, routes.config.backends[backend].model)

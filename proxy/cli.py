@@ -13,15 +13,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from starlette.applications import Starlette
-
 from proxy.accesslog import AccessLog
-from proxy.app import create_app, reload_config
+from proxy.app import ProxyApp, create_app, reload_config
 from proxy.auth import is_loopback, resolve_keys
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.launch import LaunchError, Supervisor, build_command
+from proxy.server import Server
 
 EXIT_CONFIG = 2
 EXIT_LAUNCH = 3
@@ -74,7 +72,7 @@ async def serve(
 ) -> int:
     """Bring up the launched backends, serve until a signal, then stop them all.
 
-    On SIGTERM or SIGINT, uvicorn stops accepting and lets in-flight requests finish for up
+    On SIGTERM or SIGINT, the server stops accepting and lets in-flight requests finish for up
     to `shutdown.grace_seconds` (then cancels them: each still gets its log line); only
     then are the launched backends stopped. SIGHUP reloads the config file.
     """
@@ -82,13 +80,11 @@ async def serve(
     try:
         await supervisor.start()
         app = create_app(config, log=log, supervisor=supervisor, config_path=config_path)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                access_log=False,  # our own line per request replaces it
-                log_level="warning",
-                timeout_graceful_shutdown=config.shutdown.grace_seconds,
-            )
+        server = Server(
+            app,
+            lambda: app.router.lifespan_context(app),
+            grace_seconds=config.shutdown.grace_seconds,
+            on_reject=lambda **fields: log.event("rejected", **fields),
         )
         stop.server, stop.app = server, app
         host, port = listener.getsockname()[:2]
@@ -117,15 +113,15 @@ async def run_backends(config: Config, log: AccessLog, stop: _Stop) -> int:
 
 class _Stop:
     """What a SIGINT/SIGTERM does. Always: no more backend restarts (systemd and a terminal
-    may signal the backends too). During start-up: interrupt it. While serving: uvicorn's
-    graceful shutdown (uvicorn gets the signal as well). While only backends run: end."""
+    may signal the backends too). During start-up: interrupt it. While serving: the server's
+    graceful shutdown. While only backends run: end."""
 
     def __init__(self, task: asyncio.Task[Any]):
         self.task = task
         self.event = asyncio.Event()
         self.supervisor: Supervisor | None = None
-        self.server: uvicorn.Server | None = None
-        self.app: Starlette | None = None
+        self.server: Server | None = None
+        self.app: ProxyApp | None = None
         self.running = False
         self.signal: int | None = None
         self._reloads: set[asyncio.Task[None]] = set()
@@ -144,7 +140,7 @@ class _Stop:
         if self.supervisor is not None:
             self.supervisor.begin_stop()
         if self.server is not None:
-            self.server.should_exit = True
+            self.server.shutdown()
         elif not self.running and not self.event.is_set():
             self.task.cancel()
         self.event.set()

@@ -93,7 +93,7 @@ async def open_upstream(transport: httpx.AsyncBaseTransport, exchange: Exchange)
         try:
             body = await _read(response, exchange.backend)
         finally:
-            await response.aclose()
+            await close_upstream(response)
         raise BackendStatusError(response.status_code, body, exchange.backend)
     return response
 
@@ -289,6 +289,13 @@ async def _fail_stream(send: Send, exchange: Exchange, exc: ProxyError) -> None:
     exchange.complete = True
     event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
     await send({"type": "http.response.body", "body": event, "more_body": False})
+
+
+async def close_upstream(response: httpx.Response) -> None:
+    """Give the connection back to the pool, or close it if the answer is unfinished.
+    The stream's own `aclose`: httpx's `Response.aclose` wraps it in a context manager, a
+    measurable cost once per request."""
+    await response.stream.aclose()  # type: ignore[union-attr]
 
 
 def _raw(response: httpx.Response) -> AsyncIterator[bytes]:

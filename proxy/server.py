@@ -1,0 +1,498 @@
+"""The HTTP/1.1 server the proxy runs on: asyncio and httptools, ASGI for one app.
+
+Why not uvicorn: every completion passes through the server twice (in and out), and under
+load uvicorn was a quarter of the proxy's CPU (`scripts/bench_overhead.py`, py-spy). Most of
+that was its generality: a task, an event and a message-validation pass per request, and a
+socket write for the response head on its own, before the body. Here the head goes out
+with the first body message, in one write, and a request costs one task.
+
+What it does: HTTP/1.1 and 1.0 over TCP, keep-alive (closed after `keep_alive` idle seconds),
+pipelined requests answered in order, Content-Length and chunked request bodies read as the
+app asks for them (reading pauses when 64 KiB are waiting), `Expect: 100-continue`, write
+back-pressure (`send` waits while the client is not reading), ASGI lifespan through a context
+manager, and a graceful shutdown. What it does not: TLS, HTTP/2, WebSockets, Unix sockets.
+Requests the parser rejects get an OpenAI-shaped 400 (431 for oversized heads) and a closed
+connection.
+
+ASGI as uvicorn speaks it (spec 2.3): `send` after the client left is a no-op, and
+`receive` then returns `http.disconnect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+import orjson
+from starlette.types import ASGIApp, Message
+
+from proxy.errors import openai_error
+
+Lifespan = Callable[[], contextlib.AbstractAsyncContextManager[Mapping[str, Any] | None]]
+
+_READ_PAUSE_ABOVE = 64 * 1024  # request body bytes buffered before reading stops
+_MAX_HEAD = 64 * 1024  # request line and headers: more is a 431
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_log = logging.getLogger("proxy.server")
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
+
+
+_STATUS_LINES = {status.value: _status_line(status.value) for status in HTTPStatus}
+
+
+class _Date:
+    """The Date header, formatted once a second rather than once a response."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._header = b""
+
+    def header(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._header = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self._header
+
+
+class Server:
+    """Serve `app` on listening sockets until `shutdown()` is called."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        lifespan: Lifespan,
+        *,
+        keep_alive: float = 5.0,
+        grace_seconds: float = 30.0,
+        on_reject: Callable[..., None] | None = None,
+    ) -> None:
+        """`on_reject(status=, error=, client=, detail=)` hears of requests the parser
+        refused (the app never sees them): the proxy puts them in its log."""
+        self.app = app
+        self.on_reject = on_reject
+        self._lifespan = lifespan
+        self.keep_alive = keep_alive
+        self.grace_seconds = grace_seconds
+        self.state: dict[str, Any] = {}
+        self.connections: set[_Connection] = set()
+        self.date = _Date()
+        self.started = False
+        self._stopping = asyncio.Event()
+
+    async def serve(self, sockets: list[socket.socket]) -> None:
+        """Run the lifespan, serve until `shutdown()`, then drain and end the lifespan."""
+        loop = asyncio.get_running_loop()
+        async with self._lifespan() as state:
+            self.state = dict(state or {})
+            servers = [
+                await loop.create_server(lambda: _Connection(self), sock=sock, backlog=2048)
+                for sock in sockets
+            ]
+            self.started = True
+            try:
+                await self._stopping.wait()
+            finally:
+                for server in servers:
+                    server.close()
+                await self._drain()
+
+    def shutdown(self) -> None:
+        """Stop accepting; requests in flight get `grace_seconds` to finish."""
+        self._stopping.set()
+
+    async def _drain(self) -> None:
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = time.monotonic() + self.grace_seconds
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        tasks = [conn.task for conn in self.connections if conn.task is not None]
+        for task in tasks:
+            task.cancel()  # past the grace period: the app logs them as cancelled
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        for conn in list(self.connections):
+            conn.abort()
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: requests parsed as they arrive, answered one at a time."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.task: asyncio.Task[None] | None = None  # the request being answered
+        self.active: _Exchange | None = None
+        self.parsing: _Exchange | None = None  # the request whose bytes are arriving
+        self.queue: deque[_Exchange] = deque()  # pipelined requests, in order
+        self.closing = False
+        self.write_paused: asyncio.Future[None] | None = None
+        self.read_paused = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._idle: asyncio.TimerHandle | None = None
+        self.client: tuple[str, int] | None = None
+        self.local: tuple[str, int] | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self.client = _address(transport.get_extra_info("peername"))
+        self.local = _address(transport.get_extra_info("sockname"))
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self._cancel_idle()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.closing = True  # no protocol switch: the request is answered, then closed
+        except httptools.HttpParserError as exc:
+            self._reject(400, "bad_request", f"malformed HTTP request: {exc}")
+        except _HeadTooLarge:
+            self._reject(431, "request_header_fields_too_large", "request headers are too large")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self._cancel_idle()
+        for exchange in (self.active, self.parsing, *self.queue):
+            if exchange is not None:
+                exchange.disconnected = True
+                exchange.wake()
+        if self.write_paused is not None and not self.write_paused.done():
+            self.write_paused.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: no half-open connections
+
+    def pause_writing(self) -> None:
+        if self.write_paused is None or self.write_paused.done():
+            self.write_paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.write_paused is not None and not self.write_paused.done():
+            self.write_paused.set_result(None)
+
+    # --- httptools callbacks ----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._grow(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+        self._grow(len(name) + len(value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        url = httptools.parse_url(self._url)
+        raw_path = url.path or b"/"
+        version = parser.get_http_version()
+        scope = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": version,
+            "server": self.local,
+            "client": self.client,
+            "scheme": "http",
+            "method": parser.get_method().decode("ascii"),
+            "root_path": "",
+            "path": unquote(raw_path.decode("ascii", "replace")),
+            "raw_path": raw_path,
+            "query_string": url.query or b"",
+            "headers": self._headers,
+            "state": self.server.state.copy(),
+        }
+        exchange = _Exchange(self, scope, keep_alive=parser.should_keep_alive())
+        exchange.expect_continue = (b"expect", b"100-continue") in (
+            (n, v.lower()) for n, v in self._headers
+        )
+        self.parsing = exchange
+        if self.active is None:
+            self._start(exchange)
+        else:
+            self.queue.append(exchange)
+            self._pause_reading()  # one request ahead at most: the client waits its turn
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.parsing
+        if exchange is None or exchange.complete:  # answered already: the rest is dropped
+            return
+        exchange.body.append(body)
+        exchange.buffered += len(body)
+        if exchange.buffered > _READ_PAUSE_ABOVE:
+            self._pause_reading()
+        exchange.wake()
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        if exchange is not None:
+            exchange.more_body = False
+            exchange.wake()
+        self.parsing = None
+
+    # --- the exchanges ------------------------------------------------------------------
+    def _start(self, exchange: _Exchange) -> None:
+        self.active = exchange
+        self.task = self.loop.create_task(exchange.run())
+
+    def finished(self, exchange: _Exchange) -> None:
+        """The app is done with `exchange`: next pipelined request, idle, or close."""
+        self.active, self.task = None, None
+        # A body the app did not read to the end (a 413) may still be arriving: close.
+        unread = exchange.more_body
+        if unread or not exchange.keep_alive or self.closing or self.transport.is_closing():
+            self.transport.close()
+            return
+        if self.queue:
+            self._start(self.queue.popleft())
+            if not self.queue:
+                self._resume_reading()
+        else:
+            self._resume_reading()
+            self._arm_idle()
+
+    def resume_body(self) -> None:
+        """The app read the buffered body: read on, unless pipelined requests wait."""
+        if not self.queue:
+            self._resume_reading()
+
+    def close_when_idle(self) -> None:
+        """Shutdown: close now if nothing is being answered, else after the answer."""
+        self.closing = True
+        if self.active is None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def _reject(self, status: int, code: str, message: str) -> None:
+        """A request the parser refused: answered (if nothing is being answered), closed."""
+        self.closing = True
+        if self.server.on_reject is not None:
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else None
+            self.server.on_reject(status=status, error=code, client=client, detail=message)
+        if self.active is None:
+            body = orjson.dumps(openai_error(message, "invalid_request_error", code=code))
+            self.transport.write(
+                _STATUS_LINES.get(status, _status_line(status))
+                + b"content-type: application/json\r\ncontent-length: "
+                + str(len(body)).encode()
+                + b"\r\nconnection: close\r\n\r\n"
+                + body
+            )
+            self.transport.close()
+
+    def _grow(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > _MAX_HEAD:
+            raise _HeadTooLarge
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _arm_idle(self) -> None:
+        self._idle = self.loop.call_later(self.server.keep_alive, self._close_idle)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _close_idle(self) -> None:
+        if self.active is None and self.parsing is None:
+            self.transport.close()
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _Exchange:
+    """One request and its response: ASGI's `receive` and `send`."""
+
+    __slots__ = (
+        "body",
+        "buffered",
+        "chunked",
+        "complete",
+        "conn",
+        "disconnected",
+        "ended",
+        "expect_continue",
+        "head",
+        "keep_alive",
+        "more_body",
+        "scope",
+        "started",
+        "waiter",
+    )
+
+    def __init__(self, conn: _Connection, scope: dict[str, Any], *, keep_alive: bool) -> None:
+        self.conn = conn
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.expect_continue = False
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.more_body = True
+        self.ended = False  # the last of the body was handed to the app
+        self.disconnected = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.head = b""  # the response head, held until the first body message
+        self.chunked = False
+        self.started = False
+        self.complete = False
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self.waiter = self.conn.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    async def run(self) -> None:
+        conn = self.conn
+        try:
+            await conn.server.app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                _log.error("exception in the app", exc_info=exc)
+            if not self.started and not self.disconnected:
+                await self._internal_error()
+            elif not self.complete:
+                conn.transport.close()  # a half-sent answer must not look complete
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not self.started and not self.disconnected:
+                _log.error("the app returned without answering")
+                await self._internal_error()
+            elif not self.complete:
+                conn.transport.close()
+        finally:
+            conn.finished(self)
+
+    async def _internal_error(self) -> None:
+        body = orjson.dumps(
+            openai_error("internal error in the proxy", "server_error", code="internal_error")
+        )
+        self.keep_alive = False
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def receive(self) -> Message:
+        if self.expect_continue and not self.started and not self.disconnected:
+            self.expect_continue = False  # the client waits for this before sending its body
+            self.conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while not self.disconnected and not self.complete:
+            if not self.ended and (self.body or not self.more_body):
+                body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+                self.body.clear()
+                self.buffered = 0
+                self.ended = not self.more_body
+                self.conn.resume_body()
+                return {"type": "http.request", "body": body, "more_body": self.more_body}
+            await self._wait()  # for more body, or (body read) for the client to leave
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("http.response.start sent twice")
+            self.started = True
+            self.head = self._head(message["status"], message.get("headers", ()))
+            return
+        if kind != "http.response.body" or not self.started or self.complete:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+        conn = self.conn
+        if conn.write_paused is not None and not conn.write_paused.done():
+            await conn.write_paused  # the client is slow: wait until it reads
+            if self.disconnected:
+                return
+        body: bytes = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.scope["method"] == "HEAD":
+            body = b""
+        elif self.chunked:
+            framed = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            body = framed if more else framed + b"0\r\n\r\n"
+        if self.head:
+            body, self.head = self.head + body, b""
+        if body:
+            conn.transport.write(body)
+        if not more:
+            self.complete = True
+            self.wake()  # a `receive` waiting for the client to leave: the answer is over
+
+    def _head(self, status: int, headers: Any) -> bytes:
+        parts = [_STATUS_LINES.get(status) or _status_line(status), self.conn.server.date.header()]
+        framed = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"content-length" or lower == b"transfer-encoding":
+                framed = True
+            elif lower == b"connection" and b"close" in value.lower():
+                self.keep_alive = False
+            parts.append(b"%b: %b\r\n" % (name, value))
+        if not framed and status >= 200 and status not in (204, 304):
+            self.chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if not self.keep_alive or self.conn.closing:
+            self.keep_alive = False
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+def _address(info: Any) -> tuple[str, int] | None:
+    if isinstance(info, tuple) and len(info) >= 2:
+        return str(info[0]), int(info[1])
+    return None
