@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -24,7 +24,7 @@ def request_id(given: str | None) -> str:
     return given or os.urandom(16).hex()
 
 
-@dataclass(slots=True)
+@dataclass  # not slots: `fields()` copies the instance's __dict__, in the fields' order
 class RequestRecord:
     """Everything the request line says, filled in as the request goes."""
 
@@ -52,42 +52,41 @@ class RequestRecord:
 
     def fields(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies, and this runs once per request.
-        return {name: getattr(self, name) for name in _RECORD_FIELDS}
+        return self.__dict__.copy()
 
 
-_RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord))
-
-
-def _dumps(obj: Any, **_: Any) -> str:
-    return orjson.dumps(obj).decode()
+def _dumps(obj: Any, **_: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class _Sinks:
-    """A structlog "logger": `msg(line)` writes the rendered line to every sink."""
+    """A structlog "logger": `msg(line)` writes the rendered line to every sink, each in
+    one unbuffered write (bytes end to end, as structlog's performance notes advise: the
+    text layer and its flush were a measurable share of the proxy's CPU)."""
 
-    def __init__(self, streams: list[IO[str]]):
-        self._streams = streams
+    def __init__(self, sinks: list[BinaryIO]):
+        self._sinks = sinks
 
-    def msg(self, line: str) -> None:
-        for stream in self._streams:
-            stream.write(line + "\n")
-            stream.flush()
+    def msg(self, line: bytes) -> None:
+        for sink in self._sinks:
+            sink.write(line)
+            sink.flush()  # a no-op on the unbuffered file; stdout may be buffered
 
     info = warning = error = msg
 
 
 class AccessLog:
     def __init__(self, path: Path | None, *, stdout: bool = True):
-        self._file: IO[str] | None = None
-        streams: list[IO[str]] = [sys.stdout] if stdout else []
+        self._file: BinaryIO | None = None
+        sinks: list[BinaryIO] = [sys.stdout.buffer] if stdout else []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("a", encoding="utf-8")
-            streams.append(self._file)
+            self._file = path.open("ab", buffering=0)
+            sinks.append(self._file)
         # `.bind()` now: the lazy proxy `wrap_logger` returns would rebuild the bound
         # logger on every call, a third of the cost of a log line.
         self.logger = structlog.wrap_logger(
-            _Sinks(streams),
+            _Sinks(sinks),
             processors=[
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 structlog.processors.JSONRenderer(serializer=_dumps),

@@ -29,7 +29,7 @@ from proxy.launch import Supervisor
 from proxy.metrics import CONTENT_TYPE
 from proxy.relay import Receive, Send, send_error
 from proxy.runtime import Routes, Runtime
-from proxy.upstream import UpstreamTransport
+from proxy.upstream import Transport, UpstreamTransport, as_transport
 
 _HEALTH_TIMEOUT = 2.0  # seconds, for the probes /healthz makes while the caller waits
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/completions"})
@@ -57,7 +57,7 @@ class ProxyApp(Starlette):
 def create_app(
     config: Config,
     *,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: Transport | httpx.AsyncBaseTransport | None = None,
     rng: random.Random | None = None,
     log: AccessLog | None = None,
     supervisor: Supervisor | None = None,
@@ -71,7 +71,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         access_log = log or AccessLog(config.logging.path, stdout=config.logging.stdout)
-        upstream = transport or UpstreamTransport()
+        upstream = as_transport(transport) if transport is not None else UpstreamTransport()
         runtime = Runtime(
             initial, upstream, access_log, rng or random.Random(), supervisor, config_path
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import httpx
 from starlette.types import Scope
 
 from proxy import failover
@@ -29,6 +28,7 @@ from proxy.relay import (
     Receive,
     Send,
     WriteWatch,
+    client_left,
     close_upstream,
     open_upstream,
     relay_json,
@@ -38,8 +38,10 @@ from proxy.relay import (
 )
 from proxy.routing import Decision, choose
 from proxy.runtime import Routes, Runtime
+from proxy.server import ON_DISCONNECT
 from proxy.shadow import Mirror, wants_shadow
 from proxy.timing import Clock
+from proxy.upstream import Transport, UpstreamRequest
 
 # nginx's status for "client closed the request before the answer": logged, never sent.
 CLIENT_CLOSED = 499
@@ -129,9 +131,13 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
     record = call.exchange.record
     task = asyncio.current_task()
     assert task is not None
-    # A plain task rather than an anyio task group: this runs for every request, and the
-    # task group's cancel-scope bookkeeping was a measurable share of the proxy's CPU.
-    watcher = asyncio.ensure_future(watch_disconnect(receive, call.exchange, task))
+    watcher = None
+    on_disconnect = call.scope.get("extensions", {}).get(ON_DISCONNECT)
+    if on_disconnect is not None:  # our server calls back: no task needed
+        on_disconnect(lambda: client_left(call.exchange, task))
+    else:  # other servers: a plain task rather than an anyio task group, which was a
+        # measurable share of the proxy's CPU
+        watcher = asyncio.ensure_future(watch_disconnect(receive, call.exchange, task))
     writes = WriteWatch(call.exchange, task, call.routes.config.limits.write_timeout)
     try:
         await _serve(call, decision, send)
@@ -142,7 +148,8 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
         if record.status is None:
             record.status = CLIENT_CLOSED
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         writes.stop()
 
 
@@ -240,7 +247,7 @@ def _note(record: RequestRecord, decision: Decision) -> None:
     record.fallback_from, record.fallback_cause = decision.fallback_from, decision.fallback_cause
 
 
-async def _relay(transport: httpx.AsyncBaseTransport, exchange: Exchange, send: Send) -> None:
+async def _relay(transport: Transport, exchange: Exchange, send: Send) -> None:
     response = await open_upstream(transport, exchange)
     try:
         if exchange.record.stream:
@@ -293,24 +300,16 @@ def _exchange(
 
 def _upstream_request(
     routes: Routes, scope: Scope, request: ChatRequest, backend: str, request_id: str
-) -> httpx.Request:
-    url = routes.upstream_url(backend, scope["path"])
+) -> UpstreamRequest:
+    endpoint = routes.endpoint(backend, scope["path"])
     body = upstream_body(request, routes.config.backends[backend].model)
     headers = upstream_headers(scope["headers"], routes.not_forwarded)
     headers += [
-        (b"host", url.netloc),
+        (b"host", endpoint.netloc),
         (b"content-length", str(len(body)).encode()),  # mlx_lm.server answers 411 without
         (b"x-request-id", request_id.encode("latin-1")),
     ]
-    # `stream=` rather than `content=`: httpx then takes the headers as given here instead
-    # of deriving Host and Content-Length again.
-    return httpx.Request(
-        "POST",
-        url,
-        headers=headers,
-        stream=httpx.ByteStream(body),
-        extensions={"timeout": routes.timeouts[backend]},
-    )
+    return UpstreamRequest(b"POST", endpoint, headers, body, routes.timeouts[backend])
 
 
 async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:

@@ -20,6 +20,7 @@ import httpx
 
 from proxy.config import Config, Health
 from proxy.errors import BackendRefusedError, BackendStatusError, BackendTimeoutError
+from proxy.upstream import Transport, UpstreamRequest
 
 REFUSED = "refused"  # a failure kind that ejects at once
 
@@ -115,7 +116,7 @@ def failure_kind(exc: BaseException) -> str:
 
 async def probe_forever(
     board: HealthBoard,
-    transport: httpx.AsyncBaseTransport,
+    transport: Transport,
     backends: Callable[[], Iterable[tuple[str, str, Health]]],
     loading: Callable[[str], bool] = lambda name: False,
 ) -> None:
@@ -134,7 +135,7 @@ async def probe_forever(
 
 async def _probe(
     board: HealthBoard,
-    transport: httpx.AsyncBaseTransport,
+    transport: Transport,
     name: str,
     url: str,
     rules: Health,
@@ -150,18 +151,18 @@ async def _probe(
         board.failure(name, url, detail)
 
 
-async def probe(transport: httpx.AsyncBaseTransport, url: str, timeout: float) -> tuple[bool, str]:
+async def probe(transport: Transport, url: str, timeout: float) -> tuple[bool, str]:
     """GET the backend's /health: whether it passed, and what was seen. A 5xx fails
     (mlx_lm.server answers 503 when its generation thread died); a 404 passes, since a
     server without /health is still up."""
-    extensions = {"timeout": {"connect": timeout, "read": timeout}}
-    request = httpx.Request("GET", url + "/health", extensions=extensions)
+    request = UpstreamRequest.get(url + "/health", {"connect": timeout, "read": timeout})
     try:
-        response = await transport.handle_async_request(request)
+        response = await transport.send(request)
         try:
-            await response.aread()
+            while await response.body.read():
+                pass
         finally:
-            await response.aclose()
+            await response.body.aclose()
     except httpx.HTTPError as exc:
         return False, failure_kind(exc)
-    return response.status_code < 500, f"http_{response.status_code}"
+    return response.status < 500, f"http_{response.status}"

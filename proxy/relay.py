@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from proxy.errors import (
 from proxy.payload import rewrite
 from proxy.sse import EventSplitter, Kind, classify, generated
 from proxy.timing import Clock
-from proxy.upstream import set_read_timeout
+from proxy.upstream import Timeouts, Transport, UpstreamRequest, UpstreamResponse
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -46,7 +46,7 @@ class Exchange:
     """One client request on its way to one backend, and what is learnt about it."""
 
     backend: str
-    request: httpx.Request
+    request: UpstreamRequest
     record: RequestRecord
     clock: Clock
     response_headers: list[tuple[bytes, bytes]]  # x-request-id and x-backend
@@ -62,20 +62,20 @@ class Exchange:
     sending: bool = False
 
     @property
-    def timeouts(self) -> dict[str, float]:
+    def timeouts(self) -> Timeouts:
         """Seconds: `read` is the backend's first_token timeout, `idle` its idle one."""
-        return self.request.extensions["timeout"]  # type: ignore[no-any-return]
+        return self.request.timeouts
 
 
-async def open_upstream(transport: httpx.AsyncBaseTransport, exchange: Exchange) -> httpx.Response:
+async def open_upstream(transport: Transport, exchange: Exchange) -> UpstreamResponse:
     """Send the request and wait for the response headers; errors become `ProxyError`s.
 
-    Straight to the transport: `AsyncClient.send` adds auth, redirect and cookie handling
-    that a proxy must not do anyway, at a measurable cost per request.
+    Straight to the transport: a client adds auth, redirect and cookie handling that a
+    proxy must not do anyway, at a measurable cost per request.
     """
     exchange.sent_at = time.perf_counter()
     try:
-        response = await transport.handle_async_request(exchange.request)
+        response = await transport.send(exchange.request)
     except httpx.ConnectTimeout:
         raise BackendTimeoutError(f"backend {exchange.backend!r}: no connection in time") from None
     except httpx.TimeoutException:
@@ -88,22 +88,21 @@ async def open_upstream(transport: httpx.AsyncBaseTransport, exchange: Exchange)
         raise BackendUnreachableError(
             f"backend {exchange.backend!r} is unreachable: {_describe(exc)}"
         ) from None
-    response.request = exchange.request
-    if response.status_code >= 400:
+    if response.status >= 400:
         try:
             body = await _read(response, exchange.backend)
         finally:
             await close_upstream(response)
-        raise BackendStatusError(response.status_code, body, exchange.backend)
+        raise BackendStatusError(response.status, body, exchange.backend)
     return response
 
 
-async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -> None:
+async def relay_json(response: UpstreamResponse, exchange: Exchange, send: Send) -> None:
     """A non-stream answer: read it whole (it is one JSON object) and send it on. The
     whole of it falls under `first_token` (mlx_lm.server sends it all at the end)."""
     exchange.clock.headers()
     first_token_by = exchange.sent_at + exchange.timeouts["read"]
-    set_read_timeout(response, max(first_token_by - time.perf_counter(), 0.001))
+    response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
     body = await _read(response, exchange.backend)
     payload = _json_object(body)
     _count_tokens(exchange.record, payload.get("usage"))
@@ -117,15 +116,15 @@ async def relay_json(response: httpx.Response, exchange: Exchange, send: Send) -
         (b"content-length", str(len(body)).encode()),
         *exchange.response_headers,
     ]
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    exchange.record.status = response.status_code
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    exchange.record.status = response.status
     exchange.complete = True
     exchange.sending = True
     await send({"type": "http.response.body", "body": body})
     exchange.sending = False
 
 
-async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send) -> None:
+async def relay_stream(response: UpstreamResponse, exchange: Exchange, send: Send) -> None:
     """An SSE answer: forward each whole event as it arrives, watching what passes.
 
     The answer starts (status and headers) with the backend's first event, not with its
@@ -161,15 +160,13 @@ async def relay_stream(response: httpx.Response, exchange: Exchange, send: Send)
 
 
 async def _send_events(
-    send: Send, exchange: Exchange, response: httpx.Response, body: bytes
+    send: Send, exchange: Exchange, response: UpstreamResponse, body: bytes
 ) -> None:
     """Forward whole events, starting the answer first if they are its first bytes."""
     if exchange.record.status is None:
         headers = _SSE_HEADERS + exchange.response_headers
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
-        exchange.record.status = response.status_code
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        exchange.record.status = response.status
     exchange.sending = True
     await send({"type": "http.response.body", "body": body, "more_body": True})
     exchange.sending = False
@@ -177,7 +174,7 @@ async def _send_events(
 
 
 async def _forward_events(
-    response: httpx.Response, exchange: Exchange, splitter: EventSplitter, send: Send
+    response: UpstreamResponse, exchange: Exchange, splitter: EventSplitter, send: Send
 ) -> bool:
     """Forward the backend's events, whole, as they arrive; True if [DONE] passed."""
     record, clock = exchange.record, exchange.clock
@@ -185,8 +182,8 @@ async def _forward_events(
     # Until the first token, each read may wait only for what is left of `first_token`;
     # after it, `idle` (the transport's default for reads of the body).
     first_token_by = exchange.sent_at + exchange.timeouts["read"]
-    set_read_timeout(response, max(first_token_by - time.perf_counter(), 0.001))
-    async for chunk in _raw(response):
+    response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
+    while chunk := await response.body.read():
         out = []
         for raw in splitter.feed(chunk):
             event = classify(raw)
@@ -194,7 +191,7 @@ async def _forward_events(
                 continue  # a keepalive before the answer started: see relay_stream
             if event.kind is Kind.CONTENT:
                 if clock.first_token is None:
-                    set_read_timeout(response, exchange.timeouts["idle"])
+                    response.body.timeout = exchange.timeouts["idle"]
                 clock.token()
                 if exchange.collect is not None:
                     exchange.collect.append(event.text)
@@ -208,7 +205,7 @@ async def _forward_events(
                     continue
             out.append(raw)
         if clock.first_token is None:
-            set_read_timeout(response, max(first_token_by - time.perf_counter(), 0.001))
+            response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
         if out:
             body = rewrite(b"".join(out), exchange.rewrites)  # events are whole: no split
             await _send_events(send, exchange, response, body)
@@ -219,7 +216,7 @@ async def _forward_events(
                 # but only briefly: the client's response ends when this read does.
                 exchange.complete = True
                 clock.finish()
-                set_read_timeout(response, AFTER_DONE_S)
+                response.body.timeout = AFTER_DONE_S
     return done
 
 
@@ -237,10 +234,15 @@ async def watch_disconnect(receive: Receive, exchange: Exchange, task: asyncio.T
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            if not exchange.complete:
-                exchange.record.client_disconnected = True
-                task.cancel()
+            client_left(exchange, task)
             return
+
+
+def client_left(exchange: Exchange, task: asyncio.Task[Any]) -> None:
+    """The client went away: unless its answer is whole, stop the exchange's task."""
+    if not exchange.complete:
+        exchange.record.client_disconnected = True
+        task.cancel()
 
 
 class WriteWatch:
@@ -291,23 +293,17 @@ async def _fail_stream(send: Send, exchange: Exchange, exc: ProxyError) -> None:
     await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
-async def close_upstream(response: httpx.Response) -> None:
-    """Give the connection back to the pool, or close it if the answer is unfinished.
-    The stream's own `aclose`: httpx's `Response.aclose` wraps it in a context manager, a
-    measurable cost once per request."""
-    await response.stream.aclose()  # type: ignore[union-attr]
+async def close_upstream(response: UpstreamResponse) -> None:
+    """Give the connection back to the pool, or close it if the answer is unfinished."""
+    await response.body.aclose()
 
 
-def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The body as the backend sent it. Straight from the transport's stream: httpx's
-    `aiter_raw` adds a chunker and a context manager on every chunk of every stream, and
-    there is nothing to decode (the proxy asks for no compression)."""
-    return response.stream.__aiter__()  # type: ignore[union-attr]
-
-
-async def _read(response: httpx.Response, backend: str) -> bytes:
+async def _read(response: UpstreamResponse, backend: str) -> bytes:
     try:
-        return b"".join([chunk async for chunk in _raw(response)])
+        chunks = []
+        while chunk := await response.body.read():
+            chunks.append(chunk)
+        return b"".join(chunks)
     except httpx.TimeoutException:
         raise BackendTimeoutError(f"backend {backend!r} timed out while answering") from None
     except httpx.TransportError as exc:
@@ -316,11 +312,8 @@ async def _read(response: httpx.Response, backend: str) -> bytes:
         ) from None
 
 
-def _content_type(response: httpx.Response) -> bytes:
-    for name, value in response.headers.raw:  # not `.get()`: it re-guesses the encoding
-        if name.lower() == b"content-type":
-            return value
-    return b"application/json"
+def _content_type(response: UpstreamResponse) -> bytes:
+    return response.header(b"content-type") or b"application/json"
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -20,8 +20,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from proxy.accesslog import AccessLog
 from proxy.auth import Keys, resolve_keys
 from proxy.config import Config, load_config
@@ -34,6 +32,7 @@ from proxy.metrics import BackendGauges, Metrics
 from proxy.payload import NOT_FORWARDED
 from proxy.routing import Router
 from proxy.shadow import Shadower
+from proxy.upstream import Endpoint, Timeouts, Transport
 
 
 @dataclass(frozen=True)
@@ -42,12 +41,12 @@ class Routes:
     version: str
     router: Router
     keys: Keys
-    # Per backend, the transport's "timeout" extension: connect, read (the head, which is
-    # the whole answer of a non-stream request, so `first_token`), idle (later reads).
-    timeouts: dict[str, dict[str, float]]
+    # Per backend, the upstream requests' timeouts: connect, read (the head, which is the
+    # whole answer of a non-stream request, so `first_token`), idle (later reads).
+    timeouts: dict[str, Timeouts]
     # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.
     not_forwarded: frozenset[bytes]
-    _urls: dict[tuple[str, str], httpx.URL] = field(default_factory=dict)
+    _endpoints: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: Config, environ: Mapping[str, str] = os.environ) -> Routes:
@@ -72,18 +71,19 @@ class Routes:
             not_forwarded=NOT_FORWARDED | private,
         )
 
-    def upstream_url(self, backend: str, path: str) -> httpx.URL:
-        """The backend's URL for `path`, parsed once: httpx's URL parsing is not cheap."""
-        url = self._urls.get((backend, path))
-        if url is None:
-            url = self._urls[backend, path] = httpx.URL(self.config.backends[backend].url + path)
-        return url
+    def endpoint(self, backend: str, path: str) -> Endpoint:
+        """The backend's URL for `path`, parsed once per path."""
+        endpoint = self._endpoints.get((backend, path))
+        if endpoint is None:
+            url = self.config.backends[backend].url + path
+            endpoint = self._endpoints[backend, path] = Endpoint.parse(url)
+        return endpoint
 
 
 @dataclass
 class Runtime:
     routes: Routes
-    transport: httpx.AsyncBaseTransport
+    transport: Transport
     log: AccessLog
     rng: random.Random
     supervisor: Supervisor | None = None  # the backends this proxy launched, if any

@@ -43,6 +43,10 @@ Lifespan = Callable[[], contextlib.AbstractAsyncContextManager[Mapping[str, Any]
 _READ_PAUSE_ABOVE = 64 * 1024  # request body bytes buffered before reading stops
 _MAX_HEAD = 64 * 1024  # request line and headers: more is a 431
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+# A scope extension: `scope["extensions"][ON_DISCONNECT](callback)` has `callback()` called
+# when the client goes away before the answer is complete. The proxy needs to know at once
+# (to stop the backend); ASGI's way, a task blocked in `receive()`, costs a task a request.
+ON_DISCONNECT = "specproxy.on_disconnect"
 _log = logging.getLogger("proxy.server")
 
 
@@ -181,6 +185,8 @@ class _Connection(asyncio.Protocol):
             if exchange is not None:
                 exchange.disconnected = True
                 exchange.wake()
+                if exchange.on_disconnect is not None and not exchange.complete:
+                    exchange.on_disconnect()
         if self.write_paused is not None and not self.write_paused.done():
             self.write_paused.set_result(None)
 
@@ -230,6 +236,7 @@ class _Connection(asyncio.Protocol):
             "state": self.server.state.copy(),
         }
         exchange = _Exchange(self, scope, keep_alive=parser.should_keep_alive())
+        scope["extensions"] = {ON_DISCONNECT: exchange.call_on_disconnect}
         exchange.expect_continue = (b"expect", b"100-continue") in (
             (n, v.lower()) for n, v in self._headers
         )
@@ -356,6 +363,7 @@ class _Exchange:
         "head",
         "keep_alive",
         "more_body",
+        "on_disconnect",
         "scope",
         "started",
         "waiter",
@@ -371,11 +379,15 @@ class _Exchange:
         self.more_body = True
         self.ended = False  # the last of the body was handed to the app
         self.disconnected = False
+        self.on_disconnect: Callable[[], None] | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.head = b""  # the response head, held until the first body message
         self.chunked = False
         self.started = False
         self.complete = False
+
+    def call_on_disconnect(self, callback: Callable[[], None]) -> None:
+        self.on_disconnect = callback
 
     def wake(self) -> None:
         waiter = self.waiter

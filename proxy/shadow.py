@@ -31,6 +31,7 @@ from proxy.livestats import LiveStats
 from proxy.metrics import Metrics
 from proxy.payload import ChatRequest
 from proxy.sse import EventSplitter, Kind, classify, generated
+from proxy.upstream import Transport, UpstreamRequest, UpstreamResponse
 
 # difflib's ratio is quadratic at worst: compare at most this much of each text.
 SIMILARITY_CHARS = 4000
@@ -84,7 +85,7 @@ def compare(primary: str, other: str) -> dict[str, Any]:
 class Mirror:
     """A finished request to send again to the shadow target."""
 
-    request: httpx.Request  # to the target
+    request: UpstreamRequest  # to the target
     stream: bool
     request_id: str
     primary: str  # the text the client received
@@ -94,7 +95,7 @@ class Mirror:
 class Shadower:
     def __init__(
         self,
-        transport: httpx.AsyncBaseTransport,
+        transport: Transport,
         in_flight: Counter[str],
         log: AccessLog,
         stats: LiveStats,
@@ -161,24 +162,24 @@ class ShadowError(Exception):
     """The shadow target answered, but not with a usable completion."""
 
 
-async def _completion_text(
-    transport: httpx.AsyncBaseTransport, request: httpx.Request, stream: bool
-) -> str:
-    response = await transport.handle_async_request(request)
+async def _completion_text(transport: Transport, request: UpstreamRequest, stream: bool) -> str:
+    response = await transport.send(request)
     try:
-        if response.status_code != 200:
-            raise ShadowError(f"HTTP {response.status_code}")
+        if response.status != 200:
+            raise ShadowError(f"HTTP {response.status}")
         if stream:
             return await _stream_text(response)
-        body = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
-        return _message_text(body)
+        chunks = []
+        while chunk := await response.body.read():
+            chunks.append(chunk)
+        return _message_text(b"".join(chunks))
     finally:
-        await response.aclose()
+        await response.body.aclose()
 
 
-async def _stream_text(response: httpx.Response) -> str:
+async def _stream_text(response: UpstreamResponse) -> str:
     splitter, parts = EventSplitter(), []
-    async for chunk in response.stream:  # type: ignore[union-attr]
+    while chunk := await response.body.read():
         for raw in splitter.feed(chunk):
             event = classify(raw)
             if event.kind is Kind.CONTENT:

@@ -1,15 +1,20 @@
-"""The connection pool to the backends: an httpx transport on asyncio and httptools.
+"""The connection pool to the backends: asyncio and httptools, with request and response
+types of its own.
 
 httpx's own transport (httpcore) spent most of the proxy's CPU under load: profiled with
 py-spy at 16 concurrent requests, 62% of the time was inside `AsyncClient.send`, a quarter in
-the pool's bookkeeping alone, and the proxy kept under 5% of direct throughput. Backends
-need little: HTTP/1.1 and 1.0 over plain TCP, keep-alive, Content-Length, chunked and
-close-delimited bodies (mlx_lm.server ends a stream by closing the connection), and
-connect/read timeouts. This does only that, with the C parser uvicorn uses too, behind
-httpx's `Request`/`Response` so the code above it (and tests' `MockTransport`) is unchanged.
+the pool's bookkeeping alone, and the proxy kept under 5% of direct throughput. Later,
+httpx's `Request` and `Response` objects alone (header normalisation, URL parsing, a
+`typing.AsyncIterable` isinstance check in `aread`) were a quarter of the app's own CPU per
+request, so the proxy's path uses the plain `UpstreamRequest` and `UpstreamResponse` below.
+Backends need little: HTTP/1.1 and 1.0 over plain TCP, keep-alive, Content-Length, chunked
+and close-delimited bodies (mlx_lm.server ends a stream by closing the connection), and
+connect/read timeouts. This does only that, with the C parser the proxy's server uses too.
 
-Timeouts come in the request's "timeout" extension: `connect`, `read` for the answer's head,
-and `idle` (default: `read`) for each later read of its body.
+Any httpx transport (the tests' `MockTransport`) can stand in, through `HttpxTransport`.
+
+Timeouts come with the request: `connect`, `read` for the answer's head, and `idle`
+(default: `read`) for each later read of its body.
 
 Failures are raised as httpx's exceptions: `ConnectError`, `ConnectTimeout`, `ReadTimeout`,
 `ReadError` (connection reset) and `RemoteProtocolError` (malformed or cut-short answer).
@@ -20,12 +25,92 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httptools
 import httpx
 
 _PAUSE_ABOVE = 1 << 20  # stop reading a backend that answers faster than the client reads
+Timeouts = dict[str, float]  # "connect", "read" (to the head), "idle" (between body reads)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A backend URL, parsed once: where to connect, and the request target."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    netloc: bytes  # the Host header
+    target: bytes  # path and query
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        default = 443 if parts.scheme == "https" else 80
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(
+            url=url,
+            scheme=parts.scheme,
+            host=host,
+            port=parts.port or default,
+            netloc=parts.netloc.rpartition("@")[2].encode("idna"),
+            target=target.encode("ascii"),
+        )
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """A request for a backend, as it goes on the wire (Host, Content-Length and all)."""
+
+    method: bytes
+    endpoint: Endpoint
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    timeouts: Timeouts = field(default_factory=dict)
+
+    @classmethod
+    def get(cls, url: str, timeouts: Timeouts) -> UpstreamRequest:
+        endpoint = Endpoint.parse(url)
+        return cls(b"GET", endpoint, [(b"host", endpoint.netloc)], b"", timeouts)
+
+
+class Body(Protocol):
+    """An answer's body, read as it arrives. `timeout` is the longest wait for the next
+    read (the relay changes it as a stream goes); `aclose()` ends the answer: the
+    connection goes back to the pool if it was read to the end, else it is closed."""
+
+    timeout: float | None
+
+    async def read(self) -> bytes:
+        """What has arrived since the last read (waiting for some), or b"" at the end."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: Body
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower case)."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+class Transport(Protocol):
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse: ...
+
+    async def aclose(self) -> None: ...
 
 
 class _Connection(asyncio.Protocol):
@@ -184,7 +269,11 @@ class _Connection(asyncio.Protocol):
         self._waiter = None
 
 
-class _Body(httpx.AsyncByteStream):
+class _Body:
+    """A body read from a pooled connection (see `Body`)."""
+
+    __slots__ = ("_conn", "_key", "_pool", "_released", "timeout")
+
     def __init__(
         self,
         pool: UpstreamTransport,
@@ -193,13 +282,14 @@ class _Body(httpx.AsyncByteStream):
         read_timeout: float | None,
     ) -> None:
         self._pool, self._key, self._conn = pool, key, conn
-        self.timeout = read_timeout  # for each read; the relay changes it as a stream goes
+        self.timeout = read_timeout
         self._released = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while chunk := await self._conn.read(self.timeout):
-            yield chunk
-        self._release()
+    async def read(self) -> bytes:
+        chunk = await self._conn.read(self.timeout)
+        if not chunk:
+            self._release()
+        return chunk
 
     async def aclose(self) -> None:
         self._release()
@@ -210,21 +300,21 @@ class _Body(httpx.AsyncByteStream):
             self._pool.release(self._key, self._conn)
 
 
-class UpstreamTransport(httpx.AsyncBaseTransport):
+class UpstreamTransport:
     """Keep-alive connections per backend origin; no cap on how many are open."""
 
     def __init__(self, max_idle_per_origin: int = 64) -> None:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._max_idle = max_idle_per_origin
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.scheme != "http":
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        endpoint, timeouts = request.endpoint, request.timeouts
+        if endpoint.scheme != "http":
             raise httpx.UnsupportedProtocol(
-                f"only http:// backends are supported, not {request.url}"
+                f"only http:// backends are supported, not {endpoint.url}"
             )
-        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
-        key = (request.url.host, request.url.port or 80)
-        payload = _serialise(request, await request.aread())
+        key = (endpoint.host, endpoint.port)
+        payload = _serialise(request)
         conn = await self._acquire(key, timeouts.get("connect"))
         try:
             await self._send_head(conn, payload, timeouts)
@@ -237,12 +327,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             conn = await self._connect(key, timeouts.get("connect"))
             await self._send_head(conn, payload, timeouts)
         conn.used = True
-        return httpx.Response(
-            conn.status,
-            headers=conn.headers,
-            stream=_Body(self, key, conn, timeouts.get("idle", timeouts.get("read"))),
-            extensions={"http_version": b"HTTP/1.1"},
-        )
+        body = _Body(self, key, conn, timeouts.get("idle", timeouts.get("read")))
+        return UpstreamResponse(conn.status, conn.headers, body)
 
     @staticmethod
     async def _send_head(conn: _Connection, payload: bytes, timeouts: dict[str, Any]) -> None:
@@ -292,16 +378,54 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         conn.close()  # an unfinished answer: closing tells the backend to stop
 
 
-def set_read_timeout(response: httpx.Response, seconds: float) -> None:
-    """Change the longest wait for the next chunk of `response` (a no-op for responses of
-    other transports, such as the tests' MockTransport)."""
-    if isinstance(response.stream, _Body):
-        response.stream.timeout = seconds
+def _serialise(request: UpstreamRequest) -> bytes:
+    lines = [request.method + b" " + request.endpoint.target + b" HTTP/1.1"]
+    lines.extend([name + b": " + value for name, value in request.headers])
+    return b"\r\n".join(lines) + b"\r\n\r\n" + request.body
 
 
-def _serialise(request: httpx.Request, body: bytes) -> bytes:
-    url = request.url
-    target = url.raw_path
-    lines = [request.method.encode() + b" " + target + b" HTTP/1.1"]
-    lines.extend(name + b": " + value for name, value in request.headers.raw)
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+class HttpxTransport:
+    """Any httpx transport behind the pool's interface: the tests' `MockTransport`."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self._transport = transport
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        url = request.endpoint.url
+        response = await self._transport.handle_async_request(
+            httpx.Request(
+                request.method.decode(),
+                url,
+                headers=request.headers,
+                content=request.body,
+                extensions={"timeout": request.timeouts},
+            )
+        )
+        return UpstreamResponse(response.status_code, response.headers.raw, _HttpxBody(response))
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+class _HttpxBody:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        # The stream as the transport gave it: `aiter_raw()` refuses a body already read,
+        # as MockTransport's are.
+        self._chunks: AsyncIterator[bytes] = response.stream.__aiter__()  # type: ignore[union-attr]
+        self.timeout: float | None = None  # httpx transports take theirs per request
+
+    async def read(self) -> bytes:
+        async for chunk in self._chunks:
+            if chunk:
+                return chunk
+        return b""
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def as_transport(transport: Transport | httpx.AsyncBaseTransport) -> Transport:
+    if isinstance(transport, httpx.AsyncBaseTransport):
+        return HttpxTransport(transport)
+    return transport

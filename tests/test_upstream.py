@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from proxy.upstream import UpstreamTransport
+from proxy.upstream import Endpoint, UpstreamRequest, UpstreamTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -55,21 +55,21 @@ async def serve(answer: Answer) -> AsyncIterator[Server]:
         yield state
 
 
-def request(server: Server, read: float = 2.0) -> httpx.Request:
-    return httpx.Request(
-        "POST",
-        f"http://127.0.0.1:{server.port}/v1/chat/completions",
-        content=b"{}",
-        extensions={"timeout": {"connect": 2.0, "read": read, "write": 2.0, "pool": 2.0}},
-    )
+def request(server: Server, read: float = 2.0) -> UpstreamRequest:
+    endpoint = Endpoint.parse(f"http://127.0.0.1:{server.port}/v1/chat/completions")
+    headers = [(b"host", endpoint.netloc), (b"content-length", b"2")]
+    return UpstreamRequest(b"POST", endpoint, headers, b"{}", {"connect": 2.0, "read": read})
 
 
-async def fetch(transport: UpstreamTransport, req: httpx.Request) -> tuple[int, bytes]:
-    response = await transport.handle_async_request(req)
+async def fetch(transport: UpstreamTransport, req: UpstreamRequest) -> tuple[int, bytes]:
+    response = await transport.send(req)
     try:
-        return response.status_code, b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
+        chunks = []
+        while chunk := await response.body.read():
+            chunks.append(chunk)
+        return response.status, b"".join(chunks)
     finally:
-        await response.aclose()
+        await response.body.aclose()
 
 
 async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -188,8 +188,8 @@ async def test_unread_body_closes_the_connection_instead_of_pooling_it() -> None
 
     async with serve(endless) as server:
         transport = UpstreamTransport()
-        response = await transport.handle_async_request(request(server))
-        await response.aclose()
+        response = await transport.send(request(server))
+        await response.body.aclose()
         await asyncio.wait_for(server.closed.wait(), 1.0)
         await transport.aclose()
 
@@ -204,9 +204,9 @@ async def test_a_big_unread_answer_does_not_stall_the_next_request() -> None:
 
     async with serve(large) as server:
         transport = UpstreamTransport()
-        response = await transport.handle_async_request(request(server))
+        response = await transport.send(request(server))
         await asyncio.sleep(0.2)  # all of it arrives, nobody reads it
-        await response.aclose()
+        await response.body.aclose()
         status, body = await fetch(transport, request(server, read=2.0))
         assert (status, len(body)) == (200, len(big))
         await transport.aclose()
