@@ -111,9 +111,11 @@ class Server:
                 for sock in sockets
             ]
             self.started = True
+            sweeper = asyncio.ensure_future(self._sweep())
             try:
                 await self._stopping.wait()
             finally:
+                sweeper.cancel()
                 for server in servers:
                     server.close()
                 await self._drain()
@@ -121,6 +123,18 @@ class Server:
     def shutdown(self) -> None:
         """Stop accepting; requests in flight get `grace_seconds` to finish."""
         self._stopping.set()
+
+    async def _sweep(self) -> None:
+        """Close connections idle for longer than `keep_alive`, a head half sent counting as
+        idle. One sweep for all connections rather than a timer per request, which was a
+        measurable cost; the timeout is kept to within half of itself."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.keep_alive / 2)
+            now = loop.time()
+            for conn in list(self.connections):
+                if conn.idle_since is not None and now - conn.idle_since > self.keep_alive:
+                    conn.transport.close()
 
     async def _drain(self) -> None:
         for conn in list(self.connections):
@@ -154,8 +168,13 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
-        self._idle: asyncio.TimerHandle | None = None
+        # The head being read, two ways (see data_received): bytes received while in it,
+        # and the size of the pieces the parser reported (a head that came in one read).
+        self._head_received = 0
+        self._head_parsed = 0
+        self._in_head = True  # between messages or inside a head, not in a body
+        self.rejected = False
+        self.idle_since: float | None = self.loop.time()  # no request being answered
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
 
@@ -165,22 +184,29 @@ class _Connection(asyncio.Protocol):
         self.server.connections.add(self)
         self.client = _address(transport.get_extra_info("peername"))
         self.local = _address(transport.get_extra_info("sockname"))
-        self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
-        self._cancel_idle()
+        if self.rejected:
+            return  # the parser is in its error state: the rest is dropped
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.closing = True  # no protocol switch: the request is answered, then closed
         except httptools.HttpParserError as exc:
-            self._reject(400, "bad_request", f"malformed HTTP request: {exc}")
-        except _HeadTooLarge:
-            self._reject(431, "request_header_fields_too_large", "request headers are too large")
+            if self._head_parsed > _MAX_HEAD:  # raised by `_grow` inside a callback
+                self._reject_large_head()
+            else:
+                self._reject(400, "bad_request", f"malformed HTTP request: {exc}")
+            return
+        if self._in_head:
+            # httptools gathers a header line until it ends, and reports none of it before:
+            # all of `data` counts, so a header line that never ends is refused too.
+            self._head_received += len(data)
+            if self._head_received > _MAX_HEAD:
+                self._reject_large_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        self._cancel_idle()
         for exchange in (self.active, self.parsing, *self.queue):
             if exchange is not None:
                 exchange.disconnected = True
@@ -205,7 +231,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
-        self._head_size = 0
+        self._head_parsed = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -216,6 +242,7 @@ class _Connection(asyncio.Protocol):
         self._grow(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
+        self._in_head, self._head_received, self._head_parsed = False, 0, 0
         parser = self.parser
         url = httptools.parse_url(self._url)
         raw_path = url.path or b"/"
@@ -237,7 +264,7 @@ class _Connection(asyncio.Protocol):
         }
         exchange = _Exchange(self, scope, keep_alive=parser.should_keep_alive())
         scope["extensions"] = {ON_DISCONNECT: exchange.call_on_disconnect}
-        exchange.expect_continue = (b"expect", b"100-continue") in (
+        exchange.expect_continue = version == "1.1" and (b"expect", b"100-continue") in (
             (n, v.lower()) for n, v in self._headers
         )
         self.parsing = exchange
@@ -258,6 +285,7 @@ class _Connection(asyncio.Protocol):
         exchange.wake()
 
     def on_message_complete(self) -> None:
+        self._in_head = True
         exchange = self.parsing
         if exchange is not None:
             exchange.more_body = False
@@ -266,7 +294,7 @@ class _Connection(asyncio.Protocol):
 
     # --- the exchanges ------------------------------------------------------------------
     def _start(self, exchange: _Exchange) -> None:
-        self.active = exchange
+        self.active, self.idle_since = exchange, None
         self.task = self.loop.create_task(exchange.run())
 
     def finished(self, exchange: _Exchange) -> None:
@@ -283,7 +311,7 @@ class _Connection(asyncio.Protocol):
                 self._resume_reading()
         else:
             self._resume_reading()
-            self._arm_idle()
+            self.idle_since = self.loop.time()
 
     def resume_body(self) -> None:
         """The app read the buffered body: read on, unless pipelined requests wait."""
@@ -299,9 +327,13 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.transport.abort()
 
+    def _reject_large_head(self) -> None:
+        message = f"request line and headers are larger than {_MAX_HEAD} bytes"
+        self._reject(431, "request_header_fields_too_large", message)
+
     def _reject(self, status: int, code: str, message: str) -> None:
         """A request the parser refused: answered (if nothing is being answered), closed."""
-        self.closing = True
+        self.closing = self.rejected = True
         if self.server.on_reject is not None:
             client = f"{self.client[0]}:{self.client[1]}" if self.client else None
             self.server.on_reject(status=status, error=code, client=client, detail=message)
@@ -317,9 +349,10 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _grow(self, size: int) -> None:
-        self._head_size += size
-        if self._head_size > _MAX_HEAD:
-            raise _HeadTooLarge
+        """Count a complete piece of the head (one that arrived in a single read)."""
+        self._head_parsed += size
+        if self._head_parsed > _MAX_HEAD:
+            raise _HeadTooLarge  # httptools turns it into an HttpParserError
 
     def _pause_reading(self) -> None:
         if not self.read_paused:
@@ -330,18 +363,6 @@ class _Connection(asyncio.Protocol):
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
-
-    def _arm_idle(self) -> None:
-        self._idle = self.loop.call_later(self.server.keep_alive, self._close_idle)
-
-    def _cancel_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-
-    def _close_idle(self) -> None:
-        if self.active is None and self.parsing is None:
-            self.transport.close()
 
 
 class _HeadTooLarge(Exception):
@@ -402,39 +423,37 @@ class _Exchange:
             self.waiter = None
 
     async def run(self) -> None:
-        conn = self.conn
         try:
-            await conn.server.app(self.scope, self.receive, self.send)
-        except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                _log.error("exception in the app", exc_info=exc)
-            if not self.started and not self.disconnected:
-                await self._internal_error()
-            elif not self.complete:
-                conn.transport.close()  # a half-sent answer must not look complete
-            if not isinstance(exc, Exception):
-                raise
+            await self.conn.server.app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:  # the shutdown's grace period is over
+            await self._failed(503, "the proxy is shutting down", "shutting_down")
+            raise
+        except Exception as exc:
+            _log.error("exception in the app", exc_info=exc)
+            await self._failed(500, "internal error in the proxy", "internal_error")
         else:
-            if not self.started and not self.disconnected:
+            if not self.started:
                 _log.error("the app returned without answering")
-                await self._internal_error()
-            elif not self.complete:
-                conn.transport.close()
+            await self._failed(500, "internal error in the proxy", "internal_error")
         finally:
-            conn.finished(self)
+            self.conn.finished(self)
 
-    async def _internal_error(self) -> None:
-        body = orjson.dumps(
-            openai_error("internal error in the proxy", "server_error", code="internal_error")
-        )
-        self.keep_alive = False
-        await self.send(
-            {
-                "type": "http.response.start",
-                "status": 500,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+    async def _failed(self, status: int, message: str, code: str) -> None:
+        """End an answer the app did not finish: an error if nothing of it was written yet
+        (the head waits for the first body message), else a closed connection, so that
+        a half-sent answer cannot look complete."""
+        if self.complete or self.disconnected:
+            return
+        if self.started and not self.head:
+            self.conn.transport.close()
+            return
+        self.started, self.head, self.keep_alive = False, b"", False
+        body = orjson.dumps(openai_error(message, "server_error", code=code))
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
 
     async def receive(self) -> Message:
@@ -495,8 +514,11 @@ class _Exchange:
                 self.keep_alive = False
             parts.append(b"%b: %b\r\n" % (name, value))
         if not framed and status >= 200 and status not in (204, 304):
-            self.chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n")
+            if self.scope["http_version"] == "1.1":
+                self.chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+            else:  # HTTP/1.0 knows no chunks: the body ends when the connection closes
+                self.keep_alive = False
         if not self.keep_alive or self.conn.closing:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
