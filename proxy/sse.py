@@ -24,13 +24,17 @@ class Kind(Enum):
     OTHER = "other"  # role-only deltas, the finish_reason chunk, anything else
 
 
-@dataclass(slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to build
 class Event:
-    raw: bytes  # the whole event, blank-line terminator included, as it will be forwarded
     kind: Kind
     usage: dict[str, Any] | None = None
     text: str = ""  # CONTENT: the first choice's generated text
 
+
+# Shared: most events carry nothing but their kind, and every streamed event is classified.
+_COMMENT, _DONE, _ERROR, _OTHER = (
+    Event(kind) for kind in (Kind.COMMENT, Kind.DONE, Kind.ERROR, Kind.OTHER)
+)
 
 # An "event" longer than this without a blank line is no SSE: pass it on rather than hold it.
 MAX_EVENT_BYTES = 1 << 20
@@ -46,12 +50,8 @@ class EventSplitter:
         if b"\r" in chunk:  # CRLF framing is legal SSE; normalise so one delimiter suffices
             chunk = chunk.replace(b"\r\n", b"\n")
         data = self._pending + chunk if self._pending else chunk
-        events = []
-        start = 0
-        while (end := data.find(b"\n\n", start)) != -1:
-            events.append(data[start : end + 2])
-            start = end + 2
-        self._pending = data[start:]
+        *whole, self._pending = data.split(b"\n\n")  # the last piece has no end yet
+        events = [event + b"\n\n" for event in whole]
         if len(self._pending) > MAX_EVENT_BYTES:
             events.append(self._pending)
             self._pending = b""
@@ -63,37 +63,42 @@ class EventSplitter:
 
 
 def classify(raw: bytes) -> Event:
-    if raw.startswith(b":"):
-        return Event(raw, Kind.COMMENT)
-    data = _data_of(raw)
+    """What a whole event is. Every streamed event passes here: kept lean."""
+    if raw[:1] == b":":
+        return _COMMENT
+    if raw[:5] == b"data:" and raw.count(b"\n") == 2:  # the common one-line event
+        data: bytes | None = raw[5:].strip()
+    else:
+        data = _data_of(raw)
     if data is None:
-        return Event(raw, Kind.OTHER)
+        return _OTHER
     if data == b"[DONE]":
-        return Event(raw, Kind.DONE)
+        return _DONE
     try:
         payload = orjson.loads(data)
     except ValueError:
-        return Event(raw, Kind.OTHER)
+        return _OTHER
     if not isinstance(payload, dict):
-        return Event(raw, Kind.OTHER)
+        return _OTHER
     if "error" in payload:
-        return Event(raw, Kind.ERROR)
+        return _ERROR
     usage = payload.get("usage")
     usage = usage if isinstance(usage, dict) else None
     choices = payload.get("choices")
-    if isinstance(choices, list):
-        texts = [generated(choice) for choice in choices if isinstance(choice, dict)]
-        if any(text is not None for text in texts):
-            return Event(raw, Kind.CONTENT, usage, texts[0] or "")
-    if usage is not None and not choices:
-        return Event(raw, Kind.USAGE, usage)
-    return Event(raw, Kind.OTHER, usage)
+    if isinstance(choices, list) and choices:
+        first = choices[0]
+        text = generated(first) if isinstance(first, dict) else None
+        if text is not None:
+            return Event(Kind.CONTENT, usage, text)
+        if any(isinstance(c, dict) and generated(c) is not None for c in choices[1:]):
+            return Event(Kind.CONTENT, usage, "")
+    if usage is not None:
+        return Event(Kind.OTHER if choices else Kind.USAGE, usage)
+    return _OTHER
 
 
 def _data_of(raw: bytes) -> bytes | None:
     """The `data:` payload of an event, multi-line data joined with newlines."""
-    if raw.startswith(b"data:") and raw.count(b"\n") == 2:  # the common one-line event
-        return raw[5:].strip()
     lines = [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
 

@@ -592,7 +592,10 @@ async def bench(args: argparse.Namespace) -> None:
                 proxy_target = (HOST, proxy_port)
             targets = {"direct": (HOST, fake_port), "proxy": proxy_target}
             for name, stream, conc in SCENARIOS:
-                if args.only and args.only not in name:
+                names = [scenario[0] for scenario in SCENARIOS]
+                if args.only and (
+                    args.only != name if args.only in names else args.only not in name
+                ):
                     continue
                 print(f"running {name} ...", flush=True)
                 arms = await run_scenario(targets, stream, conc, args)
@@ -623,7 +626,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--only",
         metavar="TEXT",
-        help="run only the scenarios whose name contains TEXT, e.g. 'stream c=16'",
+        help="run only the scenario named TEXT, e.g. 'stream c=16', or those whose name"
+        " contains it, e.g. 'c=16'",
     )
     ap.add_argument(
         "--serve-fake",
