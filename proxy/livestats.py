@@ -60,7 +60,7 @@ class LiveStats:
     def observe(self, record: RequestRecord) -> None:
         if record.backend is None:
             return
-        stats = self._backends.setdefault(record.backend, BackendStats())
+        stats = self._stats(record.backend)
         stats.requests += 1
         stats.errors += record.error is not None
         stats.client_disconnects += record.client_disconnected
@@ -73,9 +73,15 @@ class LiveStats:
                     stats.reservoirs[metric].add(value, self._rng)
 
     def observe_shadow(self, source: str, match: bool) -> None:
-        stats = self._backends.setdefault(source, BackendStats())
+        stats = self._stats(source)
         stats.shadow_checks += 1
         stats.shadow_matches += match
+
+    def _stats(self, backend: str) -> BackendStats:
+        stats = self._backends.get(backend)
+        if stats is None:  # not `setdefault`: it would build a BackendStats every time
+            stats = self._backends[backend] = BackendStats()
+        return stats
 
     def snapshot(self) -> dict[str, Any]:
         return {name: _summary(stats) for name, stats in sorted(self._backends.items())}

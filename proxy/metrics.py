@@ -124,10 +124,11 @@ class Metrics:
         )
         r.register(_StateCollector(read_state))
         self._children: dict[tuple[str, bool], tuple[Histogram, ...]] = {}
+        self._request_children: dict[tuple[str, int | None, str | None], Counter] = {}
 
     def observe(self, record: RequestRecord) -> None:
         backend = record.backend or "none"  # rejected before routing: bad body, auth
-        self._requests.labels(backend, str(record.status), record.reason or "none").inc()
+        self._counted(backend, record.status, record.reason).inc()
         if record.error is not None:
             self._errors.labels(backend, record.error).inc()
         if record.fallback_from is not None:
@@ -143,6 +144,15 @@ class Metrics:
             decode.observe(record.decode_tps)
         if record.queue_ms is not None:
             queue.observe(record.queue_ms / 1000)
+
+    def _counted(self, backend: str, status: int | None, reason: str | None) -> Counter:
+        """The request counter's child for these labels, looked up once (see `_timings`)."""
+        key = (backend, status, reason)
+        child = self._request_children.get(key)
+        if child is None:
+            labels = (backend, str(status), reason or "none")
+            child = self._request_children[key] = self._requests.labels(*labels)
+        return child
 
     def _timings(self, backend: str, stream: bool) -> tuple[Histogram, ...]:
         """The labelled histograms of a backend, looked up once: `labels()` takes a lock

@@ -34,6 +34,7 @@ import httpx
 
 _PAUSE_ABOVE = 1 << 20  # stop reading a backend that answers faster than the client reads
 Timeouts = dict[str, float]  # "connect", "read" (to the head), "idle" (between body reads)
+_SLACK = 0.005  # seconds a read timeout may fire late, to keep one timer per connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,11 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.used = False
+        # The wait in progress, its deadline (loop time), and the one timer: see `_within`.
+        self._waiting: asyncio.Future[None] | None = None
+        self._deadline = self._timer_at = 0.0
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -150,6 +156,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:  # it would keep this connection alive until it fires
+            self._timer.cancel()
+            self._timer = None
         if not self._head.done():
             if exc is not None:
                 self._fail(httpx.ReadError(f"connection lost: {exc}"))
@@ -236,23 +245,45 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._transport is not None:
             self._transport.close()
 
     async def _within(self, future: asyncio.Future[None], timeout: float | None) -> None:
-        """Await `future`; a timer (cheaper than `wait_for`) fails it after `timeout`."""
-        timer = None
-        if timeout is not None and not future.done():
-            timer = self._loop.call_later(timeout, self._time_out, future, timeout)
+        """Await `future`, failing it after `timeout` seconds.
+
+        One timer per connection, moved lazily, rather than one per wait: a stream waits
+        once per read. The timer is re-armed only for a deadline earlier than its own (by
+        more than `_SLACK`); when it fires early, it re-arms for the current deadline.
+        """
+        if timeout is None or future.done():
+            await future
+            return
+        loop = self._loop
+        deadline = loop.time() + timeout
+        self._waiting, self._deadline, self._timeout = future, deadline, timeout
+        if self._timer is None or deadline < self._timer_at - _SLACK:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = loop.call_at(deadline, self._check_deadline)
         try:
             await future
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._waiting = None
 
-    def _time_out(self, future: asyncio.Future[None], timeout: float) -> None:
-        if not future.done():
-            future.set_exception(httpx.ReadTimeout(f"no data for {timeout:g} s"))
+    def _check_deadline(self) -> None:
+        self._timer = None
+        future = self._waiting
+        if future is None or future.done():
+            return  # no wait in progress: the next one arms a timer
+        if self._loop.time() >= self._deadline:
+            future.set_exception(httpx.ReadTimeout(f"no data for {self._timeout:g} s"))
+        else:
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
 
     def _fail(self, error: Exception) -> None:
         if self._error is None:
