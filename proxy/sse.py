@@ -97,6 +97,21 @@ def classify(raw: bytes) -> Event:
     return _OTHER
 
 
+def maybe_notable(raw: bytes) -> bool:
+    """Whether an event may be anything but CONTENT or OTHER, from its bytes alone (a
+    substring search, much cheaper than `classify`). False positives only cost a
+    `classify`; a false negative would need a key spelt with escapes (`"\\u0075sage"`),
+    which no JSON encoder writes. Text cannot fake a key: a quote inside a JSON string is
+    always escaped, so `"usage"` never appears in content."""
+    return (
+        raw[:1] == b":"
+        or b'"usage"' in raw
+        or b'"error"' in raw
+        or b"[DONE]" in raw
+        or not raw.startswith(b"data:")
+    )
+
+
 def _data_of(raw: bytes) -> bytes | None:
     """The `data:` payload of an event, multi-line data joined with newlines."""
     lines = [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]

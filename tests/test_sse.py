@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.sse import EventSplitter, Kind, classify
+from proxy.sse import EventSplitter, Kind, classify, maybe_notable
 
 
 def data(payload: object) -> bytes:
@@ -53,6 +53,30 @@ def test_crlf_framing_is_understood() -> None:
 )
 def test_classify(raw: bytes, kind: Kind) -> None:
     assert classify(raw).kind is kind
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b": keepalive 3/10\n\n",
+        b"data: [DONE]\n\n",
+        b"event: x\ndata: [DONE]\n\n",
+        data({"choices": [], "usage": {"completion_tokens": 3}}),
+        data({"choices": [{"delta": {"content": "x"}}], "usage": {"completion_tokens": 1}}),
+        data({"error": {"message": "boom"}}),
+        b'data: {"choices":[],"usage":{"completion_tokens":3}}\n\n',  # compact separators
+    ],
+)
+def test_events_that_matter_are_never_skipped(raw: bytes) -> None:
+    """The relay skips `classify` for events `maybe_notable` clears: usage, errors, [DONE]
+    and comments must never be cleared."""
+    assert maybe_notable(raw)
+
+
+def test_text_that_quotes_a_key_is_not_mistaken_for_it() -> None:
+    """A quote in generated text is escaped, so content mentioning "usage" stays content."""
+    raw = data({"choices": [{"delta": {"content": 'the "usage" and "error" keys'}}]})
+    assert classify(raw).kind is Kind.CONTENT and not maybe_notable(raw)
 
 
 def test_usage_is_read_from_a_content_chunk_too() -> None:
