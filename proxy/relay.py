@@ -27,7 +27,7 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.payload import rewrite
-from proxy.sse import EventSplitter, Kind, classify, generated, maybe_notable
+from proxy.sse import EventSplitter, Kind, classify, generated, quiet_prefix
 from proxy.timing import Clock
 from proxy.upstream import Timeouts, Transport, UpstreamRequest, UpstreamResponse
 
@@ -185,13 +185,14 @@ async def _forward_events(
     response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
     while chunk := await response.body.read():
         out = []
+        events = splitter.feed(chunk)
         # Events that came in one read arrived together: once one of them carries content,
-        # the clock has all it can learn from this read, and the rest need reading only if
-        # they may be something else than content (usage, an error, [DONE], a comment) or
-        # their text is wanted (a shadowed request). Most of a stream's events are skipped.
-        timed = False
-        for raw in splitter.feed(chunk):
-            if timed and exchange.collect is None and not maybe_notable(raw):
+        # the clock has all it can learn from this read. The events after it need reading
+        # only if they may be something else (usage, an error, [DONE], a comment) or their
+        # text is wanted (a shadowed request); those up to `quiet` are forwarded unread.
+        quiet = 0
+        for index, raw in enumerate(events):
+            if index < quiet:
                 out.append(raw)
                 continue
             event = classify(raw)
@@ -201,9 +202,10 @@ async def _forward_events(
                 if clock.first_token is None:
                     response.body.timeout = exchange.timeouts["idle"]
                 clock.token()
-                timed = True
                 if exchange.collect is not None:
                     exchange.collect.append(event.text)
+                else:
+                    quiet = index + 1 + quiet_prefix(events[index + 1 :])
             elif event.kind is Kind.DONE:
                 done = True
             elif event.kind is Kind.ERROR:

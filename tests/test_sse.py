@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.sse import EventSplitter, Kind, classify, maybe_notable
+from proxy.sse import EventSplitter, Kind, classify, quiet_prefix
 
 
 def data(payload: object) -> bytes:
@@ -68,19 +70,37 @@ def test_classify(raw: bytes, kind: Kind) -> None:
     ],
 )
 def test_events_that_matter_are_never_skipped(raw: bytes) -> None:
-    """The relay skips `classify` for events `maybe_notable` clears: usage, errors, [DONE]
-    and comments must never be cleared."""
-    assert maybe_notable(raw)
+    """The relay forwards unread the events `quiet_prefix` counts: usage, errors, [DONE]
+    and comments must never be counted, wherever they come in a read."""
+    content = data({"choices": [{"delta": {"content": "x"}}]})
+    assert quiet_prefix([raw]) == 0
+    assert quiet_prefix([content, content, raw, content]) == 2
 
 
 def test_text_that_quotes_a_key_is_not_mistaken_for_it() -> None:
     """A quote in generated text is escaped, so content mentioning "usage" stays content."""
     raw = data({"choices": [{"delta": {"content": 'the "usage" and "error" keys'}}]})
-    assert classify(raw).kind is Kind.CONTENT and not maybe_notable(raw)
+    assert classify(raw).kind is Kind.CONTENT and quiet_prefix([raw, raw]) == 2
 
 
-def test_usage_is_read_from_a_content_chunk_too() -> None:
-    event = classify(
-        data({"choices": [{"delta": {"content": "x"}}], "usage": {"completion_tokens": 1}})
-    )
-    assert event.kind is Kind.CONTENT and event.usage == {"completion_tokens": 1}
+EVENTS = [
+    data({"choices": [{"delta": {"content": "x"}}]}),
+    data({"choices": [{"delta": {"role": "assistant", "content": ""}}]}),
+    data({"choices": [{"delta": {}, "finish_reason": "stop"}]}),
+    data({"choices": [{"delta": {"content": 'say "usage" or [DONE]'}}]}),
+    data({"choices": [], "usage": {"completion_tokens": 3}}),
+    data({"choices": [{"delta": {"content": "x"}}], "usage": {"completion_tokens": 1}}),
+    data({"error": {"message": "boom"}}),
+    b": keepalive 1/2\n\n",
+    b"data: [DONE]\n\n",
+    b"event: x\ndata: [DONE]\n\n",
+]
+
+
+@given(st.lists(st.sampled_from(EVENTS), max_size=12))
+def test_quiet_events_are_content_or_other_without_usage(events: list[bytes]) -> None:
+    """Whatever the mix, the events `quiet_prefix` lets pass unread are ones `classify`
+    would call CONTENT or OTHER, carrying no usage."""
+    for raw in events[: quiet_prefix(events)]:
+        event = classify(raw)
+        assert event.kind in (Kind.CONTENT, Kind.OTHER) and event.usage is None
