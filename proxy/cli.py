@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import socket
 import sys
@@ -87,6 +88,7 @@ async def serve(
             on_reject=lambda **fields: log.event("rejected", **fields),
         )
         stop.server, stop.app = server, app
+        _tune_gc()
         host, port = listener.getsockname()[:2]
         print(f"specproxy: serving on http://{host}:{port}", file=sys.stderr, flush=True)
         await server.serve(sockets=[listener])
@@ -174,6 +176,21 @@ def _report(argv: list[str]) -> int:
         print(f"error: the report needs `pip install 'specproxy[report]'` ({exc})", file=sys.stderr)
         return EXIT_CONFIG
     return report_main(argv)
+
+
+# Allocations between two collections of the youngest generation (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """Collect less often: every request allocates a few hundred objects, so with CPython's
+    defaults a collection ran every few requests, and an older generation's every few
+    hundred. Measured: the app in-process went from 208 to 135 us per request; the whole
+    proxy under load used about a tenth less CPU per request (a noisy figure). What lives
+    from start-up is frozen out of the scans; cyclic garbage still goes, in bigger batches."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _listen(host: str, port: int) -> socket.socket:
