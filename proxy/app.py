@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from proxy.launch import Supervisor
 from proxy.metrics import CONTENT_TYPE
 from proxy.relay import Receive, Send, send_error
 from proxy.runtime import Routes, Runtime
+from proxy.server import Server
 from proxy.upstream import Transport, UpstreamTransport, as_transport
 
 _HEALTH_TIMEOUT = 2.0  # seconds, for the probes /healthz makes while the caller waits
@@ -116,6 +117,21 @@ def create_app(
             Exception: _unexpected_error,
         },
     )
+
+
+def create_server(app: ProxyApp, grace_seconds: float) -> Server:
+    """The HTTP server for `app`, as `serve` runs it (the tests too): requests the server
+    refuses before the app sees them get a `rejected` line in the app's log."""
+
+    def rejected(**fields: Any) -> None:
+        runtime: Runtime | None = getattr(app.state, "runtime", None)
+        if runtime is not None:
+            runtime.log.event("rejected", **fields)
+
+    def lifespan() -> AbstractAsyncContextManager[Mapping[str, Any] | None]:
+        return app.router.lifespan_context(app)
+
+    return Server(app, lifespan, grace_seconds=grace_seconds, on_reject=rejected)
 
 
 def _probed(config: Config) -> Iterator[tuple[str, str, Health]]:

@@ -254,7 +254,7 @@ async def _relay(transport: Transport, exchange: Exchange, send: Send) -> None:
             await relay_stream(response, exchange, send)
         else:
             await relay_json(response, exchange, send)
-    except OSError:  # servers on ASGI spec 2.4 raise it when the client is gone (uvicorn: 2.3)
+    except OSError:  # servers on ASGI spec 2.4 raise it when the client is gone (ours: 2.3)
         exchange.record.client_disconnected = True
     finally:
         await close_upstream(response)

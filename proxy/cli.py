@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.accesslog import AccessLog
-from proxy.app import ProxyApp, create_app, reload_config
+from proxy.app import ProxyApp, create_app, create_server, reload_config
 from proxy.auth import is_loopback, resolve_keys
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
@@ -81,12 +81,7 @@ async def serve(
     try:
         await supervisor.start()
         app = create_app(config, log=log, supervisor=supervisor, config_path=config_path)
-        server = Server(
-            app,
-            lambda: app.router.lifespan_context(app),
-            grace_seconds=config.shutdown.grace_seconds,
-            on_reject=lambda **fields: log.event("rejected", **fields),
-        )
+        server = create_server(app, config.shutdown.grace_seconds)
         stop.server, stop.app = server, app
         _tune_gc()
         host, port = listener.getsockname()[:2]

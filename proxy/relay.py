@@ -52,7 +52,7 @@ class Exchange:
     response_headers: list[tuple[bytes, bytes]]  # x-request-id and x-backend
     wants_usage: bool
     rewrites: tuple[tuple[bytes, bytes], ...]  # backend model name -> client model name
-    # Set just before the last byte goes out: once the answer is complete, uvicorn reports
+    # Set just before the last byte goes out: once the answer is complete, the server reports
     # a disconnect to anyone still listening, and that is not the client leaving early.
     complete: bool = False
     collect: list[str] | None = None  # the generated text goes here when shadowed

@@ -42,6 +42,7 @@ Lifespan = Callable[[], contextlib.AbstractAsyncContextManager[Mapping[str, Any]
 
 _READ_PAUSE_ABOVE = 64 * 1024  # request body bytes buffered before reading stops
 _MAX_HEAD = 64 * 1024  # request line and headers: more is a 431
+_LINGER_S = 2.0  # a refused client's remaining bytes are read and dropped for this long
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # A scope extension: `scope["extensions"][ON_DISCONNECT](callback)` has `callback()` called
 # when the client goes away before the answer is complete. The proxy needs to know at once
@@ -188,7 +189,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.rejected:
-            return  # the parser is in its error state: the rest is dropped
+            return  # refused, or an unread body: the rest is dropped (see `_linger`)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -319,9 +320,11 @@ class _Connection(asyncio.Protocol):
         """The next request once `done` is answered: a pipelined one, or the next to
         arrive; None when the connection closes instead."""
         self.active = None
-        # A body the app did not read to the end (a 413) may still be arriving: close.
-        unread = done.more_body
-        if unread or not done.keep_alive or self.closing or self.transport.is_closing():
+        # A body the app did not read to the end (a 413) may still be arriving: drop it, close.
+        if done.more_body:
+            self._linger()
+            return None
+        if not done.keep_alive or self.closing or self.transport.is_closing():
             self.transport.close()
             return None
         if self.queue:
@@ -370,6 +373,18 @@ class _Connection(asyncio.Protocol):
                 + b"\r\nconnection: close\r\n\r\n"
                 + body
             )
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close, but first read (and drop) what the client still sends, for up to
+        `_LINGER_S`: a socket closed with unread data makes the kernel reset the connection,
+        and the reset can destroy the answer before the client has read it."""
+        self.rejected = True  # `data_received` drops everything from now on
+        self._resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the answer is whole: the client sees it end
+            self.loop.call_later(_LINGER_S, self.transport.close)
+        else:
             self.transport.close()
 
     def _grow(self, size: int) -> None:
@@ -541,7 +556,9 @@ class _Exchange:
                 parts.append(b"transfer-encoding: chunked\r\n")
             else:  # HTTP/1.0 knows no chunks: the body ends when the connection closes
                 self.keep_alive = False
-        if not self.keep_alive or self.conn.closing:
+        # A request body not all in yet (a 413, a 404 that never read it) is not read on:
+        # the connection closes after this answer, and the client is told so.
+        if not self.keep_alive or self.conn.closing or self.more_body:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")

@@ -1,7 +1,8 @@
-"""Shared fixtures: fake backends on real sockets, and the proxy under a real uvicorn."""
+"""Shared fixtures: fake backends on real sockets, and the proxy on its own server."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -18,9 +19,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import uvicorn
+import uvloop
 
-from proxy.app import create_app
+from proxy.app import ProxyApp, create_app, create_server
 from proxy.config import Config, parse_config
 from tests.fakebackend import FakeBackend
 
@@ -62,11 +63,44 @@ def fake2() -> Iterator[FakeBackend]:
     backend.stop()
 
 
+class ThreadedServer:
+    """The proxy's own HTTP server (proxy/server.py) for `app`, as `python -m proxy serve`
+    runs it (on uvloop), on a loopback port, in a thread of this process."""
+
+    def __init__(self, app: ProxyApp, grace_seconds: float = 5.0) -> None:
+        self.app = app
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.socket.getsockname()[1]
+        self.server = create_server(app, grace_seconds)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("proxy did not start")
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve([self.socket])
+
+        uvloop.run(main())
+
+    def stop(self, timeout: float = 10) -> None:
+        """Shut down as on SIGTERM: in-flight requests finish, then the lifespan ends."""
+        if self.loop is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.server.shutdown)
+        self.thread.join(timeout)
+        self.socket.close()
+
+
 @dataclass
 class RunningProxy:
     url: str
     log_path: Path
-    server: uvicorn.Server
+    server: ThreadedServer
 
     def log(self) -> list[dict[str, Any]]:
         """The request lines (the proxy's other events: `events`)."""
@@ -100,35 +134,18 @@ def free_port() -> int:
 
 @pytest.fixture
 def serve_proxy() -> Iterator[Any]:
-    """Start the proxy for a config under uvicorn on a loopback port, in a thread."""
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+    """Start the proxy for a config on its own server on a loopback port, in a thread."""
+    servers: list[ThreadedServer] = []
 
     def start(config: Config, config_path: Path | None = None) -> RunningProxy:
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(config, config_path=config_path),
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-                access_log=False,
-            )
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("proxy did not start")
-            time.sleep(0.01)
-        servers.append((server, thread))
+        server = ThreadedServer(create_app(config, config_path=config_path))
+        servers.append(server)
         assert config.logging.path is not None
-        return RunningProxy(f"http://127.0.0.1:{port}", config.logging.path, server)
+        return RunningProxy(f"http://127.0.0.1:{server.port}", config.logging.path, server)
 
     yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+    for server in servers:
+        server.stop()
 
 
 @dataclass

@@ -240,6 +240,16 @@ async def test_stream_asks_for_usage_and_hides_it_when_client_did_not(config: Co
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 2)
 
 
+async def test_a_stream_that_came_in_one_read_has_no_decode_speed(config: Config) -> None:
+    """Tokens the proxy received together cannot be timed apart: decode_tps is null, not
+    the speed of the proxy's own parsing (the mock sends the whole stream as one chunk)."""
+    async with proxy_client(config, Backends()) as client:
+        await client.post(CHAT, json={"messages": [], "stream": True})
+    line = read_log(config.logging.path)[-1]  # type: ignore[arg-type]
+    assert line["completion_tokens"] == 2 and line["ttft_ms"] is not None
+    assert line["decode_tps"] is None
+
+
 async def test_stream_null_means_no_stream(config: Config) -> None:
     async with proxy_client(config, Backends()) as client:
         response = await client.post(CHAT, json={"messages": [], "stream": None})

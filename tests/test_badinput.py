@@ -1,7 +1,7 @@
 """Bad input, generated: the proxy never answers 5xx, never falls over, and every error it
 sends is in the OpenAI shape, whatever bodies, headers, paths and bytes it is sent.
 
-One proxy under a real uvicorn, in front of one healthy fake backend (as both backends), is
+One proxy on its own server, in front of one healthy fake backend (as both backends), is
 started for the whole module; the generated requests go to it over real sockets, through
 one keep-alive `httpx.Client`, or raw when httpx would refuse to send them. A healthy
 backend means a 502 or 504 is as wrong as a 500 here. The last test checks that the proxy
@@ -14,7 +14,6 @@ import json
 import re
 import socket
 import string
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -24,13 +23,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.app import create_app
 from proxy.config import Config
-from tests.conftest import free_port, make_config
+from tests.conftest import ThreadedServer, make_config, read_log
 from tests.fakebackend import FakeBackend
 
 MODEL = "test-model"  # make_config's public model name
@@ -48,46 +46,31 @@ FUZZ = settings(
 
 
 class Proxy:
-    """The proxy under uvicorn on a loopback port, in a thread, with one keep-alive client.
-    Not a dataclass: Hypothesis prints those field by field in a failure report, the fake's
-    ever longer request list included."""
+    """The proxy on its own server on a loopback port, in a thread, with one keep-alive
+    client. Not a dataclass: Hypothesis prints those field by field in a failure report,
+    the fake's ever longer request list included."""
 
     def __init__(self, config: Config, fake: FakeBackend) -> None:
         assert config.logging.path is not None
-        self.port, self.log_path, self.fake = free_port(), config.logging.path, fake
+        self.log_path, self.fake = config.logging.path, fake
+        self.server = ThreadedServer(create_app(config))
+        self.port = self.server.port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(config),
-                host="127.0.0.1",
-                port=self.port,
-                log_level="warning",
-                access_log=False,
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("proxy did not start")
-            time.sleep(0.01)
         self.client = httpx.Client(base_url=self.url, timeout=10)
 
     def __repr__(self) -> str:
         return f"Proxy({self.url})"
 
     def stop(self) -> None:
-        """Close the client, then let uvicorn finish every request task and exit."""
+        """Close the client, then let the server finish every request and exit."""
         self.client.close()
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.server.stop()
 
     def post_chat(self, content: Any, headers: Any = None) -> httpx.Response:
         return self.client.post(CHAT, content=content, headers=headers)
 
     def assert_alive(self) -> None:
-        assert self.thread.is_alive() and not self.server.should_exit
+        assert self.server.thread.is_alive()
         assert self.client.get("/v1/models").status_code == 200
 
 
@@ -511,7 +494,7 @@ class RawAnswer:
 def raw_exchange(port: int, data: bytes, *, half_close: bool = True, timeout: float = 5) -> bytes:
     """Send `data` on a fresh connection and read until the server closes it. With
     `half_close`, end the sending side first, so an incomplete request cannot leave the
-    server waiting (uvicorn then takes the client as gone)."""
+    server waiting (the server then takes the client as gone)."""
     received = []
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         try:
@@ -551,12 +534,12 @@ def parse_answer(raw: bytes) -> RawAnswer | None:
 
 
 def assert_sane_raw(answer: RawAnswer | None) -> None:
-    """Never 5xx; an answer from the app itself (it carries x-request-id) is OpenAI-shaped
-    when it is an error. uvicorn's own answers to what is not HTTP are plain text."""
+    """Never 5xx; every error is OpenAI-shaped, the server's own answers to what is not
+    HTTP (no x-request-id: the app never saw them) included."""
     if answer is None:
         return  # closed without an answer: allowed for what is not a whole request
     assert answer.status < 500, answer.describe()
-    if answer.status >= 400 and "x-request-id" in answer.headers:
+    if answer.status >= 400:
         assert answer.headers["content-type"].startswith("application/json"), answer.describe()
         body = json.loads(answer.body)
         assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, answer.describe()
@@ -623,11 +606,13 @@ def test_content_length_that_does_not_match_the_body(
 
 
 def test_non_numeric_content_length_is_refused_by_the_server_which_stays_up(proxy: Proxy) -> None:
-    """uvicorn's HTTP parser refuses `Content-Length: abc` itself, before the app runs, with
-    a text/plain 400: the one error that is not OpenAI-shaped, since it is not HTTP the app
-    could read. What matters is that nothing breaks."""
+    """The server's HTTP parser refuses `Content-Length: abc` itself, before the app runs:
+    an OpenAI-shaped 400, a `rejected` log line, and the proxy stays up."""
     answer = parse_answer(raw_exchange(proxy.port, _post_head(b"abc") + b"{}", half_close=False))
     assert answer is not None and answer.status == 400, answer
+    assert_sane_raw(answer)
+    rejected = [line for line in read_log(proxy.log_path) if line["event"] == "rejected"]
+    assert rejected and rejected[-1]["status"] == 400
     proxy.assert_alive()
 
 

@@ -1,6 +1,6 @@
 """Faults on real sockets: failover, health ejection and readmission, limits, timeouts.
 
-The proxy runs under uvicorn in front of two fake mlx_lm.servers, "baseline" and
+The proxy runs on its own server in front of two fake mlx_lm.servers, "baseline" and
 "speculative"; the speculative one misbehaves (refuses, crashes, hangs, stalls, answers
 5xx, is slow) and the split sends it all the traffic. Each test checks what the client
 gets, the request log lines (exactly one per request), and that /healthz still answers.

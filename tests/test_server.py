@@ -403,6 +403,24 @@ async def test_expect_100_continue_unanswered_when_the_app_skips_the_body() -> N
     assert (response.status, response.body) == (413, b"too large")
 
 
+async def test_answer_before_the_body_arrived_says_the_connection_closes() -> None:
+    """An app that answers before the request body is all in (a 404 that never reads it)
+    gets `connection: close` on its answer, and the connection closes: a keep-alive client
+    is told not to send its next request there."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await respond(send, b"not found", status=404)
+
+    async with serving(app) as running, connect(running.port) as client:
+        await client.send(b"PATCH /x HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\n")
+        response = await client.response()
+        assert response.header("connection") == "close"
+        with contextlib.suppress(ConnectionError):
+            await client.send(b"12345")
+        assert await client.rest() == b""
+    assert response.status == 404
+
+
 # --- 6. rejected requests ---------------------------------------------------------------------
 async def test_malformed_request_gets_openai_400_and_is_closed() -> None:
     """A request the parser refuses gets an OpenAI-shaped 400, a close, and one on_reject."""

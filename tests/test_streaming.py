@@ -1,4 +1,4 @@
-"""Real sockets: the proxy under uvicorn, a fake mlx_lm.server that takes its time.
+"""Real sockets: the proxy on its own server, a fake mlx_lm.server that takes its time.
 
 What only real sockets show: tokens reach the client while the backend still generates, a
 client that leaves closes the backend's connection, a backend that dies or stalls ends the
