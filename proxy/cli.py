@@ -131,13 +131,14 @@ class _Stop:
             task.add_done_callback(self._reloads.discard)
 
     def __call__(self, signum: int) -> None:
-        if self.signal is None:
+        again = self.signal is not None
+        if not again:
             self.signal = signum
             print("specproxy: stopping (backends get up to 10 s)", file=sys.stderr, flush=True)
         if self.supervisor is not None:
             self.supervisor.begin_stop()
-        if self.server is not None:
-            self.server.shutdown()
+        if self.server is not None:  # a second signal: requests in flight are cut now
+            self.server.shutdown(now=again)
         elif not self.running and not self.event.is_set():
             self.task.cancel()
         self.event.set()

@@ -191,6 +191,7 @@ async def _forward_events(
         # only if they may be something else (usage, an error, [DONE], a comment) or their
         # text is wanted (a shadowed request); those up to `quiet` are forwarded unread.
         quiet = 0
+        timed = False  # the clock reads once per read: its events arrived together
         for index, raw in enumerate(events):
             if index < quiet:
                 out.append(raw)
@@ -201,7 +202,9 @@ async def _forward_events(
             if event.kind is Kind.CONTENT:
                 if clock.first_token is None:
                     response.body.timeout = exchange.timeouts["idle"]
-                clock.token()
+                if not timed:
+                    clock.token()
+                    timed = True
                 if exchange.collect is not None:
                     exchange.collect.append(event.text)
                 else:

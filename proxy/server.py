@@ -4,15 +4,16 @@ Why not uvicorn: every completion passes through the server twice (in and out), 
 load uvicorn was a quarter of the proxy's CPU (`scripts/bench_overhead.py`, py-spy). Most of
 that was its generality: a task, an event and a message-validation pass per request, and a
 socket write for the response head on its own, before the body. Here the head goes out
-with the first body message, in one write, and a request costs one task.
+with the first body message, in one write, and each connection (not each request) has
+one task.
 
 What it does: HTTP/1.1 and 1.0 over TCP, keep-alive (closed after `keep_alive` idle seconds),
 pipelined requests answered in order, Content-Length and chunked request bodies read as the
 app asks for them (reading pauses when 64 KiB are waiting), `Expect: 100-continue`, write
 back-pressure (`send` waits while the client is not reading), ASGI lifespan through a context
 manager, and a graceful shutdown. What it does not: TLS, HTTP/2, WebSockets, Unix sockets.
-Requests the parser rejects get an OpenAI-shaped 400 (431 for oversized heads) and a closed
-connection.
+Requests the parser rejects get an OpenAI-shaped 400 (431 for oversized heads), unless an
+answer is already under way, and the connection closes.
 
 ASGI as uvicorn speaks it (spec 2.3): `send` after the client left is a no-op, and
 `receive` then returns `http.disconnect`.
@@ -101,6 +102,7 @@ class Server:
         self.date = _Date()
         self.started = False
         self._stopping = asyncio.Event()
+        self._force = False
 
     async def serve(self, sockets: list[socket.socket]) -> None:
         """Run the lifespan, serve until `shutdown()`, then drain and end the lifespan."""
@@ -121,8 +123,11 @@ class Server:
                     server.close()
                 await self._drain()
 
-    def shutdown(self) -> None:
-        """Stop accepting; requests in flight get `grace_seconds` to finish."""
+    def shutdown(self, *, now: bool = False) -> None:
+        """Stop accepting; requests in flight get `grace_seconds` to finish, or none with
+        `now` (a second Ctrl-C)."""
+        if now:
+            self._force = True
         self._stopping.set()
 
     async def _sweep(self) -> None:
@@ -141,7 +146,7 @@ class Server:
         for conn in list(self.connections):
             conn.close_when_idle()
         deadline = time.monotonic() + self.grace_seconds
-        while self.connections and time.monotonic() < deadline:
+        while self.connections and time.monotonic() < deadline and not self._force:
             await asyncio.sleep(0.05)
         tasks = [conn.task for conn in self.connections if conn.task is not None]
         for task in tasks:
@@ -174,6 +179,7 @@ class _Connection(asyncio.Protocol):
         # and the size of the pieces the parser reported (a head that came in one read).
         self._head_received = 0
         self._head_parsed = 0
+        self._heads_done = 0  # heads completed in the read being parsed
         self._in_head = True  # between messages or inside a head, not in a body
         self.rejected = False
         self.idle_since: float | None = self.loop.time()  # no request being answered
@@ -190,6 +196,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.rejected:
             return  # refused, or an unread body: the rest is dropped (see `_linger`)
+        self._heads_done = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -200,9 +207,10 @@ class _Connection(asyncio.Protocol):
             else:
                 self._reject(400, "bad_request", f"malformed HTTP request: {exc}")
             return
-        if self._in_head:
-            # httptools gathers a header line until it ends, and reports none of it before:
-            # all of `data` counts, so a header line that never ends is refused too.
+        if self._in_head and not self._heads_done:
+            # httptools gathers a header line until it ends, and reports none of it before.
+            # No head ended in this read, so all of `data` is head: a header line that never
+            # ends is refused too. (A read that ended a head also held body or a next head.)
             self._head_received += len(data)
             if self._head_received > _MAX_HEAD:
                 self._reject_large_head()
@@ -213,10 +221,7 @@ class _Connection(asyncio.Protocol):
             self._next.set_result(None)  # the task, waiting for a request: none will come
         for exchange in (self.active, self.parsing, *self.queue):
             if exchange is not None:
-                exchange.disconnected = True
-                exchange.wake()
-                if exchange.on_disconnect is not None and not exchange.complete:
-                    exchange.on_disconnect()
+                exchange.gone()
         if self.write_paused is not None and not self.write_paused.done():
             self.write_paused.set_result(None)
 
@@ -247,6 +252,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head, self._head_received, self._head_parsed = False, 0, 0
+        self._heads_done += 1
         parser = self.parser
         url = httptools.parse_url(self._url)
         raw_path = url.path or b"/"
@@ -324,14 +330,17 @@ class _Connection(asyncio.Protocol):
         if done.more_body:
             self._linger()
             return None
-        if not done.keep_alive or self.closing or self.transport.is_closing():
+        if not done.keep_alive or self.transport.is_closing():
             self.transport.close()
             return None
-        if self.queue:
+        if self.queue:  # pipelined requests whole before a close are answered first
             self.active = self.queue.popleft()
             if not self.queue:
                 self._resume_reading()
             return self.active
+        if self.closing:
+            self._linger() if self.rejected else self.transport.close()
+            return None
         self._resume_reading()
         self.idle_since = self.loop.time()
         self._next = self.loop.create_future()
@@ -359,12 +368,17 @@ class _Connection(asyncio.Protocol):
         self._reject(431, "request_header_fields_too_large", message)
 
     def _reject(self, status: int, code: str, message: str) -> None:
-        """A request the parser refused: answered (if nothing is being answered), closed."""
+        """Bytes the parser refused: answered with `status` unless an answer is under way,
+        then the connection is closed. A request whose body broke is ended for the app
+        as if its client had left; one answered before the bad bytes keeps its answer."""
         self.closing = self.rejected = True
         if self.server.on_reject is not None:
             client = f"{self.client[0]}:{self.client[1]}" if self.client else None
             self.server.on_reject(status=status, error=code, client=client, detail=message)
-        if self.active is None:
+        active = self.active
+        if active is not None and active is not self.parsing:
+            return  # bad bytes after a whole request: it is answered, then the close
+        if active is None or not active.written:
             body = orjson.dumps(openai_error(message, "invalid_request_error", code=code))
             self.transport.write(
                 _STATUS_LINES.get(status, _status_line(status))
@@ -373,7 +387,9 @@ class _Connection(asyncio.Protocol):
                 + b"\r\nconnection: close\r\n\r\n"
                 + body
             )
-            self._linger()
+        if active is not None:
+            active.gone()
+        self._linger()
 
     def _linger(self) -> None:
         """Close, but first read (and drop) what the client still sends, for up to
@@ -421,6 +437,8 @@ class _Exchange:
         "ended",
         "expect_continue",
         "head",
+        "head_only",
+        "http11",
         "keep_alive",
         "more_body",
         "on_disconnect",
@@ -431,7 +449,11 @@ class _Exchange:
 
     def __init__(self, conn: _Connection, scope: dict[str, Any], *, keep_alive: bool) -> None:
         self.conn = conn
-        self.scope = scope
+        # Handed to the app, then let go: the scope's extension refers to this exchange,
+        # and a cycle would leave every request's objects to the garbage collector.
+        self.scope: dict[str, Any] | None = scope
+        self.head_only = scope["method"] == "HEAD"
+        self.http11 = scope["http_version"] == "1.1"
         self.keep_alive = keep_alive
         self.expect_continue = False
         self.body: list[bytes] = []
@@ -449,6 +471,18 @@ class _Exchange:
     def call_on_disconnect(self, callback: Callable[[], None]) -> None:
         self.on_disconnect = callback
 
+    @property
+    def written(self) -> bool:
+        """Whether any byte of the answer went out (the head waits for the first body)."""
+        return self.started and not self.head
+
+    def gone(self) -> None:
+        """The client is gone (or its request broke): `receive` says so, `send` drops."""
+        self.disconnected = True
+        self.wake()
+        if self.on_disconnect is not None and not self.complete:
+            self.on_disconnect()
+
     def wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -463,7 +497,9 @@ class _Exchange:
 
     async def run(self) -> None:
         try:
-            await self.conn.server.app(self.scope, self.receive, self.send)
+            scope, self.scope = self.scope, None
+            assert scope is not None
+            await self.conn.server.app(scope, self.receive, self.send)
         except asyncio.CancelledError:  # the shutdown's grace period is over
             await self._failed(503, "the proxy is shutting down", "shutting_down")
             raise
@@ -471,7 +507,7 @@ class _Exchange:
             _log.error("exception in the app", exc_info=exc)
             await self._failed(500, "internal error in the proxy", "internal_error")
         else:
-            if not self.started:
+            if not self.started and not self.disconnected:
                 _log.error("the app returned without answering")
             await self._failed(500, "internal error in the proxy", "internal_error")
 
@@ -481,8 +517,12 @@ class _Exchange:
         a half-sent answer cannot look complete."""
         if self.complete or self.disconnected:
             return
-        if self.started and not self.head:
+        if self.written:
             self.conn.transport.close()
+            return
+        conn = self.conn
+        if conn.write_paused is not None and not conn.write_paused.done():
+            conn.abort()  # a client that does not read would not take an error either
             return
         self.started, self.head, self.keep_alive = False, b"", False
         body = orjson.dumps(openai_error(message, "server_error", code=code))
@@ -527,7 +567,7 @@ class _Exchange:
                 return
         body: bytes = message.get("body", b"")
         more = message.get("more_body", False)
-        if self.scope["method"] == "HEAD":
+        if self.head_only:
             body = b""
         elif self.chunked:
             framed = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
@@ -551,14 +591,15 @@ class _Exchange:
                 self.keep_alive = False
             parts.append(b"%b: %b\r\n" % (name, value))
         if not framed and status >= 200 and status not in (204, 304):
-            if self.scope["http_version"] == "1.1":
+            if self.http11:
                 self.chunked = True
                 parts.append(b"transfer-encoding: chunked\r\n")
             else:  # HTTP/1.0 knows no chunks: the body ends when the connection closes
                 self.keep_alive = False
         # A request body not all in yet (a 413, a 404 that never read it) is not read on:
         # the connection closes after this answer, and the client is told so.
-        if not self.keep_alive or self.conn.closing or self.more_body:
+        closing = self.conn.closing and not self.conn.queue  # pipelined ones come first
+        if not self.keep_alive or closing or self.more_body:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")

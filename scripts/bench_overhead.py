@@ -19,6 +19,7 @@ The fake answers `POST /v1/chat/completions` (JSON, or SSE over chunked transfer
     python scripts/bench_overhead.py                       # start fake + proxy, run, report
     python scripts/bench_overhead.py --proxy-url http://127.0.0.1:8000 --json out.json
     python scripts/bench_overhead.py --serve-fake 9000     # only the fake backend
+    python scripts/bench_overhead.py --floor               # a bare relay in its place
 """
 
 from __future__ import annotations
@@ -442,6 +443,27 @@ async def start_proxy(tmp: Path, fake_port: int) -> tuple[Process, int]:
     return proc, port
 
 
+async def start_floor(tmp: Path, fake_port: int) -> tuple[Process, int]:
+    """scripts/relay_floor.py in the proxy's place: what any Python relay keeps."""
+    port = free_port()
+    log = tmp / "relay_floor.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).with_name("relay_floor.py")),
+            "--port",
+            str(port),
+            "--backend",
+            f"{HOST}:{fake_port}",
+            stdout=out,
+            stderr=out,
+        )
+    if not await wait_healthy((HOST, port), "/healthz", proc):
+        await stop(proc)
+        raise BenchError(f"relay_floor did not start:\n{log.read_text()}")
+    return proc, port
+
+
 async def wait_healthy(target: Target, path: str, proc: Process | None = None) -> bool:
     host, port = target
     request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
@@ -565,6 +587,7 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": args.tokens,
         "token_delay_ms": args.token_delay_ms,
         "proxy_url": args.proxy_url or "(started by this script)",
+        "floor": args.floor,
     }
 
 
@@ -587,12 +610,13 @@ async def bench(args: argparse.Namespace) -> None:
                 if not await wait_healthy(proxy_target, "/healthz"):
                     raise BenchError(f"{args.proxy_url}/healthz did not answer 200")
             else:
-                proxy, proxy_port = await start_proxy(tmp, fake_port)
+                start = start_floor if args.floor else start_proxy
+                proxy, proxy_port = await start(tmp, fake_port)
                 procs.append(proxy)
                 proxy_target = (HOST, proxy_port)
             targets = {"direct": (HOST, fake_port), "proxy": proxy_target}
+            names = [scenario[0] for scenario in SCENARIOS]
             for name, stream, conc in SCENARIOS:
-                names = [scenario[0] for scenario in SCENARIOS]
                 if args.only and (
                     args.only != name if args.only in names else args.only not in name
                 ):
@@ -622,6 +646,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fake backend sleep between stream chunks (default: none)",
     )
     ap.add_argument("--proxy-url", help="use this running proxy instead of starting one")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="measure scripts/relay_floor.py (a bare relay) in the proxy's place",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write all figures to FILE")
     ap.add_argument(
         "--only",

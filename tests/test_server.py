@@ -475,6 +475,68 @@ async def test_head_that_never_ends_is_refused_past_the_limit() -> None:
     assert_openai_error(response, 431)
 
 
+async def test_a_large_body_in_one_read_is_not_taken_for_a_large_head() -> None:
+    """A 200 KB body that arrives with its head is body: a 200, and the connection kept."""
+    body = b"x" * 200_000
+    head = b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n" % len(body)
+    async with serving(echo_app) as running, connect(running.port) as client:
+        await client.send(head + body + GET)
+        first = await client.response("POST")
+        second = await client.response()
+    assert first.status == 200 and first.header("connection") is None
+    assert second.status == 200
+    assert not running.rejects
+
+
+async def test_a_malformed_chunked_body_gets_a_400_and_ends_the_request() -> None:
+    """A chunk size that is not hex: the app reading the body is told the client is gone,
+    the client gets an OpenAI-shaped 400, and the connection closes."""
+    seen: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (message := await receive())["type"] == "http.request":
+            seen.append(message)
+        seen.append(message)
+
+    async with serving(app) as running, connect(running.port) as client:
+        await client.send(b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await until(lambda: bool(running.server.connections))
+        await client.send(b"zz\r\n{}\r\n0\r\n\r\n")
+        response = await client.response("POST")
+        assert await client.rest() == b""
+        await until(lambda: bool(seen) and seen[-1]["type"] == "http.disconnect")
+    assert_openai_error(response, 400)
+    assert [reject["status"] for reject in running.rejects] == [400]
+
+
+async def test_pipelined_requests_before_garbage_are_answered() -> None:
+    """Whole requests sent ahead of unparseable bytes get their answers before the close."""
+    async with serving(path_app) as running, connect(running.port) as client:
+        one, two = b"GET /one HTTP/1.1\r\nHost: t\r\n\r\n", b"GET /two HTTP/1.1\r\nHost: t\r\n\r\n"
+        await client.send(one + two + b"GARBAGE\r\n\r\n")
+        first, second = await client.response(), await client.response()
+        assert await client.rest() == b""
+    assert (first.body, second.body) == (b"/one", b"/two")
+    assert [reject["status"] for reject in running.rejects] == [400]
+
+
+async def test_shutdown_now_cuts_requests_without_waiting_for_the_grace() -> None:
+    """A second Ctrl-C (`shutdown(now=True)`) cancels what is in flight at once."""
+    entered = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        entered.set()
+        await asyncio.sleep(5)
+
+    async with serving(app, grace_seconds=30) as running, connect(running.port) as client:
+        await client.send(GET)
+        await asyncio.wait_for(entered.wait(), WAIT)
+        started = time.monotonic()
+        running.server.shutdown(now=True)
+        await asyncio.wait_for(running.task, 2.0)
+    assert time.monotonic() - started < 1.0
+
+
 async def test_garbage_after_a_request_in_flight_is_rejected_once() -> None:
     """Garbage behind a request still being answered calls on_reject once, not once a read."""
     release = asyncio.Event()
