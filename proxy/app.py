@@ -96,11 +96,13 @@ def create_app(
             if log is None:
                 access_log.close()
 
-    completions = Completions()
+    # POSTs to these take ProxyApp's short way and never reach the router; the routes
+    # are here for what other methods get (405 with `Allow: POST`).
+    endpoint = Completions()
     routes = [
-        Route("/v1/chat/completions", completions, methods=["POST"]),
-        Route("/chat/completions", completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", endpoint, methods=["POST"]),
+        Route("/chat/completions", endpoint, methods=["POST"]),
+        Route("/v1/completions", endpoint, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
