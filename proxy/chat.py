@@ -29,7 +29,6 @@ from proxy.relay import (
     Send,
     WriteWatch,
     client_left,
-    close_upstream,
     open_upstream,
     relay_json,
     relay_stream,
@@ -257,7 +256,7 @@ async def _relay(transport: Transport, exchange: Exchange, send: Send) -> None:
     except OSError:  # servers on ASGI spec 2.4 raise it when the client is gone (ours: 2.3)
         exchange.record.client_disconnected = True
     finally:
-        await close_upstream(response)
+        await response.aclose()
 
 
 def _start_shadow(call: _Call) -> None:

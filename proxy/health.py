@@ -159,10 +159,9 @@ async def probe(transport: Transport, url: str, timeout: float) -> tuple[bool, s
     try:
         response = await transport.send(request)
         try:
-            while await response.body.read():
-                pass
+            await response.read_all()
         finally:
-            await response.body.aclose()
+            await response.aclose()
     except httpx.HTTPError as exc:
         return False, failure_kind(exc)
     return response.status < 500, f"http_{response.status}"

@@ -92,7 +92,7 @@ async def open_upstream(transport: Transport, exchange: Exchange) -> UpstreamRes
         try:
             body = await _read(response, exchange.backend)
         finally:
-            await close_upstream(response)
+            await response.aclose()
         raise BackendStatusError(response.status, body, exchange.backend)
     return response
 
@@ -307,17 +307,9 @@ async def _fail_stream(send: Send, exchange: Exchange, exc: ProxyError) -> None:
     await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
-async def close_upstream(response: UpstreamResponse) -> None:
-    """Give the connection back to the pool, or close it if the answer is unfinished."""
-    await response.body.aclose()
-
-
 async def _read(response: UpstreamResponse, backend: str) -> bytes:
     try:
-        chunks = []
-        while chunk := await response.body.read():
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await response.read_all()
     except httpx.TimeoutException:
         raise BackendTimeoutError(f"backend {backend!r} timed out while answering") from None
     except httpx.TransportError as exc:

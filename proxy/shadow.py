@@ -169,12 +169,9 @@ async def _completion_text(transport: Transport, request: UpstreamRequest, strea
             raise ShadowError(f"HTTP {response.status}")
         if stream:
             return await _stream_text(response)
-        chunks = []
-        while chunk := await response.body.read():
-            chunks.append(chunk)
-        return _message_text(b"".join(chunks))
+        return _message_text(await response.read_all())
     finally:
-        await response.body.aclose()
+        await response.aclose()
 
 
 async def _stream_text(response: UpstreamResponse) -> str:

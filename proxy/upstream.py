@@ -107,6 +107,17 @@ class UpstreamResponse:
                 return value
         return None
 
+    async def read_all(self) -> bytes:
+        """The rest of the body, whole (for answers that are one JSON object)."""
+        chunks = []
+        while chunk := await self.body.read():
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def aclose(self) -> None:
+        """End the answer: see `Body.aclose`."""
+        await self.body.aclose()
+
 
 class Transport(Protocol):
     async def send(self, request: UpstreamRequest) -> UpstreamResponse: ...

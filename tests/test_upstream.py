@@ -64,12 +64,9 @@ def request(server: Server, read: float = 2.0) -> UpstreamRequest:
 async def fetch(transport: UpstreamTransport, req: UpstreamRequest) -> tuple[int, bytes]:
     response = await transport.send(req)
     try:
-        chunks = []
-        while chunk := await response.body.read():
-            chunks.append(chunk)
-        return response.status, b"".join(chunks)
+        return response.status, await response.read_all()
     finally:
-        await response.body.aclose()
+        await response.aclose()
 
 
 async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
