@@ -510,6 +510,10 @@ class _Exchange:
             if not self.started and not self.disconnected:
                 _log.error("the app returned without answering")
             await self._failed(500, "internal error in the proxy", "internal_error")
+        finally:
+            # The app's callback holds its request's objects, and they hold the scope,
+            # whose extension refers back to this exchange: a cycle per request otherwise.
+            self.on_disconnect = None
 
     async def _failed(self, status: int, message: str, code: str) -> None:
         """End an answer the app did not finish: an error if nothing of it was written yet

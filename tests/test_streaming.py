@@ -7,6 +7,7 @@ stream with an error event, and each of these leaves exactly one sane log line.
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import threading
@@ -240,3 +241,28 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_the_backend(
     assert (line["status"], line["client_disconnected"]) == (200, True)
     assert line["error"] == "client_write_timeout"
     assert httpx.get(proxy.url + "/healthz").json()["backends"]["baseline"]["in_flight"] == 0
+
+
+def test_requests_leave_no_cyclic_garbage(proxy: RunningProxy) -> None:
+    """A request's objects go when it ends, not at the next collection: a cycle per request
+    cost the proxy about a twentieth of its CPU in collections under load, and memory."""
+    ours = {"RequestRecord", "Exchange", "_Exchange", "_Call", "Clock", "UpstreamRequest"}
+    with httpx.Client(timeout=10) as client:  # warm: pools and caches are not garbage
+        client.post(proxy.url + CHAT, json=STREAM)
+    gc.collect()
+    gc.disable()
+    try:
+        with httpx.Client(timeout=10) as client:
+            for body in (STREAM, {"messages": []}) * 5:
+                assert client.post(proxy.url + CHAT, json=body).status_code == 200
+            with client.stream("POST", proxy.url + CHAT, json=STREAM) as response:
+                next(response.iter_lines())  # and leave mid-stream
+        proxy.wait_for_log(12)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        cyclic = [type(obj).__name__ for obj in gc.garbage if type(obj).__name__ in ours]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == []
