@@ -131,6 +131,7 @@ async def relay_stream(response: UpstreamResponse, exchange: Exchange, send: Sen
     headers: until then nothing has reached the client, so a backend that fails or stalls
     in prefill raises a `ProxyError` here, and the request can still be retried elsewhere
     or answered with a plain error status. (`: keepalive` comments before it are dropped.)
+    It ends with the read that brings `[DONE]`.
     """
     record = exchange.record
     splitter = EventSplitter()
@@ -139,14 +140,14 @@ async def relay_stream(response: UpstreamResponse, exchange: Exchange, send: Sen
     except httpx.HTTPError as exc:
         if record.status is None:
             raise _stream_error(exchange, exc) from None
-        if exchange.complete:  # it failed after [DONE]: the client has its whole answer
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        else:
-            await _fail_stream(send, exchange, _stream_error(exchange, exc))
+        await _fail_stream(send, exchange, _stream_error(exchange, exc))
+        return
+    if done:
+        await _drain(response)
         return
     if leftover := splitter.leftover():  # bytes after the last blank line: the client's too
         await _send_events(send, exchange, response, leftover)
-    if not done and record.error is None:
+    if record.error is None:
         # mlx_lm.server speaks HTTP/1.0: a backend that dies mid-stream looks like a clean
         # end of the body. Only `[DONE]` says the answer is complete.
         message = f"backend {exchange.backend!r} ended the stream before [DONE]"
@@ -159,8 +160,20 @@ async def relay_stream(response: UpstreamResponse, exchange: Exchange, send: Sen
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+async def _drain(response: UpstreamResponse) -> None:
+    """Read what the backend sends after [DONE], once the client has its whole answer:
+    the connection is kept if the body ends in time (mlx_lm.server closes 10-25 ms after
+    [DONE]), and until then the backend counts as busy. What comes is not the client's."""
+    response.body.timeout = AFTER_DONE_S
+    try:
+        while await response.body.read():
+            pass
+    except httpx.HTTPError:  # a failure after [DONE] is not the request's: it was whole
+        pass
+
+
 async def _send_events(
-    send: Send, exchange: Exchange, response: UpstreamResponse, body: bytes
+    send: Send, exchange: Exchange, response: UpstreamResponse, body: bytes, more: bool = True
 ) -> None:
     """Forward whole events, starting the answer first if they are its first bytes."""
     if exchange.record.status is None:
@@ -168,7 +181,7 @@ async def _send_events(
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         exchange.record.status = response.status
     exchange.sending = True
-    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await send({"type": "http.response.body", "body": body, "more_body": more})
     exchange.sending = False
     exchange.sent += 1
 
@@ -176,7 +189,8 @@ async def _send_events(
 async def _forward_events(
     response: UpstreamResponse, exchange: Exchange, splitter: EventSplitter, send: Send
 ) -> bool:
-    """Forward the backend's events, whole, as they arrive; True if [DONE] passed."""
+    """Forward the backend's events, whole, as they arrive, up to the read that brings
+    [DONE] (it ends the client's response); True if it came."""
     record, clock = exchange.record, exchange.clock
     done = False
     # Until the first token, each read may wait only for what is left of `first_token`;
@@ -220,18 +234,20 @@ async def _forward_events(
             out.append(raw)
         if clock.first_token is None:
             response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
+        if done:
+            # The answer is whole now, not when the backend closes (mlx_lm.server takes
+            # 10-25 ms more): that is its latency, the client's response ends here (the
+            # openai SDK reads to its end), and a client that hangs up on [DONE] has not
+            # left early. The end of the response goes out in the same write.
+            exchange.complete = True
+            body = rewrite(b"".join(out), exchange.rewrites)
+            await _send_events(send, exchange, response, body, more=False)
+            clock.finish()
+            return True
         if out:
             body = rewrite(b"".join(out), exchange.rewrites)  # events are whole: no split
             await _send_events(send, exchange, response, body)
-            if done and not exchange.complete:
-                # The answer is whole now, not when the backend closes (mlx_lm.server takes
-                # 10-25 ms more): that is its latency, and a client that hangs up on [DONE]
-                # has not left early. Reading on to the end keeps keep-alive connections,
-                # but only briefly: the client's response ends when this read does.
-                exchange.complete = True
-                clock.finish()
-                response.body.timeout = AFTER_DONE_S
-    return done
+    return False
 
 
 def _stream_error(exchange: Exchange, exc: httpx.HTTPError) -> ProxyError:

@@ -211,6 +211,18 @@ def test_a_backend_that_keeps_the_stream_open_after_done_does_not_hold_the_clien
     assert (line["error"], line["client_disconnected"]) == (None, False)
 
 
+def test_the_response_ends_with_done_while_the_backend_lingers(proxy: RunningProxy) -> None:
+    """The client (the openai SDK reads to the end of the response) is not held for the
+    backend's close, which mlx_lm.server sends 10-25 ms after [DONE]."""
+    started = time.perf_counter()
+    lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=3; linger=0.8"})
+    assert time.perf_counter() - started < 0.4
+    assert lines[-2] == "data: [DONE]"
+    line = assert_one_sane_line(proxy)  # written once the backend is done: 0.8 s later
+    assert (line["error"], line["client_disconnected"]) == (None, False)
+    assert line["latency_ms"] < 400
+
+
 def test_a_failure_after_done_is_not_an_error(proxy: RunningProxy) -> None:
     """The backend lingers past the read timeout after [DONE]: the answer was whole."""
     lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=3; linger=2"})
