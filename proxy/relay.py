@@ -27,7 +27,7 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.payload import rewrite
-from proxy.sse import EventSplitter, Kind, classify, generated, quiet_prefix
+from proxy.sse import EventSplitter, Kind, classify, event_end, generated, quiet_until
 from proxy.timing import Clock
 from proxy.upstream import Timeouts, Transport, UpstreamRequest, UpstreamResponse
 
@@ -191,63 +191,79 @@ async def _forward_events(
 ) -> bool:
     """Forward the backend's events, whole, as they arrive, up to the read that brings
     [DONE] (it ends the client's response); True if it came."""
-    record, clock = exchange.record, exchange.clock
-    done = False
+    clock = exchange.clock
     # Until the first token, each read may wait only for what is left of `first_token`;
     # after it, `idle` (the transport's default for reads of the body).
     first_token_by = exchange.sent_at + exchange.timeouts["read"]
     response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
     while chunk := await response.body.read():
-        out = []
-        events = splitter.feed(chunk)
-        # Events that came in one read arrived together: once one of them carries content,
-        # the clock has all it can learn from this read. The events after it need reading
-        # only if they may be something else (usage, an error, [DONE], a comment) or their
-        # text is wanted (a shadowed request); those up to `quiet` are forwarded unread.
-        quiet = 0
-        timed = False  # the clock reads once per read: its events arrived together
-        for index, raw in enumerate(events):
-            if index < quiet:
-                out.append(raw)
-                continue
-            event = classify(raw)
-            if event.kind is Kind.COMMENT and record.status is None:
-                continue  # a keepalive before the answer started: see relay_stream
-            if event.kind is Kind.CONTENT:
-                if clock.first_token is None:
-                    response.body.timeout = exchange.timeouts["idle"]
-                if not timed:
-                    clock.token()
-                    timed = True
-                if exchange.collect is not None:
-                    exchange.collect.append(event.text)
-                else:
-                    quiet = index + 1 + quiet_prefix(events[index + 1 :])
-            elif event.kind is Kind.DONE:
-                done = True
-            elif event.kind is Kind.ERROR:
-                record.error = "backend_stream_error"
-            if event.usage is not None:
-                _count_tokens(record, event.usage)
-                if event.kind is Kind.USAGE and not exchange.wants_usage:
-                    continue
-            out.append(raw)
+        waiting = clock.first_token is None
+        body, done = _take_events(splitter.feed(chunk), exchange)
         if clock.first_token is None:
             response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
+        elif waiting:
+            response.body.timeout = exchange.timeouts["idle"]
         if done:
             # The answer is whole now, not when the backend closes (mlx_lm.server takes
             # 10-25 ms more): that is its latency, the client's response ends here (the
             # openai SDK reads to its end), and a client that hangs up on [DONE] has not
             # left early. The end of the response goes out in the same write.
             exchange.complete = True
-            body = rewrite(b"".join(out), exchange.rewrites)
+            body = rewrite(body, exchange.rewrites)
             await _send_events(send, exchange, response, body, more=False)
             clock.finish()
             return True
-        if out:
-            body = rewrite(b"".join(out), exchange.rewrites)  # events are whole: no split
+        if body:
+            body = rewrite(body, exchange.rewrites)  # events are whole: no name is cut
             await _send_events(send, exchange, response, body)
     return False
+
+
+def _take_events(block: bytes, exchange: Exchange) -> tuple[bytes, bool]:
+    """What the client gets of one read's events, and whether [DONE] was among them; what
+    the events say goes to the exchange's record and clock.
+
+    Events that came in one read arrived together: once one of them carries content, the
+    clock has all it can learn from this read. The events after it need reading only if
+    they may be something else (usage, an error, [DONE], a comment: see `quiet_until`) or
+    their text is wanted (a shadowed request); the others pass unread, as one slice.
+    """
+    record, clock = exchange.record, exchange.clock
+    dropped: list[tuple[int, int]] = []  # (start, end) of events the client does not get
+    done = timed = False
+    start, size = 0, len(block)
+    while start < size:
+        end = event_end(block, start)
+        event = classify(block[start:end])
+        drop = False
+        if event.kind is Kind.CONTENT:
+            if not timed:  # the clock reads once per read: its events arrived together
+                clock.token()
+                timed = True
+            if exchange.collect is not None:
+                exchange.collect.append(event.text)
+        elif event.kind is Kind.DONE:
+            done = True
+        elif event.kind is Kind.ERROR:
+            record.error = "backend_stream_error"
+        elif event.kind is Kind.COMMENT:
+            drop = record.status is None  # a keepalive before the answer: see relay_stream
+        if event.usage is not None:
+            _count_tokens(record, event.usage)
+            drop = event.kind is Kind.USAGE and not exchange.wants_usage
+        if drop:
+            dropped.append((start, end))
+        elif event.kind is Kind.CONTENT and exchange.collect is None:
+            end = quiet_until(block, end)
+        start = end
+    if not dropped:
+        return block, done
+    kept, at = [], 0
+    for start, end in dropped:
+        kept.append(block[at:start])
+        at = end
+    kept.append(block[at:])
+    return b"".join(kept), done
 
 
 def _stream_error(exchange: Exchange, exc: httpx.HTTPError) -> ProxyError:

@@ -30,7 +30,7 @@ from proxy.config import Shadow
 from proxy.livestats import LiveStats
 from proxy.metrics import Metrics
 from proxy.payload import ChatRequest
-from proxy.sse import EventSplitter, Kind, classify, generated
+from proxy.sse import EventSplitter, Kind, classify, generated, split_events
 from proxy.upstream import Transport, UpstreamRequest, UpstreamResponse
 
 # difflib's ratio is quadratic at worst: compare at most this much of each text.
@@ -177,7 +177,7 @@ async def _completion_text(transport: Transport, request: UpstreamRequest, strea
 async def _stream_text(response: UpstreamResponse) -> str:
     splitter, parts = EventSplitter(), []
     while chunk := await response.body.read():
-        for raw in splitter.feed(chunk):
+        for raw in split_events(splitter.feed(chunk)):
             event = classify(raw)
             if event.kind is Kind.CONTENT:
                 parts.append(event.text)

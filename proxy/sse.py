@@ -41,25 +41,45 @@ MAX_EVENT_BYTES = 1 << 20
 
 
 class EventSplitter:
-    """Cuts a byte stream into whole events; a partial event waits for the rest of it."""
+    """Cuts a byte stream at event boundaries: each read's whole events come out together
+    as one block; a partial event waits for the rest of it."""
 
     def __init__(self) -> None:
         self._pending = b""
 
-    def feed(self, chunk: bytes) -> list[bytes]:
+    def feed(self, chunk: bytes) -> bytes:
+        """The events `chunk` completes, as one block (b"" if none), each ending with a
+        blank line; only an oversized non-event at its end may not (see MAX_EVENT_BYTES)."""
         if b"\r" in chunk:  # CRLF framing is legal SSE; normalise so one delimiter suffices
             chunk = chunk.replace(b"\r\n", b"\n")
         data = self._pending + chunk if self._pending else chunk
-        *whole, self._pending = data.split(b"\n\n")  # the last piece has no end yet
-        events = [event + b"\n\n" for event in whole]
+        end = data.rfind(b"\n\n") + 2  # 1 if there is none
+        if end == 1:
+            end = 0
+        block, self._pending = data[:end], data[end:]
         if len(self._pending) > MAX_EVENT_BYTES:
-            events.append(self._pending)
-            self._pending = b""
-        return events
+            block, self._pending = data, b""
+        return block
 
     def leftover(self) -> bytes:
         """Bytes of an event that never ended (the stream stopped inside it)."""
         return self._pending
+
+
+def event_end(block: bytes, start: int) -> int:
+    """Where the event that starts at `start` in `block` ends (after its blank line)."""
+    end = block.find(b"\n\n", start)
+    return len(block) if end == -1 else end + 2
+
+
+def split_events(block: bytes) -> list[bytes]:
+    """The events of a block, one by one."""
+    events, start = [], 0
+    while start < len(block):
+        end = event_end(block, start)
+        events.append(block[start:end])
+        start = end
+    return events
 
 
 def classify(raw: bytes) -> Event:
@@ -97,36 +117,33 @@ def classify(raw: bytes) -> Event:
     return _OTHER
 
 
-# What an event that is not CONTENT or OTHER always contains (see `quiet_prefix`), and
-# where in the marker that event starts: a comment line begins after its newline.
+# What an event that is not CONTENT or OTHER always contains (see `quiet_until`), and
+# where in the marker that event's text is: a comment line begins after its newline.
 _NOTABLE = ((b'"usage"', 0), (b'"error"', 0), (b"[DONE]", 0), (b"\n:", 1))
 
 
-def quiet_prefix(events: list[bytes]) -> int:
-    """How many of `events`, from the first, are certainly CONTENT or OTHER and carry no
-    usage: none of their bytes holds `"usage"`, `"error"`, `[DONE]` or a comment line.
-    One scan over all of them, far cheaper than `classify` on each.
+def quiet_until(block: bytes, start: int) -> int:
+    """Where, in `block` from the event starting at `start`, the first event starts that
+    may not be CONTENT or OTHER without usage: the first with `"usage"`, `"error"`,
+    `[DONE]` or a comment line in its bytes (len(block) if none). The events before it
+    need no `classify`: one scan over all of them, far cheaper than reading each.
 
     False alarms only cost a `classify`. Generated text cannot raise one, nor hide one: a
     quote inside a JSON string is always escaped, so `"usage"` never appears in content.
     Missing one would take a key spelt with escapes (`"\\u0075sage"`), which no JSON
     encoder writes.
     """
-    if not events or events[0][:1] == b":":
-        return 0
-    joined = b"".join(events)
-    first = len(joined)  # where the first marker starts
+    if block[start : start + 1] == b":":
+        return start
+    first = len(block)  # where the earliest marker's event text is
     for marker, offset in _NOTABLE:
-        at = joined.find(marker, 0, first)
+        at = block.find(marker, start, first)
         if at != -1:
             first = at + offset
-    count = end = 0
-    for event in events:
-        end += len(event)
-        if end > first:
-            break
-        count += 1
-    return count
+    if first == len(block):
+        return first
+    boundary = block.rfind(b"\n\n", start, first)  # that event's start, after it
+    return start if boundary == -1 else boundary + 2
 
 
 def _data_of(raw: bytes) -> bytes | None:

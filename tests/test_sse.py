@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.sse import EventSplitter, Kind, classify, quiet_prefix
+from proxy.accesslog import RequestRecord
+from proxy.relay import Exchange, _take_events
+from proxy.sse import EventSplitter, Kind, classify, quiet_until, split_events
+from proxy.timing import Clock
 
 
 def data(payload: object) -> bytes:
@@ -18,20 +22,21 @@ def data(payload: object) -> bytes:
 def test_events_split_across_reads_are_joined() -> None:
     stream = data({"a": 1}) + b": keepalive 1/2\n\n" + data({"b": 2})
     splitter = EventSplitter()
-    events = [event for i in range(0, len(stream), 7) for event in splitter.feed(stream[i : i + 7])]
-    assert b"".join(events) == stream
-    assert len(events) == 3
+    blocks = [splitter.feed(stream[i : i + 7]) for i in range(0, len(stream), 7)]
+    assert b"".join(blocks) == stream
+    assert all(block.endswith(b"\n\n") for block in blocks if block)
+    assert len(split_events(b"".join(blocks))) == 3
     assert splitter.leftover() == b""
 
 
 def test_partial_event_waits_and_is_reported_as_leftover() -> None:
     splitter = EventSplitter()
-    assert splitter.feed(b'data: {"a"') == []
+    assert splitter.feed(b'data: {"a"') == b""
     assert splitter.leftover() == b'data: {"a"'
 
 
 def test_crlf_framing_is_understood() -> None:
-    events = EventSplitter().feed(b"data: [DONE]\r\n\r\n")
+    events = split_events(EventSplitter().feed(b"data: [DONE]\r\n\r\n"))
     assert [classify(e).kind for e in events] == [Kind.DONE]
 
 
@@ -70,17 +75,18 @@ def test_classify(raw: bytes, kind: Kind) -> None:
     ],
 )
 def test_events_that_matter_are_never_skipped(raw: bytes) -> None:
-    """The relay forwards unread the events `quiet_prefix` counts: usage, errors, [DONE]
-    and comments must never be counted, wherever they come in a read."""
+    """The relay forwards unread the events before `quiet_until`: usage, errors, [DONE]
+    and comments must never be among them, wherever they come in a read."""
     content = data({"choices": [{"delta": {"content": "x"}}]})
-    assert quiet_prefix([raw]) == 0
-    assert quiet_prefix([content, content, raw, content]) == 2
+    assert quiet_until(raw, 0) == 0
+    block = content + content + raw + content
+    assert quiet_until(block, 0) == quiet_until(block, len(content)) == 2 * len(content)
 
 
 def test_text_that_quotes_a_key_is_not_mistaken_for_it() -> None:
     """A quote in generated text is escaped, so content mentioning "usage" stays content."""
     raw = data({"choices": [{"delta": {"content": 'the "usage" and "error" keys'}}]})
-    assert classify(raw).kind is Kind.CONTENT and quiet_prefix([raw, raw]) == 2
+    assert classify(raw).kind is Kind.CONTENT and quiet_until(raw + raw, 0) == 2 * len(raw)
 
 
 EVENTS = [
@@ -99,8 +105,39 @@ EVENTS = [
 
 @given(st.lists(st.sampled_from(EVENTS), max_size=12))
 def test_quiet_events_are_content_or_other_without_usage(events: list[bytes]) -> None:
-    """Whatever the mix, the events `quiet_prefix` lets pass unread are ones `classify`
+    """Whatever the mix, the events before `quiet_until` are whole events that `classify`
     would call CONTENT or OTHER, carrying no usage."""
-    for raw in events[: quiet_prefix(events)]:
+    block = b"".join(events)
+    until = quiet_until(block, 0)
+    assert until in {len(b"".join(events[:n])) for n in range(len(events) + 1)}
+    for raw in split_events(block[:until]):
         event = classify(raw)
         assert event.kind in (Kind.CONTENT, Kind.OTHER) and event.usage is None
+
+
+def exchange(wants_usage: bool, started: bool) -> Exchange:
+    record = RequestRecord("r", stream=True, status=200 if started else None)
+    request: Any = None
+    return Exchange("b", request, record, Clock(), [], wants_usage, ())
+
+
+@given(st.lists(st.sampled_from(EVENTS), max_size=12), st.booleans(), st.booleans())
+def test_a_read_forwards_what_reading_every_event_would(
+    events: list[bytes], wants_usage: bool, started: bool
+) -> None:
+    """The relay skips reading events after content (see `quiet_until`): what it forwards,
+    the tokens it counts and whether it saw [DONE] are those of reading each event."""
+    ex = exchange(wants_usage, started)
+    body, done = _take_events(b"".join(events), ex)
+    expected, usage = [], None
+    for raw in events:
+        event = classify(raw)
+        usage = event.usage if event.usage is not None else usage
+        if event.kind is Kind.USAGE and not wants_usage:
+            continue
+        if event.kind is Kind.COMMENT and not started:
+            continue
+        expected.append(raw)
+    assert body == b"".join(expected)
+    assert done == any(classify(raw).kind is Kind.DONE for raw in events)
+    assert ex.record.completion_tokens == (usage or {}).get("completion_tokens")
