@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, fields
+from datetime import datetime, timezone
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -51,17 +52,22 @@ class RequestRecord:
     # mlx_lm.server serves one at a time, so it may have waited. The report leaves it out.
     behind_shadow: bool = False
 
-    def fields(self) -> dict[str, Any]:
-        # Not dataclasses.asdict: it deep-copies, and this runs once per request.
-        return dict(zip(_RECORD_FIELDS, _read_fields(self), strict=True))
 
-
+# The request line's fields in order, and one C call that reads them all: not
+# dataclasses.asdict, which deep-copies, and this runs once per request.
 _RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord))
-_read_fields = attrgetter(*_RECORD_FIELDS)  # one C call for all of them
+_read_fields = attrgetter(*_RECORD_FIELDS)
+
+
+def _stamp(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog's `TimeStamper(fmt="iso", utc=True)`, the same text ("...T12:00:00.5Z"),
+    written by orjson: formatting it in Python was a third of a request line's cost."""
+    event_dict["timestamp"] = datetime.now(timezone.utc)
+    return event_dict
 
 
 def _dumps(obj: Any, **_: Any) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z)
 
 
 class _Sinks:
@@ -90,7 +96,7 @@ class AccessLog:
             sinks.append(self._file)
         self._sinks = _Sinks(sinks)
         self._processors: list[Any] = [
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _stamp,
             structlog.processors.JSONRenderer(serializer=_dumps),
         ]
         # `.bind()` now: the lazy proxy `wrap_logger` returns would rebuild the bound
@@ -110,7 +116,9 @@ class AccessLog:
     def request(self, record: RequestRecord) -> None:
         # The bound logger's own steps (context first, then the processors), without its
         # layers of calls, each copying the fields: one line per request, every request.
-        line: Any = {**self._context, **record.fields(), "event": "request"}
+        line: Any = self._context.copy()
+        line.update(zip(_RECORD_FIELDS, _read_fields(record)))
+        line["event"] = "request"
         for processor in self._processors:
             line = processor(self._sinks, "info", line)
         self._sinks.msg(line)

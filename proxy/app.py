@@ -92,6 +92,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await probes
             await runtime.shadower.aclose()
+            runtime.writes.stop()
             await upstream.aclose()
             if log is None:
                 access_log.close()

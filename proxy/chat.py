@@ -27,7 +27,6 @@ from proxy.relay import (
     Exchange,
     Receive,
     Send,
-    WriteWatch,
     client_left,
     open_upstream,
     relay_json,
@@ -137,7 +136,8 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
     else:  # other servers: a plain task rather than an anyio task group, which was a
         # measurable share of the proxy's CPU
         watcher = asyncio.ensure_future(watch_disconnect(receive, call.exchange, task))
-    writes = WriteWatch(call.exchange, task, call.routes.config.limits.write_timeout)
+    writes = call.runtime.writes
+    writes.watch(task, call.exchange, call.routes.config.limits.write_timeout)
     try:
         await _serve(call, decision, send)
     except asyncio.CancelledError:
@@ -149,7 +149,7 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
     finally:
         if watcher is not None:
             watcher.cancel()
-        writes.stop()
+        writes.forget(task)
 
 
 async def _serve(call: _Call, decision: Decision, send: Send) -> None:

@@ -225,12 +225,15 @@ def _take_events(block: bytes, exchange: Exchange) -> tuple[bytes, bool]:
 
     Events that came in one read arrived together: once one of them carries content, the
     clock has all it can learn from this read. The events after it need reading only if
-    they may be something else (usage, an error, [DONE], a comment: see `quiet_until`) or
-    their text is wanted (a shadowed request); the others pass unread, as one slice.
+    they may be something else (usage, an error, [DONE]: see `quiet_until`) or their
+    text is wanted (a shadowed request); the others pass unread, as one slice. Comments
+    are dropped only before the answer's first event: after it, they start nothing.
     """
     record, clock = exchange.record, exchange.clock
     dropped: list[tuple[int, int]] = []  # (start, end) of events the client does not get
     done = timed = False
+    # Until an event of the answer goes, a comment would start it: see relay_stream.
+    quiet = record.status is None
     start, size = 0, len(block)
     while start < size:
         end = event_end(block, start)
@@ -247,14 +250,16 @@ def _take_events(block: bytes, exchange: Exchange) -> tuple[bytes, bool]:
         elif event.kind is Kind.ERROR:
             record.error = "backend_stream_error"
         elif event.kind is Kind.COMMENT:
-            drop = record.status is None  # a keepalive before the answer: see relay_stream
+            drop = quiet  # a keepalive before the answer
         if event.usage is not None:
             _count_tokens(record, event.usage)
             drop = event.kind is Kind.USAGE and not exchange.wants_usage
         if drop:
             dropped.append((start, end))
-        elif event.kind is Kind.CONTENT and exchange.collect is None:
-            end = quiet_until(block, end)
+        else:
+            quiet = False
+            if event.kind is Kind.CONTENT and exchange.collect is None:
+                end = quiet_until(block, end)
         start = end
     if not dropped:
         return block, done
@@ -292,30 +297,48 @@ def client_left(exchange: Exchange, task: asyncio.Task[Any]) -> None:
 
 
 class WriteWatch:
-    """Drops a client that stopped reading: when the same body message has been waiting
-    for it at two checks `seconds` apart, the exchange's task is cancelled, as if the
-    client had left. Without it, such a client would hold its backend (a one-at-a-time
-    speculative server) for as long as its connection stays open. One timer per request,
-    and two attribute writes per message: nothing on the path of a client that reads."""
+    """Drops clients that stopped reading: a request whose same body message has been
+    waiting for its client at two sweeps `seconds` apart is cancelled, as if the client had
+    left. Without it, such a client would hold its backend (a one-at-a-time speculative
+    server) for as long as its connection stays open. One timer for all requests, running
+    while any is watched; per request, a dict entry, and two attribute writes per message:
+    nothing on the path of a client that reads."""
 
-    def __init__(self, exchange: Exchange, task: asyncio.Task[Any], seconds: float) -> None:
-        self._exchange, self._task, self._seconds = exchange, task, seconds
-        self._last = -1
-        self._loop = asyncio.get_running_loop()
-        self._timer = self._loop.call_later(seconds, self._check)
+    def __init__(self) -> None:
+        # Task -> [its exchange, the message count seen waiting at the last sweep or -1]
+        self._watched: dict[asyncio.Task[Any], list[Any]] = {}
+        self._seconds = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
-    def _check(self) -> None:
-        exchange = self._exchange
-        if exchange.sending and exchange.sent == self._last:  # the same send, both times
-            exchange.record.client_disconnected = True
-            exchange.record.error = "client_write_timeout"
-            self._task.cancel()
-            return
-        self._last = exchange.sent if exchange.sending else -1
-        self._timer = self._loop.call_later(self._seconds, self._check)
+    def watch(self, task: asyncio.Task[Any], exchange: Exchange, seconds: float) -> None:
+        self._watched[task] = [exchange, -1]
+        self._seconds = seconds  # the latest config's: a reload applies from here on
+        if self._timer is None:
+            self._timer = task.get_loop().call_later(seconds, self._sweep)
+
+    def forget(self, task: asyncio.Task[Any]) -> None:
+        self._watched.pop(task, None)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        for task, entry in list(self._watched.items()):
+            exchange, last = entry
+            if exchange.sending and exchange.sent == last:  # the same send, both times
+                exchange.record.client_disconnected = True
+                exchange.record.error = "client_write_timeout"
+                task.cancel()
+                del self._watched[task]
+            else:
+                entry[1] = exchange.sent if exchange.sending else -1
+        if self._watched:
+            self._timer = next(iter(self._watched)).get_loop().call_later(
+                self._seconds, self._sweep
+            )
 
     def stop(self) -> None:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def send_error(send: Send, exc: ProxyError, headers: list[tuple[bytes, bytes]]) -> None:

@@ -30,6 +30,7 @@ from proxy.limits import Limiter
 from proxy.livestats import LiveStats
 from proxy.metrics import BackendGauges, Metrics
 from proxy.payload import NOT_FORWARDED
+from proxy.relay import WriteWatch
 from proxy.routing import Router
 from proxy.shadow import Shadower
 from proxy.upstream import Endpoint, Timeouts, Transport
@@ -90,6 +91,7 @@ class Runtime:
     config_path: Path | None = None  # what a reload reads
     in_flight: Counter[str] = field(default_factory=Counter)
     stats: LiveStats = field(default_factory=LiveStats)
+    writes: WriteWatch = field(default_factory=WriteWatch)  # clients that stopped reading
     health: HealthBoard = field(init=False)
     limiters: dict[str, Limiter] = field(init=False)
     shadower: Shadower = field(init=False)

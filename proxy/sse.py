@@ -117,29 +117,28 @@ def classify(raw: bytes) -> Event:
     return _OTHER
 
 
-# What an event that is not CONTENT or OTHER always contains (see `quiet_until`), and
-# where in the marker that event's text is: a comment line begins after its newline.
-_NOTABLE = ((b'"usage"', 0), (b'"error"', 0), (b"[DONE]", 0), (b"\n:", 1))
+# What an event that is USAGE, ERROR or DONE, or carries usage, always contains (see
+# `quiet_until`). Each is a pass over the bytes: the list is kept short.
+_NOTABLE = (b'"usage"', b'"error"', b"[DONE]")
 
 
 def quiet_until(block: bytes, start: int) -> int:
     """Where, in `block` from the event starting at `start`, the first event starts that
-    may not be CONTENT or OTHER without usage: the first with `"usage"`, `"error"`,
-    `[DONE]` or a comment line in its bytes (len(block) if none). The events before it
-    need no `classify`: one scan over all of them, far cheaper than reading each.
+    may be USAGE, ERROR or DONE or carry usage: the first with `"usage"`, `"error"` or
+    `[DONE]` in its bytes (len(block) if none). The events before it are CONTENT, OTHER or
+    COMMENT without usage, and once a read has had content, the relay needs no more of
+    them: one scan over all of them, far cheaper than `classify` on each.
 
     False alarms only cost a `classify`. Generated text cannot raise one, nor hide one: a
     quote inside a JSON string is always escaped, so `"usage"` never appears in content.
     Missing one would take a key spelt with escapes (`"\\u0075sage"`), which no JSON
     encoder writes.
     """
-    if block[start : start + 1] == b":":
-        return start
-    first = len(block)  # where the earliest marker's event text is
-    for marker, offset in _NOTABLE:
+    first = len(block)  # where the earliest marker is
+    for marker in _NOTABLE:
         at = block.find(marker, start, first)
         if at != -1:
-            first = at + offset
+            first = at
     if first == len(block):
         return first
     boundary = block.rfind(b"\n\n", start, first)  # that event's start, after it

@@ -255,6 +255,20 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_the_backend(
     assert httpx.get(proxy.url + "/healthz").json()["backends"]["baseline"]["in_flight"] == 0
 
 
+def test_a_slow_stream_to_a_client_that_reads_is_never_dropped(
+    tmp_path: Path, fake: FakeBackend, serve_proxy: Any
+) -> None:
+    """The write watch sweeps every request at once: one that spans several sweeps, and
+    whose client takes each message, is left alone."""
+    config = make_config(tmp_path, {"baseline": fake.url}, limits={"write_timeout": 0.2})
+    proxy = serve_proxy(config)
+    lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=12; delay=0.1"})
+    assert len(content_events(lines)) == 12 and lines[-2] == "data: [DONE]"
+    line = assert_one_sane_line(proxy)
+    assert (line["error"], line["client_disconnected"]) == (None, False)
+    assert line["latency_ms"] > 1000  # it did span the sweeps
+
+
 def test_requests_leave_no_cyclic_garbage(proxy: RunningProxy) -> None:
     """A request's objects go when it ends, not at the next collection: a cycle per request
     cost the proxy about a twentieth of its CPU in collections under load, and memory."""
