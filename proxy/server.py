@@ -175,6 +175,7 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._expect = b""  # the Expect header's value, if any
         # The head being read, two ways (see data_received): bytes received while in it,
         # and the size of the pieces the parser reported (a head that came in one read).
         self._head_received = 0
@@ -240,6 +241,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._expect = b""
         self._head_parsed = 0
 
     def on_url(self, url: bytes) -> None:
@@ -247,7 +249,10 @@ class _Connection(asyncio.Protocol):
         self._grow(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        self._headers.append((name, value))
+        if name == b"expect":
+            self._expect = value
         self._grow(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
@@ -274,9 +279,7 @@ class _Connection(asyncio.Protocol):
         }
         exchange = _Exchange(self, scope, keep_alive=parser.should_keep_alive())
         scope["extensions"] = {ON_DISCONNECT: exchange.call_on_disconnect}
-        exchange.expect_continue = version == "1.1" and (b"expect", b"100-continue") in (
-            (n, v.lower()) for n, v in self._headers
-        )
+        exchange.expect_continue = version == "1.1" and self._expect.lower() == b"100-continue"
         self.parsing = exchange
         if self.active is None:
             self._start(exchange)
@@ -507,9 +510,10 @@ class _Exchange:
             _log.error("exception in the app", exc_info=exc)
             await self._failed(500, "internal error in the proxy", "internal_error")
         else:
-            if not self.started and not self.disconnected:
-                _log.error("the app returned without answering")
-            await self._failed(500, "internal error in the proxy", "internal_error")
+            if not self.complete and not self.disconnected:  # else nothing is left to do
+                if not self.started:
+                    _log.error("the app returned without answering")
+                await self._failed(500, "internal error in the proxy", "internal_error")
         finally:
             # The app's callback holds its request's objects, and they hold the scope,
             # whose extension refers back to this exchange: a cycle per request otherwise.
