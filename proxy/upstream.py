@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -224,8 +224,9 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         self._transport.write(data)
 
-    async def head(self, timeout: float | None) -> None:
-        await self._within(self._head, timeout)
+    def head(self, timeout: float | None) -> Coroutine[Any, Any, None]:
+        """Wait for the answer's head (a plain function: one coroutine fewer per request)."""
+        return self._within(self._head, timeout)
 
     async def read(self, timeout: float | None) -> bytes:
         """All the body that has arrived, or b"" at the end of the body.
@@ -357,7 +358,7 @@ class UpstreamTransport:
             )
         key = (endpoint.host, endpoint.port)
         payload = _serialise(request)
-        conn = await self._acquire(key, timeouts.get("connect"))
+        conn = self._pooled(key) or await self._connect(key, timeouts.get("connect"))
         try:
             await self._send_head(conn, payload, timeouts)
         except (httpx.RemoteProtocolError, httpx.ReadError):
@@ -388,14 +389,15 @@ class UpstreamTransport:
                 conn.close()
         self._idle.clear()
 
-    async def _acquire(self, key: tuple[str, int], timeout: float | None) -> _Connection:
+    def _pooled(self, key: tuple[str, int]) -> _Connection | None:
+        """An idle connection to `key`, ready for a request, if there is one."""
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.closed:
                 conn.reset()
                 return conn
-        return await self._connect(key, timeout)
+        return None
 
     async def _connect(self, key: tuple[str, int], timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
