@@ -60,7 +60,8 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
     runtime: Runtime = scope["state"]["runtime"]
     routes = runtime.routes  # read once: a reload meanwhile does not change this request
     clock = Clock()
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    wanted = routes.read_headers  # names are lower-case bytes in ASGI
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in wanted}
     record = RequestRecord(request_id(headers.get("x-request-id")), routes.version)
     response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
     call: _Call | None = None

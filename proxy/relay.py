@@ -331,8 +331,8 @@ class WriteWatch:
             else:
                 entry[1] = exchange.sent if exchange.sending else -1
         if self._watched:
-            self._timer = next(iter(self._watched)).get_loop().call_later(
-                self._seconds, self._sweep
+            self._timer = (
+                next(iter(self._watched)).get_loop().call_later(self._seconds, self._sweep)
             )
 
     def stop(self) -> None:

@@ -47,6 +47,9 @@ class Routes:
     timeouts: dict[str, Timeouts]
     # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.
     not_forwarded: frozenset[bytes]
+    # The headers the proxy itself reads (routing, request id, body size): only these are
+    # decoded, of the dozen or so a client like the openai SDK sends.
+    read_headers: frozenset[bytes]
     _endpoints: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
 
     @classmethod
@@ -70,6 +73,12 @@ class Routes:
                 for name, b in config.backends.items()
             },
             not_forwarded=NOT_FORWARDED | private,
+            read_headers=frozenset(
+                name.lower().encode("latin-1")
+                for name in (routing.header, routing.sticky_header, "x-request-id")
+                if name
+            )
+            | {b"content-length"},
         )
 
     def endpoint(self, backend: str, path: str) -> Endpoint:
