@@ -1,19 +1,28 @@
 """`GET /metrics`: the proxy's live figures in the Prometheus text format.
 
 Each app has its own registry (no global one), so several proxies in one process (tests)
-never share counters. Per-request figures are observed once, when the request's log line
-is written; gauges (in flight, queued, health, config) are read from the running state at
-scrape time by a collector, so they cost nothing per request.
+never share counters. Per-request figures are plain Python numbers, added to once, when the
+request's log line is written, and turned into metric families only at scrape time;
+gauges (in flight, queued, health, config) are read from the running state at scrape time
+too. Neither costs a lock or a prometheus_client call per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from proxy.accesslog import RequestRecord
 
@@ -69,73 +78,135 @@ class _StateCollector(Collector):
         yield from (in_flight, queued, healthy, ejections, config)
 
 
+class _Histogram:
+    """One labelled histogram: a count per bucket (not cumulative; the last is +Inf)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (`le`).
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+_Counts = dict[tuple[str, ...], int]
+
+
+def _counter(name: str, doc: str, labels: list[str], counts: _Counts) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for values, count in counts.items():
+        family.add_metric(values, count)
+    return family
+
+
+def _histogram(
+    name: str, doc: str, labels: list[str], series: Mapping[tuple[str, ...], _Histogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for values, h in series.items():
+        les = [*map(floatToGoString, h.bounds), "+Inf"]  # as prometheus_client writes them
+        family.add_metric(values, list(zip(les, accumulate(h.counts), strict=True)), h.sum)
+    return family
+
+
+class _Figures(Collector):
+    """The per-request figures, as metric families when the registry is scraped.
+
+    No locks: observe, shadow, reload and render all run on the proxy's one event-loop
+    thread, so no two of them ever interleave.
+    """
+
+    def __init__(self) -> None:
+        # Keyed as observed; made label values when scraped (see `collect`).
+        self.requests: dict[tuple[str, int | None, str | None], int] = {}
+        self.errors: _Counts = {}
+        self.fallbacks: _Counts = {}
+        self.shadow: _Counts = {}
+        self.reloads: _Counts = {}
+        self.ttft: dict[tuple[str, ...], _Histogram] = {}
+        self.latency: dict[tuple[str, ...], _Histogram] = {}
+        self.decode: dict[tuple[str, ...], _Histogram] = {}
+        self.queue: dict[tuple[str, ...], _Histogram] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        requests: _Counts = {}
+        for (backend, status, reason), count in self.requests.items():
+            labels = (backend, str(status), reason or "none")
+            requests[labels] = requests.get(labels, 0) + count
+        backend_stream = ["backend", "stream"]
+        yield from (
+            _counter(
+                "specproxy_requests", "Finished requests", ["backend", "status", "reason"], requests
+            ),
+            _counter(
+                "specproxy_request_errors",
+                "Requests that ended in an error",
+                ["backend", "error"],
+                self.errors,
+            ),
+            _counter(
+                "specproxy_fallbacks",
+                "Requests moved off the backend first chosen",
+                ["from_backend", "to_backend", "cause"],
+                self.fallbacks,
+            ),
+            _histogram(
+                "specproxy_ttft_seconds",
+                "Time to first token (non-stream: to the answer's head)",
+                backend_stream,
+                self.ttft,
+            ),
+            _histogram(
+                "specproxy_latency_seconds", "Time to the last byte", backend_stream, self.latency
+            ),
+            _histogram(
+                "specproxy_decode_tokens_per_second",
+                "Decode speed of streamed answers",
+                ["backend"],
+                self.decode,
+            ),
+            _histogram(
+                "specproxy_queue_wait_seconds",
+                "Wait for a concurrency slot",
+                ["backend"],
+                self.queue,
+            ),
+            _counter(
+                "specproxy_shadow_checks", "Shadow checks by outcome", ["outcome"], self.shadow
+            ),
+            _counter(
+                "specproxy_config_reloads", "Config reloads by outcome", ["outcome"], self.reloads
+            ),
+        )
+
+
 class Metrics:
     def __init__(self, read_state: Callable[[], tuple[str, Iterable[BackendGauges]]]):
         self.registry = CollectorRegistry()
-        r = self.registry
-        self._requests = Counter(
-            "specproxy_requests", "Finished requests", ["backend", "status", "reason"], registry=r
-        )
-        self._errors = Counter(
-            "specproxy_request_errors",
-            "Requests that ended in an error",
-            ["backend", "error"],
-            registry=r,
-        )
-        self._fallbacks = Counter(
-            "specproxy_fallbacks",
-            "Requests moved off the backend first chosen",
-            ["from_backend", "to_backend", "cause"],
-            registry=r,
-        )
-        self._ttft = Histogram(
-            "specproxy_ttft_seconds",
-            "Time to first token (non-stream: to the answer's head)",
-            ["backend", "stream"],
-            buckets=_TIME_BUCKETS,
-            registry=r,
-        )
-        self._latency = Histogram(
-            "specproxy_latency_seconds",
-            "Time to the last byte",
-            ["backend", "stream"],
-            buckets=_TIME_BUCKETS,
-            registry=r,
-        )
-        self._decode = Histogram(
-            "specproxy_decode_tokens_per_second",
-            "Decode speed of streamed answers",
-            ["backend"],
-            buckets=_TPS_BUCKETS,
-            registry=r,
-        )
-        self._queue = Histogram(
-            "specproxy_queue_wait_seconds",
-            "Wait for a concurrency slot",
-            ["backend"],
-            buckets=_TIME_BUCKETS,
-            registry=r,
-        )
-        self._shadow = Counter(
-            "specproxy_shadow_checks", "Shadow checks by outcome", ["outcome"], registry=r
-        )
-        self._reloads = Counter(
-            "specproxy_config_reloads", "Config reloads by outcome", ["outcome"], registry=r
-        )
-        r.register(_StateCollector(read_state))
-        self._children: dict[tuple[str, bool], tuple[Histogram, ...]] = {}
-        self._request_children: dict[tuple[str, int | None, str | None], Counter] = {}
+        self._figures = _Figures()
+        self.registry.register(self._figures)
+        self.registry.register(_StateCollector(read_state))
+        self._requests = self._figures.requests  # one attribute less on every request
+        self._timings: dict[tuple[str, bool], tuple[_Histogram, ...]] = {}
 
     def observe(self, record: RequestRecord) -> None:
         backend = record.backend or "none"  # rejected before routing: bad body, auth
-        self._counted(backend, record.status, record.reason).inc()
+        key = (backend, record.status, record.reason)
+        self._requests[key] = self._requests.get(key, 0) + 1
         if record.error is not None:
-            self._errors.labels(backend, record.error).inc()
+            _add(self._figures.errors, (backend, record.error))
         if record.fallback_from is not None:
-            self._fallbacks.labels(
-                record.fallback_from, backend, record.fallback_cause or "unknown"
-            ).inc()
-        ttft, latency, decode, queue = self._timings(backend, record.stream)
+            cause = record.fallback_cause or "unknown"
+            _add(self._figures.fallbacks, (record.fallback_from, backend, cause))
+        timings = self._timings.get((backend, record.stream)) or self._add_timings(
+            backend, record.stream
+        )
+        ttft, latency, decode, queue = timings
         if record.ttft_ms is not None:
             ttft.observe(record.ttft_ms / 1000)
         if record.latency_ms is not None:
@@ -145,37 +216,31 @@ class Metrics:
         if record.queue_ms is not None:
             queue.observe(record.queue_ms / 1000)
 
-    def _counted(self, backend: str, status: int | None, reason: str | None) -> Counter:
-        """The request counter's child for these labels, looked up once (see `_timings`)."""
-        key = (backend, status, reason)
-        child = self._request_children.get(key)
-        if child is None:
-            labels = (backend, str(status), reason or "none")
-            child = self._request_children[key] = self._requests.labels(*labels)
-        return child
-
-    def _timings(self, backend: str, stream: bool) -> tuple[Histogram, ...]:
-        """The labelled histograms of a backend, looked up once: `labels()` takes a lock
-        and builds a key on every call, and this runs for every request."""
-        key = (backend, stream)
-        found = self._children.get(key)
-        if found is None:
-            flag = "true" if stream else "false"
-            found = self._children[key] = (
-                self._ttft.labels(backend, flag),
-                self._latency.labels(backend, flag),
-                self._decode.labels(backend),
-                self._queue.labels(backend),
-            )
+    def _add_timings(self, backend: str, stream: bool) -> tuple[_Histogram, ...]:
+        """A backend's histograms, made on its first request (so, as before, a backend's
+        series show from then on, at zero until observed) and looked up once per request.
+        Decode speed and queue wait are by backend only: both streams share them."""
+        f = self._figures
+        flag = "true" if stream else "false"
+        found = self._timings[backend, stream] = (
+            f.ttft.setdefault((backend, flag), _Histogram(_TIME_BUCKETS)),
+            f.latency.setdefault((backend, flag), _Histogram(_TIME_BUCKETS)),
+            f.decode.setdefault((backend,), _Histogram(_TPS_BUCKETS)),
+            f.queue.setdefault((backend,), _Histogram(_TIME_BUCKETS)),
+        )
         return found
 
     def shadow(self, outcome: str) -> None:
         """ "match", "mismatch", "failed" or "dropped"."""
-        self._shadow.labels(outcome).inc()
+        _add(self._figures.shadow, (outcome,))
 
     def reload(self, outcome: str) -> None:
         """ "applied" or "rejected"."""
-        self._reloads.labels(outcome).inc()
+        _add(self._figures.reloads, (outcome,))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _add(counts: _Counts, labels: tuple[str, ...]) -> None:
+    counts[labels] = counts.get(labels, 0) + 1
