@@ -20,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import Scope
 
 from proxy import auth
-from proxy.accesslog import AccessLog, request_id
+from proxy.accesslog import AccessLog
 from proxy.chat import Completions, completions
 from proxy.config import Config, Health
 from proxy.errors import ConfigError, ProxyError, openai_error
@@ -175,7 +175,7 @@ async def _admitted(scope: Scope, send: Send) -> bool:
 
 async def _refuse(runtime: Runtime, scope: Scope, send: Send, exc: ProxyError) -> None:
     given = dict(scope["headers"]).get(b"x-request-id")
-    rid = request_id(given.decode("latin-1") if given else None)
+    rid = runtime.ids(given.decode("latin-1") if given else None)
     runtime.log.event(
         "rejected",
         request_id=rid,
@@ -195,7 +195,8 @@ def _answer(
     request: Request, body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """A JSON answer that carries `x-request-id`, as every answer of the proxy does."""
-    headers = {**(headers or {}), "x-request-id": request_id(request.headers.get("x-request-id"))}
+    ids = request.state.runtime.ids
+    headers = {**(headers or {}), "x-request-id": ids(request.headers.get("x-request-id"))}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -274,7 +275,7 @@ def _routing_state(runtime: Runtime, routes: Routes, name: str) -> dict[str, Any
 
 async def metrics(request: Request) -> Response:
     runtime: Runtime = request.state.runtime
-    rid = request_id(request.headers.get("x-request-id"))
+    rid = runtime.ids(request.headers.get("x-request-id"))
     return Response(
         runtime.metrics.render(), media_type=CONTENT_TYPE, headers={"x-request-id": rid}
     )

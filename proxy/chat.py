@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from starlette.types import Scope
 
 from proxy import failover
-from proxy.accesslog import RequestRecord, request_id
+from proxy.accesslog import RequestRecord
 from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError, TooBusyError
 from proxy.health import failure_kind
 from proxy.limits import Full, Limiter
@@ -62,7 +62,7 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
     clock = Clock()
     wanted = routes.read_headers  # names are lower-case bytes in ASGI
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in wanted}
-    record = RequestRecord(request_id(headers.get("x-request-id")), routes.version)
+    record = RequestRecord(runtime.ids(headers.get("x-request-id")), routes.version)
     response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
     call: _Call | None = None
 
@@ -128,7 +128,7 @@ def _finish(runtime: Runtime, record: RequestRecord, clock: Clock) -> None:
 async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Send) -> None:
     """Serve the request, closing the upstream early if the client leaves."""
     record = call.exchange.record
-    task = asyncio.current_task()
+    task = asyncio.current_task(call.runtime.loop)
     assert task is not None
     watcher = None
     on_disconnect = call.scope.get("extensions", {}).get(ON_DISCONNECT)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.accesslog import AccessLog
+from proxy.accesslog import AccessLog, RequestIds
 from proxy.auth import Keys, resolve_keys
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
@@ -100,6 +100,10 @@ class Runtime:
     config_path: Path | None = None  # what a reload reads
     in_flight: Counter[str] = field(default_factory=Counter)
     stats: LiveStats = field(default_factory=LiveStats)
+    ids: RequestIds = field(default_factory=RequestIds)
+    # The loop it serves on, created with it: `asyncio.current_task(loop)` then needs no
+    # `get_running_loop()`, a system call (getpid) each time on Python 3.11.
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     writes: WriteWatch = field(default_factory=WriteWatch)  # clients that stopped reading
     health: HealthBoard = field(init=False)
     limiters: dict[str, Limiter] = field(init=False)
