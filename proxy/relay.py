@@ -36,8 +36,8 @@ Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-# How long a backend may keep a stream open after [DONE] before the proxy ends the client's
-# response anyway (and drops that connection): mlx_lm.server closes within 25 ms.
+# How long a backend's connection may go on after [DONE] (what comes is read and dropped)
+# before it is closed rather than kept: mlx_lm.server closes within 25 ms.
 AFTER_DONE_S = 0.5
 
 
@@ -143,7 +143,10 @@ async def relay_stream(response: UpstreamResponse, exchange: Exchange, send: Sen
         await _fail_stream(send, exchange, _stream_error(exchange, exc))
         return
     if done:
-        await _drain(response)
+        # The backend may still be closing (mlx_lm.server: 10-25 ms after [DONE]): its
+        # connection reads the rest by itself, and neither this client nor its next
+        # request on the same connection waits for that.
+        await response.aclose(linger=AFTER_DONE_S)
         return
     if leftover := splitter.leftover():  # bytes after the last blank line: the client's too
         await _send_events(send, exchange, response, leftover)
@@ -158,18 +161,6 @@ async def relay_stream(response: UpstreamResponse, exchange: Exchange, send: Sen
         return
     exchange.complete = True
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _drain(response: UpstreamResponse) -> None:
-    """Read what the backend sends after [DONE], once the client has its whole answer:
-    the connection is kept if the body ends in time (mlx_lm.server closes 10-25 ms after
-    [DONE]), and until then the backend counts as busy. What comes is not the client's."""
-    response.body.timeout = AFTER_DONE_S
-    try:
-        while await response.body.read():
-            pass
-    except httpx.HTTPError:  # a failure after [DONE] is not the request's: it was whole
-        pass
 
 
 async def _send_events(
@@ -208,9 +199,9 @@ async def _forward_events(
             # 10-25 ms more): that is its latency, the client's response ends here (the
             # openai SDK reads to its end), and a client that hangs up on [DONE] has not
             # left early. The end of the response goes out in the same write.
-            exchange.complete = True
             body = rewrite(body, exchange.rewrites)
             await _send_events(send, exchange, response, body, more=False)
+            exchange.complete = True  # after: a client that left during the write had not
             clock.finish()
             return True
         if body:
@@ -220,8 +211,9 @@ async def _forward_events(
 
 
 def _take_events(block: bytes, exchange: Exchange) -> tuple[bytes, bool]:
-    """What the client gets of one read's events, and whether [DONE] was among them; what
-    the events say goes to the exchange's record and clock.
+    """What the client gets of one read's events, up to [DONE] if it is among them (what
+    follows is not the client's), and whether it was; what the events say goes to the
+    exchange's record and clock.
 
     Events that came in one read arrived together: once one of them carries content, the
     clock has all it can learn from this read. The events after it need reading only if
@@ -233,7 +225,7 @@ def _take_events(block: bytes, exchange: Exchange) -> tuple[bytes, bool]:
     dropped: list[tuple[int, int]] = []  # (start, end) of events the client does not get
     done = timed = False
     # Until an event of the answer goes, a comment would start it: see relay_stream.
-    quiet = record.status is None
+    unstarted = record.status is None
     start, size = 0, len(block)
     while start < size:
         end = event_end(block, start)
@@ -250,17 +242,20 @@ def _take_events(block: bytes, exchange: Exchange) -> tuple[bytes, bool]:
         elif event.kind is Kind.ERROR:
             record.error = "backend_stream_error"
         elif event.kind is Kind.COMMENT:
-            drop = quiet  # a keepalive before the answer
+            drop = unstarted  # a keepalive before the answer
         if event.usage is not None:
             _count_tokens(record, event.usage)
             drop = event.kind is Kind.USAGE and not exchange.wants_usage
         if drop:
             dropped.append((start, end))
         else:
-            quiet = False
+            unstarted = False
             if event.kind is Kind.CONTENT and exchange.collect is None:
                 end = quiet_until(block, end)
         start = end
+        if done:  # what follows [DONE] is not the client's: see relay_stream
+            block = block[:end]
+            break
     if not dropped:
         return block, done
     kept, at = [], 0
@@ -301,20 +296,23 @@ class WriteWatch:
     waiting for its client at two sweeps `seconds` apart is cancelled, as if the client had
     left. Without it, such a client would hold its backend (a one-at-a-time speculative
     server) for as long as its connection stays open. One timer for all requests, running
-    while any is watched; per request, a dict entry, and two attribute writes per message:
-    nothing on the path of a client that reads."""
+    while any is watched; per request, a dict entry, and three attribute writes per
+    message: nothing on the path of a client that reads. A reload's new `write_timeout`
+    applies from the next sweep on."""
 
     def __init__(self) -> None:
         # Task -> [its exchange, the message count seen waiting at the last sweep or -1]
         self._watched: dict[asyncio.Task[Any], list[Any]] = {}
         self._seconds = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def watch(self, task: asyncio.Task[Any], exchange: Exchange, seconds: float) -> None:
         self._watched[task] = [exchange, -1]
         self._seconds = seconds  # the latest config's: a reload applies from here on
         if self._timer is None:
-            self._timer = task.get_loop().call_later(seconds, self._sweep)
+            self._loop = task.get_loop()
+            self._timer = self._loop.call_later(seconds, self._sweep)
 
     def forget(self, task: asyncio.Task[Any]) -> None:
         self._watched.pop(task, None)
@@ -330,10 +328,8 @@ class WriteWatch:
                 del self._watched[task]
             else:
                 entry[1] = exchange.sent if exchange.sending else -1
-        if self._watched:
-            self._timer = (
-                next(iter(self._watched)).get_loop().call_later(self._seconds, self._sweep)
-            )
+        if self._watched and self._loop is not None:
+            self._timer = self._loop.call_later(self._seconds, self._sweep)
 
     def stop(self) -> None:
         if self._timer is not None:

@@ -99,6 +99,9 @@ class Server:
         self.grace_seconds = grace_seconds
         self.state: dict[str, Any] = {}
         self.connections: set[_Connection] = set()
+        # The connections' tasks, until done: one may outlive its connection (a client
+        # that hung up on the last byte), and it is still finishing its request.
+        self.tasks: set[asyncio.Task[None]] = set()
         self.date = _Date()
         self.started = False
         self._stopping = asyncio.Event()
@@ -146,9 +149,11 @@ class Server:
         for conn in list(self.connections):
             conn.close_when_idle()
         deadline = time.monotonic() + self.grace_seconds
-        while self.connections and time.monotonic() < deadline and not self._force:
+        while (self.connections or self.tasks) and time.monotonic() < deadline:
+            if self._force:
+                break
             await asyncio.sleep(0.05)
-        tasks = [conn.task for conn in self.connections if conn.task is not None]
+        tasks = list(self.tasks)
         for task in tasks:
             task.cancel()  # past the grace period: the app logs them as cancelled
         if tasks:
@@ -311,7 +316,9 @@ class _Connection(asyncio.Protocol):
         if self._next is not None:
             self._next.set_result(exchange)
         else:
-            self.task = self.loop.create_task(self._answer(exchange))
+            self.task = task = self.loop.create_task(self._answer(exchange))
+            self.server.tasks.add(task)
+            task.add_done_callback(self.server.tasks.discard)
 
     async def _answer(self, exchange: _Exchange | None) -> None:
         """The connection's task: its requests, one after the other. One task for all of

@@ -141,8 +141,16 @@ def quiet_until(block: bytes, start: int) -> int:
             first = at
     if first == len(block):
         return first
-    boundary = block.rfind(b"\n\n", start, first)  # that event's start, after it
-    return start if boundary == -1 else boundary + 2
+    # That event's start: after the last blank line before the marker. In a run of more
+    # than two newlines, events end at every second one from the run's start (as
+    # `event_end` cuts them): an odd one out begins the next event.
+    boundary = block.rfind(b"\n\n", start, first)
+    if boundary == -1:
+        return start
+    run = boundary
+    while run > start and block[run - 1] == 10:  # b"\n"
+        run -= 1
+    return run + (boundary + 2 - run) // 2 * 2
 
 
 def _data_of(raw: bytes) -> bytes | None:

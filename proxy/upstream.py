@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -83,7 +83,8 @@ class UpstreamRequest:
 class Body(Protocol):
     """An answer's body, read as it arrives. `timeout` is the longest wait for the next
     read (the relay changes it as a stream goes); `aclose()` ends the answer: the
-    connection goes back to the pool if it was read to the end, else it is closed."""
+    connection goes back to the pool if it was read to the end, else it is closed, or,
+    with `linger`, first left to read (and drop) the rest for up to that many seconds."""
 
     timeout: float | None
 
@@ -91,7 +92,7 @@ class Body(Protocol):
         """What has arrived since the last read (waiting for some), or b"" at the end."""
         ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self, linger: float = 0.0) -> None: ...
 
 
 @dataclass(slots=True)
@@ -114,9 +115,9 @@ class UpstreamResponse:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def aclose(self) -> None:
+    async def aclose(self, linger: float = 0.0) -> None:
         """End the answer: see `Body.aclose`."""
-        await self.body.aclose()
+        await self.body.aclose(linger)
 
 
 class Transport(Protocol):
@@ -139,9 +140,12 @@ class _Connection(asyncio.Protocol):
         self._deadline = self._timer_at = 0.0
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self.reset()
 
     def reset(self) -> None:
+        self._on_end: Callable[[], None] | None = None  # see `linger`
+        self._dropping = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self._framed = False  # Content-Length or chunked: EOF before the end is an error
@@ -185,6 +189,7 @@ class _Connection(asyncio.Protocol):
             else:  # a close-delimited body (HTTP/1.0 style) ends here
                 self.complete = True
                 self._wake()
+        self._ended()
 
     # --- httptools callbacks ----------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -202,6 +207,8 @@ class _Connection(asyncio.Protocol):
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._dropping:
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _PAUSE_ABOVE and self._transport is not None and not self._paused:
@@ -214,11 +221,37 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         self.complete = True
         self._wake()
+        if self._on_end is not None:
+            self._ended()
 
     # --- used by the pool ---------------------------------------------------------------
     def reusable(self) -> bool:
         # A paused connection (a big answer nobody read) would stall the next request.
         return self.complete and not self.closed and self._keep_alive and not self._paused
+
+    def lingerable(self) -> bool:
+        """Whether the answer may still end well: it is under way, and nothing failed."""
+        return not self.complete and not self.closed and self._error is None
+
+    def linger(self, seconds: float, end: Callable[[], None]) -> None:
+        """Read the rest of an answer nobody needs, dropping it: `end()` is called when it
+        has all come (the pool may take the connection back), and the connection closes
+        if that takes longer than `seconds`."""
+        self._chunks.clear()
+        self._buffered = 0
+        self._dropping = True
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        self._on_end = end
+        self._linger = self._loop.call_later(seconds, self.close)
+
+    def _ended(self) -> None:
+        end, self._on_end = self._on_end, None
+        if end is not None:
+            if self._linger is not None:
+                self._linger.cancel()
+            end()
 
     def send(self, data: bytes) -> None:
         assert self._transport is not None
@@ -334,7 +367,10 @@ class _Body:
             self._release()
         return chunk
 
-    async def aclose(self) -> None:
+    async def aclose(self, linger: float = 0.0) -> None:
+        if linger and not self._released and self._conn.lingerable():
+            self._released = True
+            self._pool.linger(self._key, self._conn, linger)
         self._release()
 
     def _release(self) -> None:
@@ -349,6 +385,7 @@ class UpstreamTransport:
     def __init__(self, max_idle_per_origin: int = 64) -> None:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._max_idle = max_idle_per_origin
+        self._lingering: set[_Connection] = set()  # reading the end of an answer: `linger`
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         endpoint, timeouts = request.endpoint, request.timeouts
@@ -384,9 +421,8 @@ class UpstreamTransport:
             raise
 
     async def aclose(self) -> None:
-        for connections in self._idle.values():
-            for conn in connections:
-                conn.close()
+        for conn in [*self._lingering, *(c for idle in self._idle.values() for c in idle)]:
+            conn.close()
         self._idle.clear()
 
     def _pooled(self, key: tuple[str, int]) -> _Connection | None:
@@ -412,6 +448,17 @@ class UpstreamTransport:
         except OSError as exc:
             raise httpx.ConnectError(f"{exc.strerror or exc} ({key[0]}:{key[1]})") from None
         return conn
+
+    def linger(self, key: tuple[str, int], conn: _Connection, seconds: float) -> None:
+        """Let `conn` read the rest of its answer by itself, for up to `seconds`: kept if
+        the answer ends in time, closed otherwise. Nothing waits for it."""
+        self._lingering.add(conn)
+
+        def end() -> None:
+            self._lingering.discard(conn)
+            self.release(key, conn)
+
+        conn.linger(seconds, end)
 
     def release(self, key: tuple[str, int], conn: _Connection) -> None:
         if conn.reusable():
@@ -465,8 +512,8 @@ class _HttpxBody:
                 return chunk
         return b""
 
-    async def aclose(self) -> None:
-        await self._response.aclose()
+    async def aclose(self, linger: float = 0.0) -> None:
+        await self._response.aclose()  # httpx reads no further: `linger` does not apply
 
 
 def as_transport(transport: Transport | httpx.AsyncBaseTransport) -> Transport:

@@ -691,6 +691,26 @@ async def test_shutdown_finishes_the_request_in_flight_and_refuses_new_ones() ->
     assert response.header("connection") == "close"
 
 
+async def test_shutdown_waits_for_a_request_whose_client_has_gone() -> None:
+    """The app may still be finishing (its log line) after the last byte, when the client
+    has already closed the connection: shutdown waits for it too, within the grace."""
+    finished = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await respond(send, b"done")
+        await asyncio.sleep(0.3)  # after the answer: the client is gone by now
+        finished.set()
+
+    async with serving(app) as running:
+        async with connect(running.port) as client:
+            await client.send(GET)
+            assert (await client.response()).body == b"done"
+        await until(lambda: not running.server.connections)
+        running.server.shutdown()
+        await asyncio.wait_for(running.task, WAIT)
+        assert finished.is_set()
+
+
 async def test_shutdown_closes_idle_keep_alive_connections() -> None:
     """shutdown() closes a kept-alive connection with no request in flight at once."""
     async with serving(hello_app) as running, connect(running.port) as client:

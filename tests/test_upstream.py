@@ -207,3 +207,47 @@ async def test_a_big_unread_answer_does_not_stall_the_next_request() -> None:
         status, body = await fetch(transport, request(server, read=2.0))
         assert (status, len(body)) == (200, len(big))
         await transport.aclose()
+
+
+async def test_a_lingering_answer_that_ends_in_time_keeps_its_connection() -> None:
+    """After [DONE] the relay lets the rest come by itself (`aclose(linger=)`): an answer
+    that then ends is dropped unread, and its connection serves the next request."""
+
+    async def tail(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nend\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the rest comes late
+        writer.write(b"4\r\nmore\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async with serve(tail) as server:
+        transport = UpstreamTransport()
+        response = await transport.send(request(server))
+        assert await response.body.read() == b"end"
+        await response.aclose(linger=2.0)  # returns at once
+        await asyncio.sleep(0.4)
+        assert not server.closed.is_set()
+        response = await transport.send(request(server))
+        assert await response.read_all() == b"endmore"  # not a stale "more" from before
+        await response.aclose()
+        await transport.aclose()
+    assert server.connections == 1
+
+
+async def test_a_lingering_answer_that_does_not_end_in_time_is_closed() -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while True:
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+
+    async with serve(endless) as server:
+        transport = UpstreamTransport()
+        response = await transport.send(request(server))
+        await response.body.read()
+        started = asyncio.get_running_loop().time()
+        await response.aclose(linger=0.3)
+        await asyncio.wait_for(server.closed.wait(), 2.0)
+        assert asyncio.get_running_loop().time() - started >= 0.25
+        await transport.aclose()
