@@ -241,22 +241,27 @@ def test_a_failure_after_done_is_not_an_error(proxy: RunningProxy) -> None:
     assert line["latency_ms"] < 500
 
 
+def stalled_client(proxy: RunningProxy) -> socket.socket:
+    """A client that asks for an endless stream, reads its first bytes, then never again."""
+    body = json.dumps(STREAM).encode()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])))
+    client.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Fake: tokens=200000\r\nContent-Length: " + str(len(body)).encode()
+        + b"\r\n\r\n" + body
+    )  # fmt: skip
+    client.recv(1024)  # the answer started
+    return client
+
+
 def test_a_client_that_stops_reading_is_dropped_and_frees_the_backend(
     tmp_path: Path, fake: FakeBackend, serve_proxy: Any
 ) -> None:
     config = make_config(tmp_path, {"baseline": fake.url}, limits={"write_timeout": 0.5})
     proxy = serve_proxy(config)
-    body = json.dumps(STREAM).encode()
-    port = int(proxy.url.rsplit(":", 1)[1])
-    with socket.socket() as client:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.connect(("127.0.0.1", port))
-        client.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"X-Fake: tokens=200000\r\nContent-Length: " + str(len(body)).encode()
-            + b"\r\n\r\n" + body
-        )  # fmt: skip
-        client.recv(1024)  # the answer started; then never read again
+    with stalled_client(proxy):
         assert fake.wait_for(lambda: fake.requests and fake.requests[0].client_closed_at, 15)
         [line] = proxy.wait_for_log(1, timeout=5)
     assert (line["status"], line["client_disconnected"]) == (200, True)
@@ -271,17 +276,7 @@ def test_only_the_client_that_stopped_reading_is_dropped(
     message of a slow stream, over several sweeps, is left alone."""
     config = make_config(tmp_path, {"baseline": fake.url}, limits={"write_timeout": 0.3})
     proxy = serve_proxy(config)
-    body = json.dumps(STREAM).encode()
-    port = int(proxy.url.rsplit(":", 1)[1])
-    with socket.socket() as stalled:
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.connect(("127.0.0.1", port))
-        stalled.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"X-Fake: tokens=200000\r\nContent-Length: " + str(len(body)).encode()
-            + b"\r\n\r\n" + body
-        )  # fmt: skip
-        stalled.recv(1024)  # the answer started; then never read again
+    with stalled_client(proxy):
         lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=15; delay=0.1"})
         log = proxy.wait_for_log(2, timeout=10)
     assert len(content_events(lines)) == 15 and lines[-2] == "data: [DONE]"

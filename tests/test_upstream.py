@@ -74,6 +74,15 @@ async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
     await writer.drain()
 
 
+async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A chunked answer that never ends."""
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    while True:
+        writer.write(b"1\r\nx\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.01)
+
+
 async def test_keep_alive_connection_is_reused() -> None:
     async with serve(keep_alive) as server:
         transport = UpstreamTransport()
@@ -176,13 +185,6 @@ async def test_cancelled_request_closes_its_connection() -> None:
 
 
 async def test_unread_body_closes_the_connection_instead_of_pooling_it() -> None:
-    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        while True:
-            writer.write(b"1\r\nx\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.01)
-
     async with serve(endless) as server:
         transport = UpstreamTransport()
         response = await transport.send(request(server))
@@ -235,13 +237,6 @@ async def test_a_lingering_answer_that_ends_in_time_keeps_its_connection() -> No
 
 
 async def test_a_lingering_answer_that_does_not_end_in_time_is_closed() -> None:
-    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        while True:
-            writer.write(b"1\r\nx\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.01)
-
     async with serve(endless) as server:
         transport = UpstreamTransport()
         response = await transport.send(request(server))
