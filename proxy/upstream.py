@@ -129,9 +129,15 @@ class Transport(Protocol):
 class _Connection(asyncio.Protocol):
     """One TCP connection to a backend; one request at a time."""
 
+    on_body: Callable[[bytes], None]  # httptools' callback for each piece of the body
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._transport: asyncio.Transport | None = None
+        # A chunked answer has a piece per chunk, a stream a chunk per event: each goes
+        # straight to the buffer, and `data_received` does the rest once per read.
+        self._chunks: deque[bytes] = deque()
+        self.on_body = self._chunks.append
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.used = False
@@ -150,8 +156,8 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self._framed = False  # Content-Length or chunked: EOF before the end is an error
         self._head: asyncio.Future[None] = self._loop.create_future()
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
+        self._chunks.clear()
+        self._buffered = 0  # bytes read since the buffer was last emptied, at most
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self.complete = False
@@ -168,6 +174,15 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"malformed answer: {exc}"))
             self.close()
+        if self._chunks:  # some body came (see `on_body`)
+            if self._dropping:
+                self._chunks.clear()
+                return
+            self._buffered += len(data)
+            if self._buffered > _PAUSE_ABOVE and self._transport is not None and not self._paused:
+                self._paused = True
+                self._transport.pause_reading()
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -205,16 +220,6 @@ class _Connection(asyncio.Protocol):
                 self._framed = True
         if not self._head.done():  # else the request was cancelled or timed out meanwhile
             self._head.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        if self._dropping:
-            return
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > _PAUSE_ABOVE and self._transport is not None and not self._paused:
-            self._paused = True
-            self._transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         # Asked here: once the callback returns, the parser is reset for the next message.
@@ -270,8 +275,8 @@ class _Connection(asyncio.Protocol):
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft() if len(self._chunks) == 1 else self._drain()
-                self._buffered -= len(chunk)
-                if self._paused and self._buffered < _PAUSE_ABOVE // 2:
+                self._buffered = 0  # all of it
+                if self._paused:
                     self._paused = False
                     assert self._transport is not None
                     self._transport.resume_reading()
