@@ -157,7 +157,7 @@ class _Connection(asyncio.Protocol):
         self._framed = False  # Content-Length or chunked: EOF before the end is an error
         self._head: asyncio.Future[None] = self._loop.create_future()
         self._chunks.clear()
-        self._buffered = 0  # bytes read since the buffer was last emptied, at most
+        self._buffered = 0  # bytes read since the buffer was emptied: body and framing
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self.complete = False
