@@ -194,19 +194,17 @@ async def _forward_events(
             response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
         elif waiting:
             response.body.timeout = exchange.timeouts["idle"]
+        if body:  # with [DONE], never empty
+            body = rewrite(body, exchange.rewrites)  # events are whole: no name is cut
+            # With [DONE] the answer is whole, not when the backend closes (mlx_lm.server
+            # takes 10-25 ms more): that is its latency, the client's response ends here,
+            # in the same write (the openai SDK reads to its end), and a client that hangs
+            # up on [DONE] has not left early.
+            await _send_events(send, exchange, response, body, more=not done)
         if done:
-            # The answer is whole now, not when the backend closes (mlx_lm.server takes
-            # 10-25 ms more): that is its latency, the client's response ends here (the
-            # openai SDK reads to its end), and a client that hangs up on [DONE] has not
-            # left early. The end of the response goes out in the same write.
-            body = rewrite(body, exchange.rewrites)
-            await _send_events(send, exchange, response, body, more=False)
             exchange.complete = True  # after: a client that left during the write had not
             clock.finish()
             return True
-        if body:
-            body = rewrite(body, exchange.rewrites)  # events are whole: no name is cut
-            await _send_events(send, exchange, response, body)
     return False
 
 

@@ -149,9 +149,7 @@ class Server:
         for conn in list(self.connections):
             conn.close_when_idle()
         deadline = time.monotonic() + self.grace_seconds
-        while (self.connections or self.tasks) and time.monotonic() < deadline:
-            if self._force:
-                break
+        while (self.connections or self.tasks) and time.monotonic() < deadline and not self._force:
             await asyncio.sleep(0.05)
         tasks = list(self.tasks)
         for task in tasks:
