@@ -29,9 +29,11 @@ EXIT_LISTEN = 4
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Usage lines name the command as it was typed: the console script or the module.
+    prog = "specproxy" if Path(sys.argv[0]).name == "specproxy" else "python -m proxy"
     if argv[:1] == ["report"]:  # its own arguments, parsed by the report itself
-        return _report(argv[1:])
-    args = _parser().parse_args(argv)
+        return _report(argv[1:], f"{prog} report")
+    args = _parser(prog).parse_args(argv)
     try:
         config = load_config(args.config)
         resolve_keys(config.auth)  # a named key variable that is unset: a config error too
@@ -165,13 +167,13 @@ def _run(body: Callable[[_Stop], Awaitable[int]]) -> int:
     return _event_loop_run(guarded())
 
 
-def _report(argv: list[str]) -> int:
+def _report(argv: list[str], prog: str) -> int:
     try:  # numpy, scipy, duckdb and matplotlib come with the `report` extra only
         from proxy.report import main as report_main
     except ImportError as exc:
         print(f"error: the report needs `pip install 'specproxy[report]'` ({exc})", file=sys.stderr)
         return EXIT_CONFIG
-    return report_main(argv)
+    return report_main(argv, prog)
 
 
 # Allocations between two collections of the youngest generation (CPython's default: 700).
@@ -241,8 +243,8 @@ def describe(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__)
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the proxy")
     check_cmd = commands.add_parser("check", help="validate the config and exit")

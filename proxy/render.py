@@ -47,7 +47,7 @@ class Section:
 
 def render_text(report: dict[str, Any], *, min_bucket_samples: int, colour: bool = False) -> str:
     """The report as aligned plain-text tables."""
-    out = [f"specproxy report: baseline {report['baseline']}"]
+    out = [f"specproxy report (baseline: {report['baseline']})"]
     for section in sections(report, min_bucket_samples=min_bucket_samples):
         out += ["", section.title, "-" * len(section.title)]
         if section.alarm:
@@ -61,7 +61,7 @@ def render_html(
     report: dict[str, Any], figures: list[tuple[str, str]], *, min_bucket_samples: int
 ) -> str:
     """One self-contained page: the tables, then the figures as inline SVG."""
-    body = [f"<h1>specproxy report: baseline {escape(report['baseline'])}</h1>"]
+    body = [f"<h1>specproxy report (baseline: {escape(report['baseline'])})</h1>"]
     for section in sections(report, min_bucket_samples=min_bucket_samples):
         body.append(f"<h2>{escape(section.title)}</h2>")
         if section.alarm:

@@ -346,9 +346,9 @@ def shadow_summary(shadows: Shadows) -> list[dict[str, Any]]:
 # --- command line --------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m proxy report") -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(prog).parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage and the problem
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     versions = [v for group in args.config_version or [] for v in group] or None
@@ -443,9 +443,9 @@ def _whole(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m proxy report",
+        prog=prog,
         description="Read request logs and report whether the speculative backend pays off.",
     )
     parser.add_argument("logs", nargs="*", metavar="LOG", help="log files or globs; - is stdin")

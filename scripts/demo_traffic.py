@@ -1,5 +1,6 @@
-"""Send some ordinary traffic through the proxy, as clients would: no routing header, so the
-A/B split decides, and the report has something to say.
+"""Send ordinary traffic through the proxy, as clients would, for the report to judge.
+
+No routing header: the A/B split decides.
 
     python scripts/demo_traffic.py [--url http://127.0.0.1:8000] [--requests 40]
         [--concurrency 1] [--max-tokens 32] [--stream-share 0.5] [--seed 0]

