@@ -73,6 +73,7 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
         decision = choose(routes.router, headers, runtime.rng)
         _note(record, decision)
         decision = failover.steer(decision, runtime.health.healthy, routes.config.fallback_of)
+        _note(record, decision)
         exchange = _exchange(routes, scope, request, decision.backend, record, clock)
         exchange.response_headers = response_headers  # `_aim` adds x-backend to them
         call = _Call(runtime, routes, scope, request, exchange)
@@ -84,11 +85,15 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
         answered = record.status is not None
         record.status, record.error = exc.status, exc.kind
         if not answered and not record.client_disconnected:
+            if record.backend is not None:  # refused before an attempt (503, 429): named too
+                _name_backend(response_headers, record.backend)
             await send_error(send, exc, response_headers)
     except ClientGoneError:
         record.client_disconnected, record.status = True, CLIENT_CLOSED
     except asyncio.CancelledError:  # not the client leaving: the server's shutdown deadline
         record.error = record.error or "cancelled"
+        if record.status is None and not record.client_disconnected:
+            record.status = 503  # what our server answers for it, nothing being sent yet
         raise
     except Exception:  # a bug: answered and logged here, its traceback by the server
         answered = record.status is not None
@@ -239,7 +244,12 @@ def _aim(call: _Call, decision: Decision) -> None:
             routes, call.scope, request, backend, exchange.record.request_id
         )
         exchange.rewrites = model_rewriter(routes.config.backends[backend].model, request.model)
-    exchange.response_headers[1:] = [(b"x-backend", backend.encode())]
+    _name_backend(exchange.response_headers, backend)
+
+
+def _name_backend(response_headers: list[tuple[bytes, bytes]], backend: str) -> None:
+    """x-backend, after x-request-id (the first): the backend the request went to last."""
+    response_headers[1:] = [(b"x-backend", backend.encode())]
 
 
 def _note(record: RequestRecord, decision: Decision) -> None:

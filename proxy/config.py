@@ -316,7 +316,7 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # safe_load, but strict about keys
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -359,3 +359,37 @@ def _describe(error: Any) -> str:
 
 def _kind(value: Any) -> str:
     return "an empty file" if value is None else type(value).__name__
+
+
+# Subclassing Any is an error when types-PyYAML (a dev dependency) is not installed.
+class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]
+    """`yaml.safe_load`'s loader, except that a key given twice in one mapping is an error.
+    safe_load keeps the last one silently, and the user then sees an error about the wrong
+    block. Merge keys (`<<`) may still override: they are not checked."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicate_keys(node, (), set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: tuple[str, ...], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: checked once, where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, (*path, str(index)), seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):  # a list or mapping: safe_load refuses it
+                continue
+            # `a` and `"a"` are the same key; `1` and `"1"` are not (the tag tells them apart).
+            earlier = first.setdefault((key.tag, key.value), key)
+            if earlier is not key and key.tag != "tag:yaml.org,2002:merge":
+                line = earlier.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    problem=f"{'.'.join((*path, key.value))} is given twice (first on line {line})",
+                    problem_mark=key.start_mark,
+                )
+            _refuse_duplicate_keys(value, (*path, key.value), seen)

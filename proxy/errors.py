@@ -118,9 +118,12 @@ class BackendStatusError(ProxyError):
         super().__init__(message)
 
     def body(self) -> dict[str, Any]:
-        if self._upstream is not None:
-            return self._upstream
-        return super().body()
+        if self._upstream is None:
+            return super().body()
+        # The backend's own error, with any field of the shape it left out filled in: an
+        # SDK may read any of them.
+        error = {"type": self.type, "param": None, "code": self.code, **self._upstream["error"]}
+        return {**self._upstream, "error": error}
 
 
 def openai_error(

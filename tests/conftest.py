@@ -100,7 +100,7 @@ class ThreadedServer:
 class RunningProxy:
     url: str
     log_path: Path
-    server: ThreadedServer
+    server: object  # what serves it (ours, or uvicorn in test_uvicorn.py): kept alive with it
 
     def log(self) -> list[dict[str, Any]]:
         """The request lines (the proxy's other events: `events`)."""

@@ -167,6 +167,9 @@ async def _stream(
         writer.write(b": keepalive 1/2\n\n")
         await writer.drain()
     _event(writer, _chunk(body, {"role": "assistant", "content": ""}))  # role-only delta
+    if mode.get("role_gap"):  # the role delta alone, well before the first token
+        await writer.drain()
+        await asyncio.sleep(mode["role_gap"])
     tokens = int(mode["tokens"])
     for i in range(tokens):
         if i and mode.get("delay"):

@@ -389,6 +389,14 @@ async def test_backend_openai_shaped_error_is_relayed_as_is(config: Config) -> N
     assert response.status_code == 422 and response.json() == shaped
 
 
+async def test_backend_error_missing_fields_of_the_shape_gets_them(config: Config) -> None:
+    partial = lambda r: httpx.Response(500, json={"error": {"message": "boom"}})  # noqa: E731
+    async with proxy_client(config, Backends(partial)) as client:
+        response = await client.post(CHAT, json={"messages": []})
+    error = assert_openai_error(response, 500, "backend_error")
+    assert (error["message"], error["type"], error["param"]) == ("boom", "server_error", None)
+
+
 async def test_backend_non_json_error_is_wrapped(config: Config) -> None:
     page = lambda r: httpx.Response(500, text="<html>Internal Server Error</html>")  # noqa: E731
     async with proxy_client(config, Backends(page)) as client:

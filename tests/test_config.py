@@ -124,6 +124,18 @@ def test_backend_left_out_of_the_split_gets_weight_zero(tmp_path: Path) -> None:
             ("model: m\n", "model: m\nauth: {api_keys: ['']}\n"),
             "auth.api_keys: an API key must not be empty",
         ),
+        (
+            ("routing:", "routing:\n  split: {baseline: 100}\nrouting:"),
+            "routing is given twice (first on line 5)",
+        ),
+        (
+            ("baseline: 50, speculative: 50", "baseline: 50, speculative: 50, baseline: 0"),
+            "routing.split.baseline is given twice (first on line 6)",
+        ),
+        (
+            ("  speculative: {url", "  baseline: {url"),
+            "backends.baseline is given twice (first on line 3)",
+        ),
     ],
 )
 def test_invalid_file_names_the_key_and_problem(
@@ -193,6 +205,52 @@ def test_yaml_syntax_error_is_one_line_with_its_position(tmp_path: Path) -> None
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            VALID + "routing:\n  split: {baseline: 100}\n",
+            "7:1: not valid YAML: routing is given twice (first on line 5)",
+        ),
+        (
+            VALID.replace("speculative: 50}", "speculative: 50, baseline: 0}"),
+            "6:42: not valid YAML: routing.split.baseline is given twice (first on line 6)",
+        ),
+    ],
+)
+def test_duplicate_key_is_one_line_with_its_path_and_both_lines(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """yaml.safe_load would keep the last one silently: the first block would be lost."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert str(info.value) == f"{tmp_path / 'routes.yaml'}:{message}"
+
+
+def test_anchors_and_merge_keys_still_load(tmp_path: Path) -> None:
+    """A merged key may be overridden, and `<<` given twice, as yaml.safe_load allows."""
+    text = """\
+model: m
+backends:
+  baseline: &shared {url: http://127.0.0.1:8080, max_queue: 3}
+  speculative:
+    <<: *shared
+    url: http://127.0.0.1:8081
+  draft:
+    <<: *shared
+    <<: {max_in_flight: 2}
+    url: http://127.0.0.1:8082
+routing:
+  split: {baseline: 100}
+"""
+    backends = load_config(write(tmp_path, text)).backends
+    assert [(b.url, b.max_queue, b.max_in_flight) for b in backends.values()] == [
+        ("http://127.0.0.1:8080", 3, None),
+        ("http://127.0.0.1:8081", 3, None),
+        ("http://127.0.0.1:8082", 3, 2),
+    ]
+
+
 def test_file_that_is_not_text(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_bytes(b"model: \xff\xfe\n")
@@ -237,3 +295,12 @@ def test_check_rejects_an_invalid_config(tmp_path: Path) -> None:
     result = run_cli("check", "--config", str(write(tmp_path, VALID.replace("model: m\n", ""))))
     assert result.returncode == 2
     assert "model: required key is missing" in result.stderr
+
+
+def test_check_rejects_a_duplicate_key(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "routing:\n  split: {baseline: 100}\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: {path}:7:1: not valid YAML: routing is given twice (first on line 5)\n"
+    )

@@ -200,7 +200,7 @@ def test_refused_connection_fails_over_within_the_request_and_ejects_at_once(
     assert second.status_code == 200 and second.headers["x-backend"] == "baseline"
     forced = httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Backend": "speculative"})
     assert_openai_error(forced, 503, "backend_unhealthy")
-    assert forced.headers["x-request-id"]
+    assert forced.headers["x-request-id"] and forced.headers["x-backend"] == "speculative"
     one, two, three = exactly(proxy, 3)
     assert routed(one) == ("baseline", "fallback", "speculative", "failed")
     assert (one["status"], one["error"], one["queue_ms"]) == (200, None, 0.0)
@@ -224,6 +224,7 @@ def test_forced_request_to_a_refusing_backend_is_502_not_retried(
         proxy.url + CHAT, json=BODY, headers={"X-Backend": "speculative"}, timeout=10
     )
     assert_openai_error(forced, 502, "backend_unreachable")
+    assert forced.headers["x-backend"] == "speculative"
     assert not baseline.requests  # the client chose the backend: no retry elsewhere
     again = httpx.post(
         proxy.url + CHAT, json=BODY, headers={"X-Backend": "speculative"}, timeout=10
@@ -447,7 +448,7 @@ def test_full_backend_overflows_split_traffic_and_429s_forced_requests(
     assert split.status_code == 200 and split.headers["x-backend"] == "baseline"
     forced = httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Backend": "speculative"})
     error = assert_openai_error(forced, 429, "backend_busy")
-    assert error["type"] == "rate_limit_error"
+    assert error["type"] == "rate_limit_error" and forced.headers["x-backend"] == "speculative"
     assert int(forced.headers["retry-after"]) >= 1
     assert forced.headers["x-request-id"]
     assert long.join()[-2] == "data: [DONE]"

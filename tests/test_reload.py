@@ -259,6 +259,29 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_ones(
     assert (line["status"], line["error"], line["completion_tokens"]) == (200, None, 15)
 
 
+def test_an_answer_past_the_grace_period_is_a_503_and_logged_as_one(
+    fake: FakeBackend, tmp_path: Path
+) -> None:
+    process, url = graceful(fake, tmp_path, grace=0.5)
+    result: dict[str, Any] = {}
+
+    def slow_answer() -> None:
+        slow = {"X-Fake": "tokens=100; delay=0.1"}
+        result["response"] = httpx.post(url + CHAT, json=BODY, headers=slow, timeout=15)
+
+    thread = threading.Thread(target=slow_answer)
+    thread.start()
+    assert fake.wait_for(lambda: fake.requests, 5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    thread.join(15)
+    response = result["response"]
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "shutting_down"
+    [line] = [e for e in read_log(tmp_path / "requests.jsonl") if e["event"] == "request"]
+    assert (line["status"], line["error"]) == (503, "cancelled")
+
+
 def test_streams_past_the_grace_period_are_cut_and_still_logged(
     fake: FakeBackend, tmp_path: Path
 ) -> None:

@@ -91,6 +91,13 @@ def test_keepalives_before_the_answer_are_not_first_tokens_and_not_forwarded(
     assert line["ttft_ms"] >= 400
 
 
+def test_a_role_only_delta_is_not_the_first_token(proxy: RunningProxy) -> None:
+    lines = stream_lines(proxy.url + CHAT, STREAM, {"X-Fake": "tokens=3; role_gap=0.3"})
+    assert len(content_events(lines)) == 3
+    line = assert_one_sane_line(proxy)
+    assert line["ttft_ms"] >= 300
+
+
 def test_client_disconnect_closes_the_backend_connection(
     proxy: RunningProxy, fake: FakeBackend
 ) -> None:
