@@ -54,21 +54,9 @@ def assert_one_sane_line(proxy: RunningProxy) -> dict[str, Any]:
 def test_first_token_reaches_client_while_backend_still_generates(
     proxy: RunningProxy, fake: FakeBackend
 ) -> None:
-    started = time.perf_counter()
-    with httpx.stream(
-        "POST",
-        proxy.url + CHAT,
-        json=STREAM,
-        timeout=10,
-        headers={"X-Fake": "tokens=10; delay=0.2"},
-    ) as response:
-        lines = response.iter_lines()
-        for line in lines:
-            if content_events([line]):
-                first_token_s = time.perf_counter() - started
-                backend_done_then = fake.requests[-1].finished
-                break
-        rest = list(lines)
+    first_token_s, backend_done_then, rest, _ = stream_to_first_token(
+        proxy, fake, {"X-Fake": "tokens=10; delay=0.2"}
+    )
     assert first_token_s < 1.0  # the whole answer takes 1.8 s
     assert backend_done_then is False
     assert rest[-2] == "data: [DONE]"
@@ -77,6 +65,25 @@ def test_first_token_reaches_client_while_backend_still_generates(
     assert line["latency_ms"] >= 1800
     # 9 tokens after the first, 0.2 s apart: 5 tokens/s
     assert line["decode_tps"] == pytest.approx(5.0, rel=0.15)
+
+
+def stream_to_first_token(
+    proxy: RunningProxy, fake: FakeBackend, headers: dict[str, str]
+) -> tuple[float, bool, list[str], httpx.Response]:
+    """Stream an answer: the seconds to its first token, whether the backend had finished
+    then, the lines after it, and the response."""
+    started = time.perf_counter()
+    with httpx.stream(
+        "POST", proxy.url + CHAT, json=STREAM, timeout=10, headers=headers
+    ) as response:
+        lines = response.iter_lines()
+        for text in lines:
+            if content_events([text]):
+                first_token_s = time.perf_counter() - started
+                backend_done_then = fake.requests[-1].finished
+                break
+        rest = list(lines)
+    return first_token_s, backend_done_then, rest, response
 
 
 def test_keepalives_before_the_answer_are_not_first_tokens_and_not_forwarded(
@@ -101,6 +108,12 @@ def test_a_role_only_delta_is_not_the_first_token(proxy: RunningProxy) -> None:
 def test_client_disconnect_closes_the_backend_connection(
     proxy: RunningProxy, fake: FakeBackend
 ) -> None:
+    assert_leaving_mid_stream_frees_the_backend(proxy, fake)
+
+
+def assert_leaving_mid_stream_frees_the_backend(proxy: RunningProxy, fake: FakeBackend) -> None:
+    """A client that leaves after two tokens of a 10 s stream: the backend sees its
+    connection closed within a second, and the one log line says the client left."""
     with httpx.stream(
         "POST",
         proxy.url + CHAT,
@@ -109,8 +122,8 @@ def test_client_disconnect_closes_the_backend_connection(
         headers={"X-Fake": "tokens=100; delay=0.1"},
     ) as response:
         seen = 0
-        for line in response.iter_lines():
-            seen += len(content_events([line]))
+        for text in response.iter_lines():
+            seen += len(content_events([text]))
             if seen == 2:
                 break
         left_at = time.perf_counter()

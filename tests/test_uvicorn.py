@@ -22,7 +22,13 @@ import uvicorn
 from proxy.app import create_app
 from tests.conftest import RunningProxy, make_config
 from tests.fakebackend import FakeBackend
-from tests.test_streaming import CHAT, STREAM, assert_one_sane_line, content_events
+from tests.test_streaming import (
+    CHAT,
+    assert_leaving_mid_stream_frees_the_backend,
+    assert_one_sane_line,
+    content_events,
+    stream_to_first_token,
+)
 
 
 @pytest.fixture
@@ -66,21 +72,14 @@ def assert_tagged(response: httpx.Response, line: dict[str, Any]) -> None:
 def test_first_token_reaches_client_while_backend_still_generates(
     proxy: RunningProxy, fake: FakeBackend
 ) -> None:
-    started = time.perf_counter()
-    headers = {"X-Fake": "tokens=5; delay=0.2"}
-    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, headers=headers, timeout=10) as r:
-        lines = r.iter_lines()
-        for text in lines:
-            if content_events([text]):
-                first_token_s = time.perf_counter() - started
-                backend_done_then = fake.requests[-1].finished
-                break
-        rest = list(lines)
+    first_token_s, backend_done_then, rest, response = stream_to_first_token(
+        proxy, fake, {"X-Fake": "tokens=5; delay=0.2"}
+    )
     assert first_token_s < 0.5  # the whole answer takes 0.8 s
     assert backend_done_then is False
     assert len(content_events(rest)) == 4 and rest[-2] == "data: [DONE]"
     line = assert_one_sane_line(proxy)
-    assert_tagged(r, line)
+    assert_tagged(response, line)
     assert line["completion_tokens"] == 5 and line["latency_ms"] >= 800
 
 
@@ -98,18 +97,4 @@ def test_client_disconnect_closes_the_backend_connection(
     proxy: RunningProxy, fake: FakeBackend
 ) -> None:
     """uvicorn drops writes to a client that left without a word: only `receive()` says so."""
-    headers = {"X-Fake": "tokens=100; delay=0.1"}
-    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, headers=headers, timeout=10) as r:
-        seen = 0
-        for text in r.iter_lines():
-            seen += len(content_events([text]))
-            if seen == 2:
-                break
-        left_at = time.perf_counter()
-    assert fake.wait_for(lambda: fake.requests[-1].client_closed_at is not None, timeout=3)
-    closed_after = fake.requests[-1].client_closed_at - left_at  # type: ignore[operator]
-    assert closed_after < 1.0
-    assert not fake.requests[-1].finished
-    line = assert_one_sane_line(proxy)
-    assert line["client_disconnected"] is True
-    assert line["latency_ms"] < 5000  # logged when the client left, not at the 10 s mark
+    assert_leaving_mid_stream_frees_the_backend(proxy, fake)
