@@ -13,7 +13,13 @@ from starlette.types import Scope
 
 from proxy import failover
 from proxy.accesslog import RequestRecord
-from proxy.errors import BadRequestError, PayloadTooLargeError, ProxyError, TooBusyError
+from proxy.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    ProxyError,
+    ShuttingDownError,
+    TooBusyError,
+)
 from proxy.health import failure_kind
 from proxy.limits import Full, Limiter
 from proxy.payload import (
@@ -85,26 +91,38 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
         answered = record.status is not None
         record.status, record.error = exc.status, exc.kind
         if not answered and not record.client_disconnected:
-            if record.backend is not None:  # refused before an attempt (503, 429): named too
-                _name_backend(response_headers, record.backend)
-            await send_error(send, exc, response_headers)
+            await _send_error(send, exc, record, response_headers)
     except ClientGoneError:
         record.client_disconnected, record.status = True, CLIENT_CLOSED
     except asyncio.CancelledError:  # not the client leaving: the server's shutdown deadline
         record.error = record.error or "cancelled"
         if record.status is None and not record.client_disconnected:
-            record.status = 503  # what our server answers for it, nothing being sent yet
+            # Answered here rather than left to the server, to carry x-request-id.
+            late = ShuttingDownError("the proxy is shutting down")
+            record.status = late.status
+            await _send_error(send, late, record, response_headers)
         raise
     except Exception:  # a bug: answered and logged here, its traceback by the server
         answered = record.status is not None
         record.status, record.error = 500, "internal_error"
         if not answered and not record.client_disconnected:
-            await send_error(send, ProxyError("internal error in the proxy"), response_headers)
+            bug = ProxyError("internal error in the proxy")
+            await _send_error(send, bug, record, response_headers)
         raise
     finally:
         _finish(runtime, record, clock)
         if call is not None and call.exchange.collect is not None:
             _start_shadow(call)
+
+
+async def _send_error(
+    send: Send, exc: ProxyError, record: RequestRecord, response_headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Answer with `exc`: x-request-id, and x-backend once routed (a 503 or 429 refusal
+    before any attempt names the backend too, as its log line does)."""
+    if record.backend is not None:
+        _name_backend(response_headers, record.backend)
+    await send_error(send, exc, response_headers)
 
 
 @dataclass(slots=True)

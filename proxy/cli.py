@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         resolve_keys(config.auth)  # a named key variable that is unset: a config error too
         if args.command == "check":
+            _check_log_path(config.logging.path)  # what `serve` opens, without creating it
             print(f"{args.config}: OK\n{describe(config)}")
             return 0
         log = _open_log(config)
@@ -214,6 +215,20 @@ def _open_log(config: Config) -> AccessLog:
         ) from None
     log.bind(config_version=config.version())  # the backends' start-up lines carry it too
     return log
+
+
+def _check_log_path(path: Path | None) -> None:
+    """Raise the `ConfigError` that `_open_log` would, as far as can be told without creating
+    the file or its folders: a folder in its place, or a file where a folder must be."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"logging.path: cannot open {path}: it is a directory")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"logging.path: cannot open {path}: {parent} is not a directory")
+            return
 
 
 def describe(config: Config) -> str:

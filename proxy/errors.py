@@ -9,6 +9,7 @@
     ├── PayloadTooLargeError     413  body over `limits.max_body_bytes`
     ├── TooBusyError             429  the backend's concurrency limit and wait queue are full
     ├── BackendUnavailableError  503  the header forces a backend that is ejected as unhealthy
+    ├── ShuttingDownError        503  still unanswered when the shutdown's grace period ended
     ├── BackendUnreachableError  502  connection refused, reset or broken before an answer
     │   └── BackendRefusedError  502  nothing listens there (ejects the backend at once)
     ├── BackendTimeoutError      504  no connection or no answer within the backend's timeouts
@@ -81,6 +82,12 @@ class BackendUnavailableError(ProxyError):
     status = 503
     type = "server_error"
     kind = "backend_unhealthy"
+
+
+class ShuttingDownError(ProxyError):
+    status = 503
+    type = "server_error"
+    kind = "shutting_down"
 
 
 class PayloadTooLargeError(ProxyError):

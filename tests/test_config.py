@@ -297,6 +297,23 @@ def test_check_rejects_an_invalid_config(tmp_path: Path) -> None:
     assert "model: required key is missing" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("log_path", "problem"),
+    [("logs", "it is a directory"), ("taken/requests.jsonl", "is not a directory")],
+)
+def test_check_rejects_a_log_path_serve_could_not_open(
+    tmp_path: Path, log_path: str, problem: str
+) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "taken").write_text("a file where a folder must be")
+    path = write(tmp_path, VALID + f"logging: {{path: {tmp_path / log_path}}}\n")
+    check, serve = (run_cli(command, "--config", str(path)) for command in ("check", "serve"))
+    assert check.returncode == serve.returncode == 2
+    cannot = f"error: logging.path: cannot open {tmp_path / log_path}: "
+    assert check.stderr.startswith(cannot) and problem in check.stderr
+    assert serve.stderr.startswith(cannot)  # the OS's words for it
+
+
 def test_check_rejects_a_duplicate_key(tmp_path: Path) -> None:
     path = write(tmp_path, VALID + "routing:\n  split: {baseline: 100}\n")
     result = run_cli("check", "--config", str(path))

@@ -280,6 +280,8 @@ def test_an_answer_past_the_grace_period_is_a_503_and_logged_as_one(
     assert response.json()["error"]["code"] == "shutting_down"
     [line] = [e for e in read_log(tmp_path / "requests.jsonl") if e["event"] == "request"]
     assert (line["status"], line["error"]) == (503, "cancelled")
+    assert response.headers["x-request-id"] == line["request_id"]
+    assert response.headers["x-backend"] == "baseline"
 
 
 def test_streams_past_the_grace_period_are_cut_and_still_logged(
