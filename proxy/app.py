@@ -23,7 +23,7 @@ from proxy import auth
 from proxy.accesslog import AccessLog
 from proxy.chat import Completions, completions
 from proxy.config import Config, Health
-from proxy.errors import ConfigError, ProxyError, openai_error
+from proxy.errors import ConfigError, InternalError, ProxyError, openai_error
 from proxy.health import probe, probe_forever
 from proxy.launch import Supervisor
 from proxy.metrics import CONTENT_TYPE
@@ -326,5 +326,5 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug: still an OpenAI-shaped 500 for the client (Starlette logs the traceback)."""
-    body = openai_error("internal error in the proxy", "server_error", code="internal_error")
-    return _answer(request, body, 500)
+    error = InternalError()
+    return _answer(request, error.body(), error.status)

@@ -15,6 +15,7 @@ from proxy import failover
 from proxy.accesslog import RequestRecord
 from proxy.errors import (
     BadRequestError,
+    InternalError,
     PayloadTooLargeError,
     ProxyError,
     ShuttingDownError,
@@ -79,7 +80,7 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
         decision = choose(routes.router, headers, runtime.rng)
         _note(record, decision)
         decision = failover.steer(decision, runtime.health.healthy, routes.config.fallback_of)
-        _note(record, decision)
+        _note(record, decision)  # again: it may have moved (a refusal now names the new one)
         exchange = _exchange(routes, scope, request, decision.backend, record, clock)
         exchange.response_headers = response_headers  # `_aim` adds x-backend to them
         call = _Call(runtime, routes, scope, request, exchange)
@@ -98,7 +99,7 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
         record.error = record.error or "cancelled"
         if record.status is None and not record.client_disconnected:
             # Answered here rather than left to the server, to carry x-request-id.
-            late = ShuttingDownError("the proxy is shutting down")
+            late = ShuttingDownError()
             record.status = late.status
             await _send_error(send, late, record, response_headers)
         raise
@@ -106,8 +107,7 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
         answered = record.status is not None
         record.status, record.error = 500, "internal_error"
         if not answered and not record.client_disconnected:
-            bug = ProxyError("internal error in the proxy")
-            await _send_error(send, bug, record, response_headers)
+            await _send_error(send, InternalError(), record, response_headers)
         raise
     finally:
         _finish(runtime, record, clock)

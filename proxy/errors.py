@@ -2,6 +2,7 @@
 
     ConfigError                  routes.yaml is invalid (startup; never reaches a client)
     ProxyError                   answered to a client in the OpenAI error shape
+    ├── InternalError            500  a bug in the proxy (its traceback goes to the log)
     ├── BadRequestError          400  malformed JSON, non-object body, bad field type
     │   └── UnknownBackendError  400  the routing header names no configured backend
     ├── AuthenticationError      401  missing or wrong API key (or admin token)
@@ -43,6 +44,11 @@ class ProxyError(Exception):
 
     def body(self) -> dict[str, Any]:
         return openai_error(self.message, self.type, param=self.param, code=self.code)
+
+
+class InternalError(ProxyError):
+    def __init__(self) -> None:
+        super().__init__("internal error in the proxy")
 
 
 class BadRequestError(ProxyError):
@@ -88,6 +94,9 @@ class ShuttingDownError(ProxyError):
     status = 503
     type = "server_error"
     kind = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the proxy is shutting down")
 
 
 class PayloadTooLargeError(ProxyError):

@@ -37,7 +37,7 @@ import httptools
 import orjson
 from starlette.types import ASGIApp, Message
 
-from proxy.errors import openai_error
+from proxy.errors import InternalError, ProxyError, ShuttingDownError, openai_error
 
 Lifespan = Callable[[], contextlib.AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
@@ -509,22 +509,22 @@ class _Exchange:
             assert scope is not None
             await self.conn.server.app(scope, self.receive, self.send)
         except asyncio.CancelledError:  # the shutdown's grace period is over
-            await self._failed(503, "the proxy is shutting down", "shutting_down")
+            await self._failed(ShuttingDownError())
             raise
         except Exception as exc:
             _log.error("exception in the app", exc_info=exc)
-            await self._failed(500, "internal error in the proxy", "internal_error")
+            await self._failed(InternalError())
         else:
             if not self.complete and not self.disconnected:  # else nothing is left to do
                 if not self.started:
                     _log.error("the app returned without answering")
-                await self._failed(500, "internal error in the proxy", "internal_error")
+                await self._failed(InternalError())
         finally:
             # The app's callback holds its request's objects, and they hold the scope,
             # whose extension refers back to this exchange: a cycle per request otherwise.
             self.on_disconnect = None
 
-    async def _failed(self, status: int, message: str, code: str) -> None:
+    async def _failed(self, error: ProxyError) -> None:
         """End an answer the app did not finish: an error if nothing of it was written yet
         (the head waits for the first body message), else a closed connection, so that
         a half-sent answer cannot look complete."""
@@ -538,12 +538,12 @@ class _Exchange:
             conn.abort()  # a client that does not read would not take an error either
             return
         self.started, self.head, self.keep_alive = False, b"", False
-        body = orjson.dumps(openai_error(message, "server_error", code=code))
+        body = orjson.dumps(error.body())
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ]
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.start", "status": error.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
 
     async def receive(self) -> Message:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,3 +191,29 @@ def serve_subprocess(
     assert process.returncode == 0, stderr.read_text()
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {alive}"
+
+
+class Background:
+    """A request in a thread; its outcome (or exception) once joined."""
+
+    def __init__(self, send: Callable[[], Any]):
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished_at = 0.0
+
+        def run() -> None:
+            try:
+                self.result = send()
+            except BaseException as exc:  # handed to the test by join()
+                self.error = exc
+            self.finished_at = time.perf_counter()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float = 10) -> Any:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "background request still running"
+        if self.error is not None:
+            raise self.error
+        return self.result

@@ -9,7 +9,6 @@ gets, the request log lines (exactly one per request), and that /healthz still a
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from proxy.config import Config
-from tests.conftest import RunningProxy, free_port, make_config, stream_lines
+from tests.conftest import Background, RunningProxy, free_port, make_config, stream_lines
 from tests.fakebackend import FakeBackend
 
 CHAT = "/v1/chat/completions"
@@ -124,32 +123,6 @@ def assert_openai_error(response: httpx.Response, status: int, code: str) -> dic
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and error["message"]
     return error
-
-
-class Background:
-    """A request in a thread; its outcome (or exception) once joined."""
-
-    def __init__(self, send: Callable[[], Any]):
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.finished_at = 0.0
-
-        def run() -> None:
-            try:
-                self.result = send()
-            except BaseException as exc:  # handed to the test by join()
-                self.error = exc
-            self.finished_at = time.perf_counter()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def join(self, timeout: float = 10) -> Any:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "background request still running"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 # 1. Refused connections

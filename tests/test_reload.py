@@ -15,7 +15,14 @@ import httpx
 import pytest
 
 from proxy.config import load_config
-from tests.conftest import RunningProxy, free_port, make_config, read_log, stream_lines
+from tests.conftest import (
+    Background,
+    RunningProxy,
+    free_port,
+    make_config,
+    read_log,
+    stream_lines,
+)
 from tests.fakebackend import FakeBackend
 
 CHAT = "/v1/chat/completions"
@@ -237,24 +244,20 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_ones(
     fake: FakeBackend, tmp_path: Path
 ) -> None:
     process, url = graceful(fake, tmp_path, grace=10)
-    result: dict[str, Any] = {}
-
-    def long_stream() -> None:
-        result["lines"] = stream_lines(
+    long = Background(
+        lambda: stream_lines(
             url + CHAT, {**BODY, "stream": True}, {"X-Fake": "tokens=15; delay=0.1"}
         )
-
-    thread = threading.Thread(target=long_stream)
-    thread.start()
+    )
     assert fake.wait_for(lambda: fake.requests, 5)
     time.sleep(0.3)  # mid-stream
     process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     with pytest.raises(httpx.ConnectError):  # no longer accepting
         httpx.post(url + CHAT, json=BODY, timeout=2)
-    thread.join(15)
+    lines = long.join(15)
     assert process.wait(15) == 0
-    assert result["lines"][-2] == "data: [DONE]"  # the stream was finished, not cut
+    assert lines[-2] == "data: [DONE]"  # the stream was finished, not cut
     [line] = [e for e in read_log(tmp_path / "requests.jsonl") if e["event"] == "request"]
     assert (line["status"], line["error"], line["completion_tokens"]) == (200, None, 15)
 
@@ -263,19 +266,12 @@ def test_an_answer_past_the_grace_period_is_a_503_and_logged_as_one(
     fake: FakeBackend, tmp_path: Path
 ) -> None:
     process, url = graceful(fake, tmp_path, grace=0.5)
-    result: dict[str, Any] = {}
-
-    def slow_answer() -> None:
-        slow = {"X-Fake": "tokens=100; delay=0.1"}
-        result["response"] = httpx.post(url + CHAT, json=BODY, headers=slow, timeout=15)
-
-    thread = threading.Thread(target=slow_answer)
-    thread.start()
+    slow = {"X-Fake": "tokens=100; delay=0.1"}
+    answer = Background(lambda: httpx.post(url + CHAT, json=BODY, headers=slow, timeout=15))
     assert fake.wait_for(lambda: fake.requests, 5)
     process.send_signal(signal.SIGTERM)
     assert process.wait(15) == 0
-    thread.join(15)
-    response = result["response"]
+    response = answer.join(15)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "shutting_down"
     [line] = [e for e in read_log(tmp_path / "requests.jsonl") if e["event"] == "request"]
@@ -288,26 +284,22 @@ def test_streams_past_the_grace_period_are_cut_and_still_logged(
     fake: FakeBackend, tmp_path: Path
 ) -> None:
     process, url = graceful(fake, tmp_path, grace=0.5)
-    result: dict[str, Any] = {}
-
-    def long_stream() -> None:
-        try:
-            result["lines"] = stream_lines(
-                url + CHAT, {**BODY, "stream": True}, {"X-Fake": "tokens=100; delay=0.1"}
-            )
-        except httpx.HTTPError as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=long_stream)
-    thread.start()
+    long = Background(
+        lambda: stream_lines(
+            url + CHAT, {**BODY, "stream": True}, {"X-Fake": "tokens=100; delay=0.1"}
+        )
+    )
     assert fake.wait_for(lambda: fake.requests, 5)
     time.sleep(0.3)
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     assert process.wait(15) == 0
     assert time.monotonic() - started < 5
-    thread.join(15)
-    assert "data: [DONE]" not in result.get("lines", [])
+    try:
+        lines = long.join(15)
+    except httpx.HTTPError:  # cut mid-stream
+        lines = []
+    assert "data: [DONE]" not in lines
     [line] = [e for e in read_log(tmp_path / "requests.jsonl") if e["event"] == "request"]
     assert line["error"] == "cancelled"
     assert fake.wait_for(lambda: fake.requests[0].client_closed_at is not None, 5)
