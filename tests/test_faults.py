@@ -226,6 +226,8 @@ def test_crash_mid_stream_is_not_retried_and_ejects_after_eject_after(
         last = data_events(lines)[-1]
         assert last["error"]["code"] in BROKEN
         assert "data: [DONE]" not in lines
+        # The failure is counted after the error event is sent, and before the log line.
+        proxy.wait_for_log(attempt + 1)
         assert len(proxy.events("backend_ejected")) == attempt  # ejected after the second
     (ejected,) = proxy.events("backend_ejected")
     assert ejected["backend"] == "speculative"
