@@ -124,12 +124,16 @@ def create_app(
 
 def create_server(app: ProxyApp, grace_seconds: float) -> Server:
     """The HTTP server for `app`, as `serve` runs it (the tests too): requests the server
-    refuses before the app sees them get a `rejected` line in the app's log."""
+    refuses before the app sees them get a request id, answered as `x-request-id` and put
+    on a `rejected` line in the app's log."""
 
-    def rejected(**fields: Any) -> None:
+    def rejected(**fields: Any) -> str | None:
         runtime: Runtime | None = getattr(app.state, "runtime", None)
-        if runtime is not None:
-            runtime.log.event("rejected", **fields)
+        if runtime is None:
+            return None
+        request_id = runtime.ids(None)  # the request's own header may be what was malformed
+        runtime.log.event("rejected", request_id=request_id, **fields)
+        return request_id
 
     def lifespan() -> AbstractAsyncContextManager[Mapping[str, Any] | None]:
         return app.router.lifespan_context(app)

@@ -88,10 +88,11 @@ class Server:
         *,
         keep_alive: float = 5.0,
         grace_seconds: float = 30.0,
-        on_reject: Callable[..., None] | None = None,
+        on_reject: Callable[..., str | None] | None = None,
     ) -> None:
         """`on_reject(status=, error=, client=, detail=)` hears of requests the parser
-        refused (the app never sees them): the proxy puts them in its log."""
+        refused (the app never sees them): the proxy puts them in its log. What it returns,
+        if anything, is the answer's `x-request-id`."""
         self.app = app
         self.on_reject = on_reject
         self._lifespan = lifespan
@@ -380,9 +381,12 @@ class _Connection(asyncio.Protocol):
         then the connection is closed. A request whose body broke is ended for the app
         as if its client had left; one answered before the bad bytes keeps its answer."""
         self.closing = self.rejected = True
+        request_id = None
         if self.server.on_reject is not None:
             client = f"{self.client[0]}:{self.client[1]}" if self.client else None
-            self.server.on_reject(status=status, error=code, client=client, detail=message)
+            request_id = self.server.on_reject(
+                status=status, error=code, client=client, detail=message
+            )
         active = self.active
         if active is not None and active is not self.parsing:
             return  # bad bytes after a whole request: it is answered, then the close
@@ -392,6 +396,7 @@ class _Connection(asyncio.Protocol):
                 _STATUS_LINES.get(status, _status_line(status))
                 + b"content-type: application/json\r\ncontent-length: "
                 + str(len(body)).encode()
+                + (b"\r\nx-request-id: " + request_id.encode() if request_id else b"")
                 + b"\r\nconnection: close\r\n\r\n"
                 + body
             )

@@ -534,11 +534,12 @@ def parse_answer(raw: bytes) -> RawAnswer | None:
 
 
 def assert_sane_raw(answer: RawAnswer | None) -> None:
-    """Never 5xx; every error is OpenAI-shaped, the server's own answers to what is not
-    HTTP (no x-request-id: the app never saw them) included."""
+    """Never 5xx; every answer has an x-request-id and every error is OpenAI-shaped, the
+    server's own answers to what is not HTTP (which the app never sees) included."""
     if answer is None:
         return  # closed without an answer: allowed for what is not a whole request
     assert answer.status < 500, answer.describe()
+    assert answer.headers.get("x-request-id"), answer.describe()
     if answer.status >= 400:
         assert answer.headers["content-type"].startswith("application/json"), answer.describe()
         body = json.loads(answer.body)
@@ -607,12 +608,14 @@ def test_content_length_that_does_not_match_the_body(
 
 def test_non_numeric_content_length_is_refused_by_the_server_which_stays_up(proxy: Proxy) -> None:
     """The server's HTTP parser refuses `Content-Length: abc` itself, before the app runs:
-    an OpenAI-shaped 400, a `rejected` log line, and the proxy stays up."""
+    an OpenAI-shaped 400 with an x-request-id, a `rejected` log line with the same id, and
+    the proxy stays up."""
     answer = parse_answer(raw_exchange(proxy.port, _post_head(b"abc") + b"{}", half_close=False))
     assert answer is not None and answer.status == 400, answer
     assert_sane_raw(answer)
     rejected = [line for line in read_log(proxy.log_path) if line["event"] == "rejected"]
     assert rejected and rejected[-1]["status"] == 400
+    assert rejected[-1]["request_id"] == answer.headers["x-request-id"]
     proxy.assert_alive()
 
 

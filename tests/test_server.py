@@ -61,12 +61,13 @@ async def serving(
 ) -> AsyncIterator[Running]:
     """Serve `app` on a free loopback port until the block ends."""
     rejects: list[dict[str, Any]] = []
+
+    def on_reject(**fields: Any) -> str:
+        rejects.append(fields)
+        return f"rejected-{len(rejects)}"  # the answer's x-request-id
+
     server = Server(
-        app,
-        lifespan,
-        keep_alive=keep_alive,
-        grace_seconds=grace_seconds,
-        on_reject=lambda **fields: rejects.append(fields),
+        app, lifespan, keep_alive=keep_alive, grace_seconds=grace_seconds, on_reject=on_reject
     )
     sock = socket.create_server(("127.0.0.1", 0))
     if sndbuf is not None:  # accepted connections inherit the listener's buffer sizes
@@ -438,6 +439,7 @@ async def test_malformed_request_gets_openai_400_and_is_closed() -> None:
     error = assert_openai_error(response, 400)
     assert error["type"] == "invalid_request_error"
     assert response.header("connection") == "close"
+    assert response.header("x-request-id") == "rejected-1"
     assert [reject["status"] for reject in running.rejects] == [400]
     assert running.rejects[0]["client"] == f"{host}:{port}"
     assert not called
@@ -463,6 +465,7 @@ async def test_oversized_head_gets_431_and_on_reject() -> None:
         response = await client.response()
         assert await client.rest() == b""
     assert_openai_error(response, 431)
+    assert response.header("x-request-id") == "rejected-1"
     assert [reject["status"] for reject in running.rejects] == [431]
     assert not called
 
