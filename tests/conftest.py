@@ -132,6 +132,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
+    """Whether `predicate()` came true within `timeout` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def refuses_connections(url: str) -> bool:
+    """Whether nothing listens at `url`'s host and port any more."""
+    address = httpx.URL(url)
+    try:
+        socket.create_connection((address.host, address.port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 @pytest.fixture
 def serve_proxy() -> Iterator[Any]:
     """Start the proxy for a config on its own server on a loopback port, in a thread."""

@@ -48,6 +48,7 @@ class FakeBackend:
     extra_mode: str = ""  # appended to every request's X-Fake: this instance's own behaviour
     loading_until: float = 0.0  # time.monotonic() before which POSTs get 503 "Loading model"
     requests: list[Seen] = field(default_factory=list)
+    probes: int = 0  # GET /health requests answered
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.Server | None = None
     _thread: threading.Thread | None = None
@@ -103,6 +104,7 @@ class FakeBackend:
             method, path, headers = _parse_head(head)
             if method == "GET":
                 await _answer(writer, 200, {"status": "ok"} if path == "/health" else {})
+                self.probes += path == "/health"
                 return
             if "content-length" not in headers:
                 await _answer(writer, 411, {"error": "Content-Length header is required"})

@@ -166,8 +166,8 @@ def test_metrics_count_requests_and_expose_state(
     tmp_path: Path, fake: FakeBackend, fake2: FakeBackend, serve_proxy: Any
 ) -> None:
     proxy = serve_proxy(make_config(tmp_path, {"baseline": fake.url, "speculative": fake2.url}))
-    for _ in range(3):  # tokens 10 ms apart: each in its own read, so decode speed is known
-        headers = {"X-Backend": "speculative", "X-Fake": "delay=0.01"}
+    for _ in range(3):  # tokens 50 ms apart: each in its own read, so decode speed is known
+        headers = {"X-Backend": "speculative", "X-Fake": "delay=0.05"}
         httpx.post(proxy.url + CHAT, json={**BODY, "stream": True}, headers=headers)
     httpx.post(
         proxy.url + CHAT, json=BODY, headers={"X-Backend": "baseline", "X-Fake": "status=400"}

@@ -18,7 +18,14 @@ import httpx
 import pytest
 
 from proxy.config import Config
-from tests.conftest import Background, RunningProxy, free_port, make_config, stream_lines
+from tests.conftest import (
+    Background,
+    RunningProxy,
+    free_port,
+    make_config,
+    stream_lines,
+    wait_until,
+)
 from tests.fakebackend import FakeBackend
 
 CHAT = "/v1/chat/completions"
@@ -104,15 +111,6 @@ def content_events(lines: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def routed(line: dict[str, Any]) -> tuple[Any, ...]:
     return (line["backend"], line["reason"], line["fallback_from"], line["fallback_cause"])
 
@@ -161,7 +159,8 @@ def test_refused_connection_fails_over_within_the_request_and_ejects_at_once(
     """The request that finds the backend gone is the one retried: cause "failed"."""
     baseline, speculative = fakes(), fakes()
     proxy = serve_proxy(two_backends(tmp_path, baseline.url, speculative.url))
-    time.sleep(0.3)  # the start-up probe has passed; the next is a minute away
+    # The start-up probe has passed; the next is a minute away.
+    assert speculative.wait_for(lambda: speculative.probes)
     speculative.stop()  # now nothing listens there
     assert not proxy.events("backend_ejected")
     first = httpx.post(proxy.url + CHAT, json=BODY, timeout=10)
@@ -191,7 +190,7 @@ def test_forced_request_to_a_refusing_backend_is_502_not_retried(
 ) -> None:
     baseline, speculative = fakes(), fakes()
     proxy = serve_proxy(two_backends(tmp_path, baseline.url, speculative.url))
-    time.sleep(0.3)  # the start-up probe has passed
+    assert speculative.wait_for(lambda: speculative.probes)  # the start-up probe passed
     speculative.stop()
     forced = httpx.post(
         proxy.url + CHAT, json=BODY, headers={"X-Backend": "speculative"}, timeout=10
@@ -257,6 +256,7 @@ def test_crashes_further_apart_than_the_probe_interval_still_eject(
         lines = stream_lines(proxy.url + CHAT, STREAM, {})
         assert data_events(lines)[-1]["error"]["code"] in BROKEN
         time.sleep(0.5)  # probes of /health pass meanwhile: they must not reset the count
+    proxy.wait_for_log(2)  # the failure is counted after the error event, before the line
     assert proxy.events("backend_ejected"), healthz(proxy)["backends"]["speculative"]
     lines = stream_lines(proxy.url + CHAT, STREAM, {})
     assert lines[-2] == "data: [DONE]"
@@ -447,8 +447,9 @@ def test_queued_request_waits_for_the_slot_and_logs_its_wait(
         tmp_path, fakes, serve_proxy, max_queue=1, queue_timeout=30
     )
     time.sleep(0.2)  # the first has about 0.7 s to go
-    sent_at = time.perf_counter()
-    second = httpx.post(proxy.url + CHAT, json=BODY, timeout=10)
+    with httpx.Client(timeout=10) as client:  # made first: it takes 40-90 ms
+        sent_at = time.perf_counter()
+        second = client.post(proxy.url + CHAT, json=BODY)
     assert second.status_code == 200 and second.headers["x-backend"] == "speculative"
     long.join()
     expected_ms = (long.finished_at - sent_at) * 1000
@@ -507,7 +508,8 @@ def test_client_leaving_the_queue_gives_up_its_place(
     )
     forced = {"X-Backend": "speculative"}
     long = Background(
-        lambda: stream_lines(proxy.url + CHAT, STREAM, {**forced, "X-Fake": "tokens=8; delay=0.1"})
+        # 2 s: time for the next three requests to be sent while it holds the slot
+        lambda: stream_lines(proxy.url + CHAT, STREAM, {**forced, "X-Fake": "tokens=20; delay=0.1"})
     )
     assert speculative.wait_for(lambda: len(speculative.requests) == 1, timeout=3)
     with pytest.raises(httpx.ReadTimeout):

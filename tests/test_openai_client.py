@@ -51,7 +51,7 @@ def test_stream_completion(client: openai.OpenAI, proxy: RunningProxy) -> None:
         model="test-model",
         messages=MESSAGES,
         stream=True,
-        extra_headers={"X-Fake": "tokens=4; delay=0.02"},
+        extra_headers={"X-Fake": "tokens=4; delay=0.05"},
     )
     assert raw.headers["x-backend"] in {"baseline", "speculative"}
     chunks = list(raw.parse())

@@ -21,7 +21,9 @@ from tests.conftest import (
     free_port,
     make_config,
     read_log,
+    refuses_connections,
     stream_lines,
+    wait_until,
 )
 from tests.fakebackend import FakeBackend
 
@@ -252,8 +254,8 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_ones(
     assert fake.wait_for(lambda: fake.requests, 5)
     time.sleep(0.3)  # mid-stream
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    with pytest.raises(httpx.ConnectError):  # no longer accepting
+    assert wait_until(lambda: refuses_connections(url), 5)  # no longer accepting
+    with pytest.raises(httpx.ConnectError):
         httpx.post(url + CHAT, json=BODY, timeout=2)
     lines = long.join(15)
     assert process.wait(15) == 0

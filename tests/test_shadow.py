@@ -180,7 +180,7 @@ def test_a_slow_shadow_never_delays_the_client(shadowed: Any, fake2: FakeBackend
     httpx.post(proxy.url + CHAT, json=GREEDY, headers={"X-Backend": "baseline"}, timeout=10)
     client_s = time.perf_counter() - started
     [event] = events(proxy, "shadow", 1, timeout=5)
-    assert client_s < 0.5  # the client had its answer long before the shadow's
+    assert client_s < 1.0  # the client had its answer well before the shadow's 1.5 s
     assert event["to_latency_ms"] >= 1500
 
 
@@ -201,7 +201,7 @@ def test_stats_endpoint_summarises_since_start(shadowed: Any) -> None:
         httpx.post(
             proxy.url + CHAT,
             json={**GREEDY, "stream": True},
-            headers={"X-Backend": "baseline", "X-Fake": "delay=0.01"},
+            headers={"X-Backend": "baseline", "X-Fake": "delay=0.05"},
             timeout=10,
         )
     httpx.post(
@@ -252,8 +252,7 @@ def test_requests_sent_while_a_shadow_runs_are_marked(shadowed: Any, fake2: Fake
         timeout=10,
     )
     events(proxy, "shadow", 1)
-    time.sleep(0.1)
-    lines = {line["request_id"]: line for line in proxy.log() if line["event"] == "request"}
+    lines = {line["request_id"]: line for line in proxy.wait_for_log(2)}
     assert lines["behind"]["behind_shadow"] is True
     assert not any(line["behind_shadow"] for rid, line in lines.items() if rid != "behind")
 

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.accesslog import RequestRecord
@@ -102,8 +102,12 @@ EVENTS = [
     b'event: message\ndata: {"choices": [],\ndata: "usage": {"completion_tokens": 2}}\n\n',
     b"\n",  # a stray blank line: runs of three or more newlines
 ]
+# No deadline (a loaded CI machine stalls single examples) and no example database left in
+# the checkout, as in test_badinput.
+QUIET = settings(deadline=None, database=None)
 
 
+@QUIET
 @given(st.lists(st.sampled_from(EVENTS), max_size=12))
 def test_quiet_events_are_content_or_other_without_usage(events: list[bytes]) -> None:
     """Whatever the mix, the events before `quiet_until` are whole events that `classify`
@@ -123,6 +127,7 @@ def exchange(wants_usage: bool, started: bool) -> Exchange:
     return Exchange("b", request, record, Clock(), [], wants_usage, ())
 
 
+@QUIET
 @given(st.lists(st.sampled_from(EVENTS), max_size=12), st.booleans(), st.booleans())
 def test_a_read_forwards_what_reading_every_event_would(
     events: list[bytes], wants_usage: bool, started: bool
