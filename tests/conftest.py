@@ -132,6 +132,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A loopback URL where nothing listens, for the whole test: its port is held by a bound
+    socket that never listens, so connections are refused and no other server can take it
+    (a port found free and let go could be)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
     """Whether `predicate()` came true within `timeout` seconds (polled)."""
     deadline = time.monotonic() + timeout

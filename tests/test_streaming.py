@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from proxy import relay
-from tests.conftest import RunningProxy, free_port, make_config, stream_lines
+from tests.conftest import RunningProxy, make_config, stream_lines
 from tests.fakebackend import FakeBackend
 
 CHAT = "/v1/chat/completions"
@@ -184,9 +184,10 @@ def test_in_flight_counts_requests_already_at_the_backend(proxy: RunningProxy) -
     assert sorted(line["in_flight"] for line in lines) == [0, 1]
 
 
-def test_unreachable_backend_is_502_over_real_sockets(tmp_path: Path, serve_proxy: Any) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    proxy = serve_proxy(make_config(tmp_path, {"baseline": dead}))
+def test_unreachable_backend_is_502_over_real_sockets(
+    tmp_path: Path, serve_proxy: Any, dead_url: str
+) -> None:
+    proxy = serve_proxy(make_config(tmp_path, {"baseline": dead_url}))
     response = httpx.post(proxy.url + CHAT, json=STREAM, timeout=10)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "backend_unreachable"

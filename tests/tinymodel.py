@@ -1,4 +1,4 @@
-"""A tiny random-weight llama model and a real ``mlx_lm.server`` runner for integration tests.
+"""A tiny random-weight llama model for integration tests with real ``mlx_lm.server`` processes.
 
 ``build_tiny_model`` writes, offline and deterministically, a model directory that
 ``mlx_lm.utils.load`` and transformers' ``AutoTokenizer`` accept: a 2-layer llama
@@ -21,17 +21,9 @@ restores output identical to the plain server.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 BOS, EOS = "<s>", "</s>"
@@ -146,86 +138,3 @@ def build_tiny_model(path: Path, *, seed: int = 0, num_layers: int = 2) -> Path:
     weights = {k: mx.array(v) for k, v in w.items()}
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _log_tail(log_path: Path, size: int = 4000) -> str:
-    try:
-        return log_path.read_text(errors="replace")[-size:]
-    except OSError as e:
-        return f"<cannot read {log_path}: {e}>"
-
-
-@contextlib.contextmanager
-def run_mlx_server(
-    model: Path,
-    port: int,
-    *,
-    draft_model: Path | None = None,
-    num_draft_tokens: int | None = None,
-    log_path: Path,
-    timeout: float = 120,
-    extra_args: Sequence[str] = (),
-) -> Iterator[str]:
-    """Run ``mlx_lm.server`` until exit; yield its base URL once a real completion succeeds.
-
-    ``extra_args`` go to the server as they are, e.g. ``("--prompt-cache-size", "0")``.
-    """
-    cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(model)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    if draft_model is not None:
-        cmd += ["--draft-model", str(draft_model)]
-    if num_draft_tokens is not None:
-        cmd += ["--num-draft-tokens", str(num_draft_tokens)]
-    cmd += extra_args
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    base = f"http://127.0.0.1:{port}"
-    probe = {"model": "default_model", "messages": [{"role": "user", "content": "hi"}]}
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + timeout
-        last = "no attempt yet"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlx_lm.server exited with {proc.returncode}; log tail:\n{_log_tail(log_path)}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"mlx_lm.server on port {port} did not complete a request within "
-                    f"{timeout}s (last: {last}); log tail:\n{_log_tail(log_path)}"
-                )
-            try:
-                r = httpx.post(
-                    f"{base}/v1/chat/completions",
-                    json={**probe, "max_tokens": 1},
-                    timeout=max(min(remaining, 30.0), 0.1),
-                )
-            except httpx.HTTPError as e:  # not listening yet
-                last = repr(e)
-                time.sleep(0.2)
-                continue
-            if r.status_code == 200:
-                break
-            # Once listening, the server holds requests until the model is loaded, so any
-            # other answer (e.g. 404 "generation thread died" after a failed load) is final.
-            raise RuntimeError(
-                f"mlx_lm.server probe got HTTP {r.status_code}: {r.text[:500]}; "
-                f"log tail:\n{_log_tail(log_path)}"
-            )
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
