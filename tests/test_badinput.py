@@ -56,7 +56,10 @@ class Proxy:
         self.server = ThreadedServer(create_app(config))
         self.port = self.server.port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.Client(base_url=self.url, timeout=10)
+        # Idle connections are let go before the server's 5 s keep-alive would close one
+        # under a request about to reuse it.
+        limits = httpx.Limits(keepalive_expiry=2.0)
+        self.client = httpx.Client(base_url=self.url, timeout=10, limits=limits)
 
     def __repr__(self) -> str:
         return f"Proxy({self.url})"
