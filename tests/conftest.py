@@ -142,16 +142,6 @@ def dead_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
-    """Whether `predicate()` came true within `timeout` seconds (polled)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def refuses_connections(url: str) -> bool:
     """Whether nothing listens at `url`'s host and port any more."""
     address = httpx.URL(url)

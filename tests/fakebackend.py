@@ -27,6 +27,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,17 @@ class Seen:
     received_at: float
     client_closed_at: float | None = None  # the peer went away before the answer was done
     finished: bool = False
+
+
+def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
+    """Whether `predicate()` came true within `timeout` seconds (polled). Here, not in
+    conftest, which imports this module: the fake's `wait_for` uses it too."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
 
 
 @dataclass
@@ -91,12 +103,7 @@ class FakeBackend:
         self._thread.join(5)
 
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.01)
-        return False
+        return wait_until(predicate, timeout)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -24,9 +24,8 @@ from tests.conftest import (
     free_port,
     make_config,
     stream_lines,
-    wait_until,
 )
-from tests.fakebackend import FakeBackend
+from tests.fakebackend import FakeBackend, wait_until
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

@@ -23,9 +23,8 @@ from tests.conftest import (
     read_log,
     refuses_connections,
     stream_lines,
-    wait_until,
 )
-from tests.fakebackend import FakeBackend
+from tests.fakebackend import FakeBackend, wait_until
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
