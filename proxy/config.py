@@ -190,10 +190,27 @@ class Logging(_Frozen):
 
 
 class Limits(_Frozen):
+    """What one client or one backend may make the proxy hold. Defaults are generous for
+    LLM traffic and small against a hostile peer."""
+
+    # The client's request body (and, with chunked bodies, their trailers).
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # Seconds from the end of a request's head for its whole body to arrive: a client
+    # that announces a body and never sends it would hold its connection forever.
+    body_timeout: float = Field(default=30.0, gt=0)
     # Seconds a client may leave the next chunk of its answer unaccepted (it stopped
     # reading) before the proxy drops it: it holds a backend slot all that time.
     write_timeout: float = Field(default=60.0, gt=0)
+    # A client's x-request-id longer than this (or not printable ASCII) is replaced by a
+    # generated one: it is echoed, forwarded and written to every log line.
+    max_request_id_length: int = Field(default=200, ge=16, le=4096)
+    # A backend's answer: the status line and headers, and a non-stream body, which the
+    # proxy reads whole (a stream's events pass through and are not counted).
+    max_response_head_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_response_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Open connections to one backend, idle and busy; a request waits (within its connect
+    # timeout) for one to be free.
+    max_connections_per_backend: int = Field(default=1024, ge=1)
 
 
 class Auth(_Frozen):
