@@ -1,97 +1,13 @@
 """`python -m proxy report LOG [LOG ...]`: the request logs -> does speculative decoding pay?
 
-    python -m proxy report logs/*.jsonl [--baseline baseline]
-        [--config routes.yaml | --split baseline=50,speculative=50]
-        [--config-version V[,V...]] [--json] [--html FILE] [--seed N] [--boot 2000]
+Reading the logs is `proxy.logread`; drawing the tables and the page is `proxy.render`.
+This module computes the figures as one JSON document (`--json`), with
+`proxy.report_routing` for the parts about routing itself (config versions, failover,
+queueing, the sample ratio check) and `proxy.stats` for the statistics.
 
-LOG is a file or a glob; `-` or no LOG reads stdin. Reading (which lines count as what, and
-what is skipped) is `proxy.logread`; drawing the tables and the page is `proxy.render`. This
-module computes the figures, as the JSON document below; `proxy.report_routing` the parts
-about routing itself (config versions, failover, queueing, the sample ratio check).
-
-Which requests count where:
-- `--config-version V` (repeatable, or a comma list; `unknown` is the lines without one)
-  keeps only the request lines of those config versions, for everything but
-  `config_versions`, which lists every version in the input.
-- per backend: every request line counts for `requests`, `errors` and disconnects; the
-  percentiles use the successful ones (status 200, no error), whatever routed them,
-  failover included.
-- the A/B comparison and its breakdowns use only requests routed by `split` or `sticky`
-  with status 200 and no error, served where they were routed: a header-forced request is
-  the client's choice, not a random one, so those are summarised apart (`forced`); a
-  request moved by failover (`reason` "fallback") went where the failure sent it, so it
-  only counts in `failover`.
-- the sample ratio check counts `split`-routed requests only (sticky ones move by session,
-  moved ones went elsewhere), and only when they come from one config version: otherwise
-  it is skipped with a note, and `notes` says the logs mix versions.
-
-Speed, measured on this 2-core machine (already loaded by other work) with a synthetic
-1,000,000-line log (371 MB: 980,000 requests on two backends, 10,000 other events, 10,000
-broken lines): the terminal report takes 4.8-5.6 s end to end, 6.5-7.0 s with `--json
---html`, at about 500 MB resident. The parts, timed in-process over a few runs: importing
-duckdb and scipy 1.7 s, reading and parsing (DuckDB) 2.3-2.7 s, the statistics 1.6-2.1 s
-(mostly the Mann-Whitney ranks in `proxy.stats`), the plots 1.8-2.6 s.
-
+docs/report.md is the reference: the options, which requests count where, the statistics,
+how to read a verdict, and the JSON schema (`"schema": 1`: keys are only ever added).
 Exit codes: 0 a report, 1 no request lines in the input, 2 bad arguments or unreadable input.
-
-`--json` prints every figure; the schema (`"schema": 1`) is stable, keys are only added:
-
-    {"schema": 1,
-     "input": {"files": [str], "lines": int, "skipped": int, "requests": int,
-               "unrouted": int, "shadow": int, "other_events": {event: int},
-               "first": iso8601 | null, "last": iso8601 | null},
-     "baseline": str,
-     "config_versions": {"mixed": bool, "selected": [str] | null, "requests": int,
-                         "versions": [{"version": str, "requests": int, "selected": bool,
-                                       "first", "last": iso8601 | null,
-                                       "split_observed": {name: int},
-                                       "split_share": {name: float}}]},
-     "backends": {name: {"requests", "errors": int, "error_rate": float,
-                         "client_disconnected": int, "ok": int,
-                         "ttft_ms" | "latency_ms" | "decode_tps": {"p50" | "p90" | "p99": EST},
-                         "queue_ms": {"n", "waited": int, "p50", "p95": float | null}}},
-     "comparison": {name: {"n": int, "n_baseline": int,
-                           "decode_tps" | "ttft_ms" | "latency_ms": {
-                               "ratio": EST, "p_value": float | null, "higher_is_better": bool,
-                               "samples_needed": int | null, "verdict": str}}},
-     "forced": {name: {"requests", "ok": int, "median_ttft_ms", "median_latency_ms",
-                       "median_decode_tps": float | null}},
-     "breakdowns": {"in_flight" | "completion_tokens": [
-                       {"bucket": str, "backends": {name: {"n": int,
-                           "median_decode_tps", "median_latency_ms": float | null}},
-                        "decode_ratio": {name: float | null}}]},
-     "failover": {"moved": int,
-                  "backends": {name: {"moved_away", "received": int,
-                                      "moved_away_by_cause" | "received_by_cause":
-                                          {"unhealthy" | "failed" | "full" | ...: int}}}},
-     "sample_ratio": {"source": str | null, "note": str | null,
-                      "config_version": str | null, "expected_share",
-                      "observed_share": {name: float}, "observed": {name: int},
-                      "unexpected": [name], "p_value": float | null, "mismatch": bool},
-     "shadow": [{"from", "to": str, "n", "errors", "dropped": int, "exact_match_rate",
-                 "similarity_p50": float | null,
-                 "mismatch_prefix_chars": {"p10", "p50", "p90": float | null},
-                 "latency_ratio_median": float | null}],
-     "notes": [str]}
-
-EST is a `proxy.stats.Estimate`: {"value", "low", "high": float | null, "n": int}.
-Ratios are backend / baseline (medians). Every missing figure is null, never NaN.
-
-Added to schema 1 with failover, concurrency limits and hot reload (older logs lack the
-fields they read: their lines are config version `unknown`, with no moves and no waits):
-- `config_versions`: every config version of the request lines, in order of first
-  appearance: its request count, time span, and split-routed requests per backend
-  (`split_observed`, and as shares); `selected` is `--config-version` (null: all kept),
-  `requests` the request lines kept, `mixed` whether those span several versions.
-- `backends.*.queue_ms`: the wait for a concurrency slot over the lines that log one (`n`),
-  how many waited at all (`waited`: over 0 ms), and its p50 and p95 (plain percentiles).
-- `failover`: `moved`, the request lines not served where they were routed; per backend,
-  the requests moved away from it (`fallback_from`) and those it received instead, each
-  by `fallback_cause`: `unhealthy` (ejected), `failed` (failed before any byte and retried
-  on the fallback), `full` (its limit and queue were full), `unknown` (no cause logged).
-  Every backend in the input is listed, the baseline first; the three causes always.
-- `sample_ratio.config_version`: the one version the check ran on (null when skipped for
-  mixed versions).
 """
 
 from __future__ import annotations
