@@ -10,8 +10,8 @@ The interval. For times (decode tokens/s, TTFT, latency) the effect is the ratio
 geometric means, arm / baseline: the difference d of the means of log(value), exp of its
 bounds. For the error rate it is the difference of proportions. Either way the estimate d
 has an estimated variance v (the two arms' variances of the mean, added), and the interval
-is d +- w with the normal-mixture boundary (Howard, Ramdas, McAuliffe, Sekhon 2021, eq. 14;
-the mixture SPRT of Johari et al. 2017, which Optimizely runs):
+is d +- w with the normal-mixture boundary (Howard, Ramdas, McAuliffe, Sekhon 2021; the
+mixture SPRT of Johari et al. 2017, which Optimizely runs):
 
     w = sqrt( v (v + tau^2) / tau^2 * log( (v + tau^2) / (v alpha^2) ) )
 
@@ -53,7 +53,8 @@ tested with the two-sided interval at its alpha, which is conservative.
 
 Verdicts, per arm: the primary metric is `better` (interval entirely on the good side of
 1), `not_worse` (not better, but the interval excludes a loss bigger than `margin`),
-`worse` (entirely on the bad side, by possibly more than the margin) or `inconclusive`;
+`worse` (entirely on the bad side, and not ruling out a loss bigger than the margin) or
+`inconclusive`;
 each guardrail `harm` (entirely on the bad side) or `no_harm_detected`. Fewer than
 `proxy.stats.MIN_VERDICT_SAMPLES` units (sessions, or requests without sessions) on a side
 give no interval, hence `inconclusive` / `no_harm_detected`.
