@@ -99,7 +99,7 @@ class Server:
         self.keep_alive = keep_alive
         self.grace_seconds = grace_seconds
         self.state: dict[str, Any] = {}
-        self.connections: set[_Connection] = set()
+        self.connections: set[_ClientConnection] = set()
         # The connections' tasks, until done: one may outlive its connection (a client
         # that hung up on the last byte), and it is still finishing its request.
         self.tasks: set[asyncio.Task[None]] = set()
@@ -114,7 +114,7 @@ class Server:
         async with self._lifespan() as state:
             self.state = dict(state or {})
             servers = [
-                await loop.create_server(lambda: _Connection(self), sock=sock, backlog=2048)
+                await loop.create_server(lambda: _ClientConnection(self), sock=sock, backlog=2048)
                 for sock in sockets
             ]
             self.started = True
@@ -161,7 +161,7 @@ class Server:
             conn.abort()
 
 
-class _Connection(asyncio.Protocol):
+class _ClientConnection(asyncio.Protocol):
     """One client connection: requests parsed as they arrive, answered one at a time."""
 
     def __init__(self, server: Server) -> None:
@@ -170,10 +170,10 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.task: asyncio.Task[None] | None = None  # answers the requests, in turn
-        self.active: _Exchange | None = None  # the request being answered
-        self._next: asyncio.Future[_Exchange | None] | None = None  # the task waits on it
-        self.parsing: _Exchange | None = None  # the request whose bytes are arriving
-        self.queue: deque[_Exchange] = deque()  # pipelined requests, in order
+        self.active: _ClientExchange | None = None  # the request being answered
+        self._next: asyncio.Future[_ClientExchange | None] | None = None  # the task waits on it
+        self.parsing: _ClientExchange | None = None  # the request whose bytes are arriving
+        self.queue: deque[_ClientExchange] = deque()  # pipelined requests, in order
         self.closing = False
         self.write_paused: asyncio.Future[None] | None = None
         self.read_paused = False
@@ -281,7 +281,7 @@ class _Connection(asyncio.Protocol):
             "headers": self._headers,
             "state": self.server.state.copy(),
         }
-        exchange = _Exchange(self, scope, keep_alive=parser.should_keep_alive())
+        exchange = _ClientExchange(self, scope, keep_alive=parser.should_keep_alive())
         scope["extensions"] = {ON_DISCONNECT: exchange.call_on_disconnect}
         exchange.expect_continue = version == "1.1" and self._expect.lower() == b"100-continue"
         self.parsing = exchange
@@ -310,7 +310,7 @@ class _Connection(asyncio.Protocol):
         self.parsing = None
 
     # --- the exchanges ------------------------------------------------------------------
-    def _start(self, exchange: _Exchange) -> None:
+    def _start(self, exchange: _ClientExchange) -> None:
         self.active, self.idle_since = exchange, None
         if self._next is not None:
             self._next.set_result(exchange)
@@ -319,7 +319,7 @@ class _Connection(asyncio.Protocol):
             self.server.tasks.add(task)
             task.add_done_callback(self.server.tasks.discard)
 
-    async def _answer(self, exchange: _Exchange | None) -> None:
+    async def _answer(self, exchange: _ClientExchange | None) -> None:
         """The connection's task: its requests, one after the other. One task for all of
         them, as creating a task per request was a measurable share of the CPU."""
         try:
@@ -331,7 +331,7 @@ class _Connection(asyncio.Protocol):
             if exchange is not None:  # cancelled (shutdown) or failed mid-way
                 self.transport.close()
 
-    async def _following(self, done: _Exchange) -> _Exchange | None:
+    async def _following(self, done: _ClientExchange) -> _ClientExchange | None:
         """The next request once `done` is answered: a pipelined one, or the next to
         arrive; None when the connection closes instead."""
         self.active = None
@@ -437,7 +437,7 @@ class _HeadTooLarge(Exception):
     pass
 
 
-class _Exchange:
+class _ClientExchange:
     """One request and its response: ASGI's `receive` and `send`."""
 
     __slots__ = (
@@ -460,7 +460,7 @@ class _Exchange:
         "waiter",
     )
 
-    def __init__(self, conn: _Connection, scope: dict[str, Any], *, keep_alive: bool) -> None:
+    def __init__(self, conn: _ClientConnection, scope: dict[str, Any], *, keep_alive: bool) -> None:
         self.conn = conn
         # Handed to the app, then let go: the scope's extension refers to this exchange,
         # and a cycle would leave every request's objects to the garbage collector.
