@@ -700,11 +700,10 @@ class _ClientExchange:
         parts.append(b"\r\n")
         head = b"".join(parts)
         # Each part is one line, ending in the CRLF put there above: any other CR or LF
-        # came from a header (an app's bug, a backend's header relayed), and would split
-        # the response; a NUL is refused by clients. Counted once over the whole head,
-        # rather than searched for in each name and value.
-        lines = len(parts)
-        if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
+        # came from a header (an app's bug, a backend's header relayed) and would split the
+        # response; a NUL, clients refuse. One pass over the whole head deletes all three
+        # (faster than searching each name and value, or counting each character).
+        if len(head) - len(head.translate(None, b"\r\n\0")) != 2 * len(parts):
             raise _unsafe_header(headers)
         return head
 
