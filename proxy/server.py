@@ -334,7 +334,7 @@ class _ClientConnection(asyncio.Protocol):
         exchange.wake()
 
     def on_message_complete(self) -> None:
-        self._in_head = True
+        self._in_head, self._head_received = True, 0
         exchange = self.parsing
         if exchange is not None:
             exchange.more_body = False
@@ -415,6 +415,8 @@ class _ClientConnection(asyncio.Protocol):
         the server was reading (0 when it waits for nothing, or the server paused)."""
         exchange = self.parsing
         if exchange is None or exchange is not self.active or self.read_paused or self.rejected:
+            return 0.0
+        if exchange.expect_continue:  # the client waits for our 100 Continue
             return 0.0
         return clock - exchange.body_since
 

@@ -194,6 +194,26 @@ async def test_trailers_within_the_cap_are_accepted() -> None:
     assert not running.rejects
 
 
+async def test_trailers_do_not_count_against_the_next_head() -> None:
+    """Trailers and the next request's head are capped apart: 40 KB of each, arriving over
+    several reads, are both fine."""
+
+    async def paced(client: Any, data: bytes) -> None:
+        for start in range(0, len(data), 10_000):  # pieces, each likely a read of its own
+            await client.send(data[start : start + 10_000])
+            await asyncio.sleep(0.02)
+
+    trailer = b"X-T: " + b"t" * 40_000 + b"\r\n"
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-H: " + b"h" * 40_000 + b"\r\n\r\n"
+    async with serving(echo_app) as running, connect(running.port) as client:
+        await paced(client, chunked_post(b"/", b"body", trailer))
+        first = await client.response("POST")
+        await paced(client, head)
+        second = await client.response()
+    assert (first.status, first.body, second.status) == (200, b"body", 200)
+    assert not running.rejects
+
+
 # --- 3. a broken body behind a slow answer -----------------------------------------------------
 async def test_a_pipelined_request_with_a_broken_body_gets_its_400_after_the_first() -> None:
     """A request answered after a while, then in the same write a chunked one whose chunk
@@ -308,6 +328,25 @@ async def test_a_pipelined_body_waiting_its_turn_is_not_timed_out() -> None:
         await client.send(b"cd")
         second = await client.response("POST")
     assert (first.body, second.status, second.body) == (b"slow", 200, b"abcd")
+    assert not running.rejects
+
+
+async def test_a_client_waiting_for_100_continue_is_not_timed_out() -> None:
+    """`Expect: 100-continue`: the body clock starts with the 100, sent when the app first
+    asks for the body, not when the head arrived."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.sleep(0.6)  # longer than body_timeout before it reads
+        await respond(send, b"".join(await read_body(receive)))
+
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    async with serving(app, body_timeout=0.3) as running, connect(running.port) as client:
+        await client.send(head)
+        interim = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), WAIT)
+        await client.send(b"ok")
+        response = await client.response("POST")
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert (response.status, response.body) == (200, b"ok")
     assert not running.rejects
 
 
