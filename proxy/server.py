@@ -11,9 +11,12 @@ What it does: HTTP/1.1 and 1.0 over TCP, keep-alive (closed after `keep_alive` i
 pipelined requests answered in order, Content-Length and chunked request bodies read as the
 app asks for them (reading pauses when 64 KiB are waiting), `Expect: 100-continue`, write
 back-pressure (`send` waits while the client is not reading), ASGI lifespan through a context
-manager, and a graceful shutdown. What it does not: TLS, HTTP/2, WebSockets, Unix sockets.
-Requests the parser rejects get an OpenAI-shaped 400 (431 for oversized heads), unless an
-answer is already under way, and the connection closes.
+manager, and a graceful shutdown. What it does not: TLS, HTTP/2, WebSockets, Unix sockets
+(`proxy/uvicorn_server.py` runs the app under uvicorn for TLS).
+Requests the parser rejects get an OpenAI-shaped 400 (431 for a head, or trailers, over
+64 KiB; 408 for a body not in within `body_timeout`), unless an answer is already under
+way, and the connection closes. Trailers are read and dropped; header values lose their
+edge whitespace; a response header holding CR, LF or NUL is the app's error (a 500).
 
 ASGI as uvicorn speaks it (spec 2.3): `send` after the client left is a no-op, and
 `receive` then returns `http.disconnect`.
