@@ -384,7 +384,6 @@ class _ClientConnection(asyncio.Protocol):
                 self._linger()
                 return None
             self.active = following
-            following.body_since = time.perf_counter()  # its body was not read meanwhile
             if not self.queue:
                 self._resume_reading()
             return following

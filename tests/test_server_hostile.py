@@ -317,14 +317,14 @@ async def test_a_pipelined_body_waiting_its_turn_is_not_timed_out() -> None:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == "/slow":
-            await asyncio.sleep(0.8)
+            await asyncio.sleep(1.0)
         await respond(send, b"".join(await read_body(receive)) or b"slow")
 
     head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n"
-    async with serving(app, body_timeout=0.3) as running, connect(running.port) as client:
+    async with serving(app, body_timeout=0.6) as running, connect(running.port) as client:
         await client.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + head + b"ab")
         first = await client.response()
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.35)  # over a sweep's interval (0.3 s), within the timeout
         await client.send(b"cd")
         second = await client.response("POST")
     assert (first.body, second.status, second.body) == (b"slow", 200, b"abcd")
