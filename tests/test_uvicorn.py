@@ -37,6 +37,7 @@ from tests.conftest import (
     free_port,
     make_config,
     read_log,
+    serve_subprocess,
     stream_lines,
 )
 from tests.fakebackend import FakeBackend, wait_until
@@ -259,3 +260,25 @@ def test_tls_flags_the_server_cannot_use_are_refused(
     )
     assert done.returncode == 2
     assert message in done.stderr.decode()
+
+
+def test_serve_on_uvicorn_launches_and_stops_its_backends(tmp_path: Path) -> None:
+    """A launched backend serves the answers under uvicorn too, and is stopped with it."""
+    port, backend_port = free_port(), free_port()
+    standin = str(Path(__file__).with_name("fakebackend.py"))
+    routes = {
+        "model": "test-model",
+        "listen": {"port": port},
+        "backends": {
+            "baseline": {
+                "url": f"http://127.0.0.1:{backend_port}",
+                "launch": {"command": ["{python}", standin, "--port", "{port}"]},
+            }
+        },
+        "routing": {"split": {"baseline": 100}},
+        "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+    }
+    with serve_subprocess(routes, tmp_path, timeout=60, flags=("--server", "uvicorn")) as served:
+        assert served.backend_pids
+        lines = stream(served.url)
+    assert len(content_events(lines)) == 5 and lines[-2] == "data: [DONE]"
