@@ -380,6 +380,7 @@ class _ClientConnection(asyncio.Protocol):
         if self.queue:  # pipelined requests whole before a close are answered first
             following = self.queue.popleft()
             if self._refused is not None and self._refused[0] is following:
+                following.scope = None  # never run: its scope's cycle goes now
                 self.transport.write(self._refused[1])  # its bytes broke: the refusal
                 self._linger()
                 return None
