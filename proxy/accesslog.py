@@ -26,13 +26,20 @@ class RequestIds:
     """Request ids: the client's if it sent one, else 128 random bits in hex. The bits come
     from a generator seeded once from the OS rather than `os.urandom` each time, which was
     a system call per request; each proxy process has its own seed. Unique, not secret:
-    ids correlate lines and answers, and nothing is authorised by one."""
+    ids correlate lines and answers, and nothing is authorised by one.
 
-    def __init__(self) -> None:
+    A client's id is echoed, forwarded and written to every line of its request, so one
+    longer than `max_length` or with anything but printable ASCII in it is replaced by a
+    generated one (as Heroku's router does), rather than refused: the request is fine."""
+
+    def __init__(self, max_length: int = 200) -> None:
         self._bits = random.Random(os.urandom(32)).getrandbits
+        self.max_length = max_length  # `limits.max_request_id_length`, set by the runtime
 
     def __call__(self, given: str | None = None) -> str:
-        return given or f"{self._bits(128):032x}"
+        if given and len(given) <= self.max_length and given.isascii() and given.isprintable():
+            return given
+        return f"{self._bits(128):032x}"
 
 
 @dataclass(slots=True)  # slots: a misspelt field is an error, not an extra key in the log
@@ -60,6 +67,9 @@ class RequestRecord:
     # A shadow was running on this backend when the request was sent: a speculative
     # mlx_lm.server serves one at a time, so it may have waited. The report leaves it out.
     behind_shadow: bool = False
+    # The client sent an x-request-id that was too long or not printable ASCII: `request_id`
+    # is a generated one instead (see `RequestIds`).
+    request_id_replaced: bool = False
 
 
 # The request line's fields in order, and one C call that reads them all: not

@@ -22,7 +22,7 @@ from starlette.types import Scope
 from proxy import auth
 from proxy.accesslog import AccessLog
 from proxy.chat import Completions, completions
-from proxy.config import Config, Health
+from proxy.config import Config, Health, Limits
 from proxy.errors import ConfigError, InternalError, ProxyError, openai_error
 from proxy.health import probe, probe_forever
 from proxy.launch import Supervisor
@@ -122,10 +122,11 @@ def create_app(
     )
 
 
-def create_server(app: ProxyApp, grace_seconds: float) -> Server:
+def create_server(app: ProxyApp, grace_seconds: float, limits: Limits | None = None) -> Server:
     """The HTTP server for `app`, as `serve` runs it (the tests too): requests the server
     refuses before the app sees them get a request id, answered as `x-request-id` and put
-    on a `rejected` line in the app's log."""
+    on a `rejected` line in the app's log. `limits` gives it `body_timeout` (the
+    config's defaults without)."""
 
     def rejected(**fields: Any) -> str | None:
         runtime: Runtime | None = getattr(app.state, "runtime", None)
@@ -138,7 +139,14 @@ def create_server(app: ProxyApp, grace_seconds: float) -> Server:
     def lifespan() -> AbstractAsyncContextManager[Mapping[str, Any] | None]:
         return app.router.lifespan_context(app)
 
-    return Server(app, lifespan, grace_seconds=grace_seconds, on_reject=rejected)
+    limits = limits or Limits()
+    return Server(
+        app,
+        lifespan,
+        grace_seconds=grace_seconds,
+        body_timeout=limits.body_timeout,
+        on_reject=rejected,
+    )
 
 
 def _probed(config: Config) -> Iterator[tuple[str, str, Health]]:

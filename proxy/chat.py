@@ -69,7 +69,9 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
     clock = Clock()
     wanted = routes.read_headers  # names are lower-case bytes in ASGI
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in wanted}
-    record = RequestRecord(runtime.ids(headers.get("x-request-id")), routes.version)
+    given_id = headers.get("x-request-id")
+    record = RequestRecord(runtime.ids(given_id), routes.version)
+    record.request_id_replaced = bool(given_id) and record.request_id != given_id
     response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
     call: _Call | None = None
 

@@ -1,18 +1,21 @@
 """`python -m proxy serve|check|backends --config routes.yaml`, `python -m proxy report LOG`.
 
-`serve` reloads its config file on SIGHUP (as `POST /admin/reload` does)."""
+`serve` reloads its config file on SIGHUP (as `POST /admin/reload` does). It runs on the
+proxy's own HTTP server, or with `--server uvicorn` on uvicorn, which also does TLS."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
 import gc
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.accesslog import AccessLog
 from proxy.app import ProxyApp, create_app, create_server, reload_config
@@ -20,8 +23,9 @@ from proxy.auth import is_loopback, resolve_keys
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.launch import LaunchError, Supervisor, build_command
-from proxy.server import Server
 
+if TYPE_CHECKING:  # uvicorn is imported only when it serves (about 40 ms)
+    from proxy.uvicorn_server import Tls
 EXIT_CONFIG = 2
 EXIT_LAUNCH = 3
 EXIT_LISTEN = 4
@@ -34,6 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["report"]:  # its own arguments, parsed by the report itself
         return _report(argv[1:], f"{prog} report")
     args = _parser(prog).parse_args(argv)
+    tls = None
+    if args.command == "serve":
+        try:
+            tls = _tls(args)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         config = load_config(args.config)
         resolve_keys(config.auth)  # a named key variable that is unset: a config error too
@@ -55,8 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
             return EXIT_LISTEN
+        scheme = "https" if tls else "http"
         print(
-            f"specproxy for http://{host}:{port}\n{describe(config)}", file=sys.stderr, flush=True
+            f"specproxy for {scheme}://{host}:{port}\n{describe(config)}",
+            file=sys.stderr,
+            flush=True,
         )
         if not is_loopback(host) and not (config.auth.api_keys or config.auth.api_keys_env):
             print(
@@ -66,13 +80,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         with listener:
             path = Path(args.config)
-            return _run(lambda stop: serve(config, log, listener, stop, path))
+            return _run(lambda stop: serve(config, log, listener, stop, path, args.server, tls))
     finally:
         log.close()
 
 
+class ServerKind(enum.StrEnum):
+    """What `serve` runs the app on (`--server`)."""
+
+    OWN = "own"  # proxy/server.py: the faster, with the limits of docs (servers)
+    UVICORN = "uvicorn"  # for TLS, in the same process
+
+
+class _Serving(Protocol):
+    """What the CLI needs of a server: `proxy.server.Server` and `UvicornServer` have it."""
+
+    @property
+    def started(self) -> bool: ...
+
+    async def serve(self, sockets: list[socket.socket]) -> None: ...
+
+    def shutdown(self, *, now: bool = False) -> None: ...
+
+
 async def serve(
-    config: Config, log: AccessLog, listener: socket.socket, stop: _Stop, config_path: Path
+    config: Config,
+    log: AccessLog,
+    listener: socket.socket,
+    stop: _Stop,
+    config_path: Path,
+    kind: ServerKind = ServerKind.OWN,
+    tls: Tls | None = None,
 ) -> int:
     """Bring up the launched backends, serve until a signal, then stop them all.
 
@@ -84,11 +122,18 @@ async def serve(
     try:
         await supervisor.start()
         app = create_app(config, log=log, supervisor=supervisor, config_path=config_path)
-        server = create_server(app, config.shutdown.grace_seconds)
+        server: _Serving
+        if kind is ServerKind.UVICORN:
+            from proxy.uvicorn_server import UvicornServer
+
+            server = UvicornServer(app, grace_seconds=config.shutdown.grace_seconds, tls=tls)
+        else:
+            server = create_server(app, config.shutdown.grace_seconds, config.limits)
         stop.server, stop.app = server, app
         _tune_gc()
         host, port = listener.getsockname()[:2]
-        print(f"specproxy: serving on http://{host}:{port}", file=sys.stderr, flush=True)
+        scheme = "https" if tls else "http"
+        print(f"specproxy: serving on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
         await server.serve(sockets=[listener])
         return 0 if server.started else 1
     finally:
@@ -120,7 +165,7 @@ class _Stop:
         self.task = task
         self.event = asyncio.Event()
         self.supervisor: Supervisor | None = None
-        self.server: Server | None = None
+        self.server: _Serving | None = None
         self.app: ProxyApp | None = None
         self.running = False
         self.signal: int | None = None
@@ -271,7 +316,44 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         command.add_argument("--config", default="routes.yaml", help="routes file (routes.yaml)")
     serve_cmd.add_argument("--host", help="listen address (default: listen.host)")
     serve_cmd.add_argument("--port", type=_port, help="listen port (default: listen.port)")
+    serve_cmd.add_argument(
+        "--server",
+        type=ServerKind,
+        choices=list(ServerKind),
+        default=ServerKind.OWN,
+        help="the HTTP server: the proxy's own (default), or uvicorn, which also does TLS",
+    )
+    serve_cmd.add_argument(
+        "--ssl-certfile", type=Path, help="TLS certificate chain, PEM (--server uvicorn only)"
+    )
+    serve_cmd.add_argument(
+        "--ssl-keyfile", type=Path, help="TLS private key, PEM (--server uvicorn only)"
+    )
     return parser
+
+
+def _tls(args: argparse.Namespace) -> Tls | None:
+    """The TLS files of `serve`, checked before any backend starts: a `ConfigError` if they
+    are given to the own server, incomplete, or unusable."""
+    if args.ssl_certfile is None and args.ssl_keyfile is None:
+        return None
+    if args.server is not ServerKind.UVICORN:
+        raise ConfigError(
+            "--ssl-certfile and --ssl-keyfile need --server uvicorn: the proxy's own server"
+            " does not do TLS"
+        )
+    if args.ssl_certfile is None:
+        raise ConfigError("--ssl-keyfile needs --ssl-certfile too")
+    from proxy.uvicorn_server import Tls
+
+    tls = Tls(args.ssl_certfile, args.ssl_keyfile)
+    try:  # as uvicorn will load them, but now, with a plain message
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            tls.certfile, tls.keyfile
+        )
+    except OSError as exc:  # ssl.SSLError is one
+        raise ConfigError(f"cannot use the TLS certificate or key: {exc}") from None
+    return tls
 
 
 def _port(text: str) -> int:

@@ -114,6 +114,7 @@ class Runtime:
     def __post_init__(self) -> None:
         config = self.routes.config
         self.log.bind(config_version=self.routes.version)
+        self.ids.max_length = config.limits.max_request_id_length
         self.health = HealthBoard(config, self._health_changed)
         self.limiters = {name: Limiter(b) for name, b in config.backends.items()}
         self.metrics = Metrics(self._gauges)
@@ -158,6 +159,7 @@ class Runtime:
         """Carry health and slots over to the new config, by backend name. Limiters are
         never dropped: requests in flight give their slots back to the one they took them
         from, and a backend removed and added again finds its slots still counted."""
+        self.ids.max_length = config.limits.max_request_id_length
         self.health.update(config)
         for name, backend in config.backends.items():
             limiter = self.limiters.get(name)

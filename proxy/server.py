@@ -11,9 +11,12 @@ What it does: HTTP/1.1 and 1.0 over TCP, keep-alive (closed after `keep_alive` i
 pipelined requests answered in order, Content-Length and chunked request bodies read as the
 app asks for them (reading pauses when 64 KiB are waiting), `Expect: 100-continue`, write
 back-pressure (`send` waits while the client is not reading), ASGI lifespan through a context
-manager, and a graceful shutdown. What it does not: TLS, HTTP/2, WebSockets, Unix sockets.
-Requests the parser rejects get an OpenAI-shaped 400 (431 for oversized heads), unless an
-answer is already under way, and the connection closes.
+manager, and a graceful shutdown. What it does not: TLS, HTTP/2, WebSockets, Unix sockets
+(`proxy/uvicorn_server.py` runs the app under uvicorn for TLS).
+Requests the parser rejects get an OpenAI-shaped 400 (431 for a head, or trailers, over
+64 KiB; 408 for a body not in within `body_timeout`), unless an answer is already under
+way, and the connection closes. Trailers are read and dropped; header values lose their
+edge whitespace; a response header holding CR, LF or NUL is the app's error (a 500).
 
 ASGI as uvicorn speaks it (spec 2.3): `send` after the client left is a no-op, and
 `receive` then returns `http.disconnect`.
@@ -42,13 +45,17 @@ from proxy.errors import InternalError, ProxyError, ShuttingDownError, openai_er
 Lifespan = Callable[[], contextlib.AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
 _READ_PAUSE_ABOVE = 64 * 1024  # request body bytes buffered before reading stops
-_MAX_HEAD = 64 * 1024  # request line and headers: more is a 431
+_MAX_HEAD = 64 * 1024  # request line and headers, and a chunked body's trailers: more is a 431
 _LINGER_S = 2.0  # a refused client's remaining bytes are read and dropped for this long
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # A scope extension: `scope["extensions"][ON_DISCONNECT](callback)` has `callback()` called
 # when the client goes away before the answer is complete. The proxy needs to know at once
 # (to stop the backend); ASGI's way, a task blocked in `receive()`, costs a task a request.
 ON_DISCONNECT = "specproxy.on_disconnect"
+# A scope extension: `scope["extensions"][RECEIVED_AT]` is `time.perf_counter()` when the
+# request's head was parsed, so the app's clock includes any wait before it runs (a
+# pipelined request's turn, a busy event loop).
+RECEIVED_AT = "specproxy.received_at"
 _log = logging.getLogger("proxy.server")
 
 
@@ -88,18 +95,21 @@ class Server:
         *,
         keep_alive: float = 5.0,
         grace_seconds: float = 30.0,
+        body_timeout: float = 30.0,
         on_reject: Callable[..., str | None] | None = None,
     ) -> None:
-        """`on_reject(status=, error=, client=, detail=)` hears of requests the parser
-        refused (the app never sees them): the proxy puts them in its log. What it returns,
-        if anything, is the answer's `x-request-id`."""
+        """`on_reject(status=, error=, client=, detail=)` hears of requests the server
+        refused (bytes the parser could not take, a body that did not come within
+        `body_timeout` seconds): the proxy puts them in its log. What it returns, if
+        anything, is the answer's `x-request-id`."""
         self.app = app
         self.on_reject = on_reject
         self._lifespan = lifespan
         self.keep_alive = keep_alive
         self.grace_seconds = grace_seconds
+        self.body_timeout = body_timeout
         self.state: dict[str, Any] = {}
-        self.connections: set[_Connection] = set()
+        self.connections: set[_ClientConnection] = set()
         # The connections' tasks, until done: one may outlive its connection (a client
         # that hung up on the last byte), and it is still finishing its request.
         self.tasks: set[asyncio.Task[None]] = set()
@@ -114,7 +124,7 @@ class Server:
         async with self._lifespan() as state:
             self.state = dict(state or {})
             servers = [
-                await loop.create_server(lambda: _Connection(self), sock=sock, backlog=2048)
+                await loop.create_server(lambda: _ClientConnection(self), sock=sock, backlog=2048)
                 for sock in sockets
             ]
             self.started = True
@@ -136,15 +146,18 @@ class Server:
 
     async def _sweep(self) -> None:
         """Close connections idle for longer than `keep_alive`, a head half sent counting as
-        idle. One sweep for all connections rather than a timer per request, which was a
-        measurable cost; the timeout is kept to within half of itself."""
+        idle, and refuse requests whose body has not come within `body_timeout`. One sweep
+        for all connections rather than a timer per request, which was a measurable cost;
+        each timeout is kept to within half of itself."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.keep_alive / 2)
-            now = loop.time()
+            await asyncio.sleep(min(self.keep_alive, self.body_timeout) / 2)
+            now, clock = loop.time(), time.perf_counter()
             for conn in list(self.connections):
                 if conn.idle_since is not None and now - conn.idle_since > self.keep_alive:
                     conn.transport.close()
+                elif conn.body_waited(clock) > self.body_timeout:
+                    conn.body_timed_out()
 
     async def _drain(self) -> None:
         for conn in list(self.connections):
@@ -161,7 +174,7 @@ class Server:
             conn.abort()
 
 
-class _Connection(asyncio.Protocol):
+class _ClientConnection(asyncio.Protocol):
     """One client connection: requests parsed as they arrive, answered one at a time."""
 
     def __init__(self, server: Server) -> None:
@@ -170,23 +183,28 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.task: asyncio.Task[None] | None = None  # answers the requests, in turn
-        self.active: _Exchange | None = None  # the request being answered
-        self._next: asyncio.Future[_Exchange | None] | None = None  # the task waits on it
-        self.parsing: _Exchange | None = None  # the request whose bytes are arriving
-        self.queue: deque[_Exchange] = deque()  # pipelined requests, in order
+        self.active: _ClientExchange | None = None  # the request being answered
+        self._next: asyncio.Future[_ClientExchange | None] | None = None  # the task waits on it
+        self.parsing: _ClientExchange | None = None  # the request whose bytes are arriving
+        self.queue: deque[_ClientExchange] = deque()  # pipelined requests, in order
         self.closing = False
         self.write_paused: asyncio.Future[None] | None = None
         self.read_paused = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._expect = b""  # the Expect header's value, if any
-        # The head being read, two ways (see data_received): bytes received while in it,
-        # and the size of the pieces the parser reported (a head that came in one read).
+        # The head (or the trailers) being read, two ways (see data_received): bytes
+        # received while in it, and the size of the pieces the parser reported.
         self._head_received = 0
         self._head_parsed = 0
-        self._heads_done = 0  # heads completed in the read being parsed
-        self._in_head = True  # between messages or inside a head, not in a body
+        self._breaks = 0  # heads completed, or body bytes parsed, in the read being parsed
+        # Between messages or inside a head; or past a chunk's size line, before its data
+        # (past the last chunk's: its trailers). Not in the body.
+        self._in_head = True
         self.rejected = False
+        # A pipelined request whose bytes broke while another was being answered: the
+        # server's answer to it, written in its turn.
+        self._refused: tuple[_ClientExchange, bytes] | None = None
         self.idle_since: float | None = self.loop.time()  # no request being answered
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
@@ -201,7 +219,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.rejected:
             return  # refused, or an unread body: the rest is dropped (see `_linger`)
-        self._heads_done = 0
+        self._breaks = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -212,10 +230,11 @@ class _Connection(asyncio.Protocol):
             else:
                 self._reject(400, "bad_request", f"malformed HTTP request: {exc}")
             return
-        if self._in_head and not self._heads_done:
+        if self._in_head and not self._breaks:
             # httptools gathers a header line until it ends, and reports none of it before.
-            # No head ended in this read, so all of `data` is head: a header line that never
-            # ends is refused too. (A read that ended a head also held body or a next head.)
+            # No head ended and no body came in this read, so all of `data` is head (or
+            # trailers): a field that never ends is refused too. (A read that ended a head
+            # also held body or a next head; one with body bytes, the rest of a chunk.)
             self._head_received += len(data)
             if self._head_received > _MAX_HEAD:
                 self._reject_large_head()
@@ -253,15 +272,22 @@ class _Connection(asyncio.Protocol):
         self._grow(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow(len(name) + len(value))
+        if self.parsing is not None:
+            # A trailer (a field after a chunked body): dropped, as RFC 9110 6.5.1 allows.
+            # The app has the head's fields already, and a trailer must not add to them
+            # (a key, a routing header) behind the checks that read them.
+            return
         name = name.lower()
+        value = value.strip(b" \t")  # httptools keeps trailing whitespace (RFC 9110 5.5)
         self._headers.append((name, value))
         if name == b"expect":
             self._expect = value
-        self._grow(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
+        received_at = time.perf_counter()
         self._in_head, self._head_received, self._head_parsed = False, 0, 0
-        self._heads_done += 1
+        self._breaks += 1
         parser = self.parser
         url = httptools.parse_url(self._url)
         raw_path = url.path or b"/"
@@ -281,8 +307,10 @@ class _Connection(asyncio.Protocol):
             "headers": self._headers,
             "state": self.server.state.copy(),
         }
-        exchange = _Exchange(self, scope, keep_alive=parser.should_keep_alive())
-        scope["extensions"] = {ON_DISCONNECT: exchange.call_on_disconnect}
+        exchange = _ClientExchange(
+            self, scope, keep_alive=parser.should_keep_alive(), received_at=received_at
+        )
+        scope["extensions"] = {ON_DISCONNECT: exchange.call_on_disconnect, RECEIVED_AT: received_at}
         exchange.expect_continue = version == "1.1" and self._expect.lower() == b"100-continue"
         self.parsing = exchange
         if self.active is None:
@@ -291,7 +319,14 @@ class _Connection(asyncio.Protocol):
             self.queue.append(exchange)
             self._pause_reading()  # one request ahead at most: the client waits its turn
 
+    def on_chunk_header(self) -> None:
+        # Until this chunk's data comes, what arrives may be trailers (if it was the last
+        # chunk), and is counted like a head.
+        self._in_head, self._head_received = True, 0
+
     def on_body(self, body: bytes) -> None:
+        self._in_head = False
+        self._breaks += 1
         exchange = self.parsing
         if exchange is None or exchange.complete:  # answered already: the rest is dropped
             return
@@ -302,7 +337,7 @@ class _Connection(asyncio.Protocol):
         exchange.wake()
 
     def on_message_complete(self) -> None:
-        self._in_head = True
+        self._in_head, self._head_received = True, 0
         exchange = self.parsing
         if exchange is not None:
             exchange.more_body = False
@@ -310,7 +345,7 @@ class _Connection(asyncio.Protocol):
         self.parsing = None
 
     # --- the exchanges ------------------------------------------------------------------
-    def _start(self, exchange: _Exchange) -> None:
+    def _start(self, exchange: _ClientExchange) -> None:
         self.active, self.idle_since = exchange, None
         if self._next is not None:
             self._next.set_result(exchange)
@@ -319,7 +354,7 @@ class _Connection(asyncio.Protocol):
             self.server.tasks.add(task)
             task.add_done_callback(self.server.tasks.discard)
 
-    async def _answer(self, exchange: _Exchange | None) -> None:
+    async def _answer(self, exchange: _ClientExchange | None) -> None:
         """The connection's task: its requests, one after the other. One task for all of
         them, as creating a task per request was a measurable share of the CPU."""
         try:
@@ -331,7 +366,7 @@ class _Connection(asyncio.Protocol):
             if exchange is not None:  # cancelled (shutdown) or failed mid-way
                 self.transport.close()
 
-    async def _following(self, done: _Exchange) -> _Exchange | None:
+    async def _following(self, done: _ClientExchange) -> _ClientExchange | None:
         """The next request once `done` is answered: a pipelined one, or the next to
         arrive; None when the connection closes instead."""
         self.active = None
@@ -343,10 +378,16 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
             return None
         if self.queue:  # pipelined requests whole before a close are answered first
-            self.active = self.queue.popleft()
+            following = self.queue.popleft()
+            if self._refused is not None and self._refused[0] is following:
+                following.scope = None  # never run: its scope's cycle goes now
+                self.transport.write(self._refused[1])  # its bytes broke: the refusal
+                self._linger()
+                return None
+            self.active = following
             if not self.queue:
                 self._resume_reading()
-            return self.active
+            return following
         if self.closing:
             self._linger() if self.rejected else self.transport.close()
             return None
@@ -372,14 +413,31 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.transport.abort()
 
+    def body_waited(self, clock: float) -> float:
+        """Seconds the request being answered has waited for the rest of its body, while
+        the server was reading (0 when it waits for nothing, or the server paused)."""
+        exchange = self.parsing
+        if exchange is None or exchange is not self.active or self.read_paused or self.rejected:
+            return 0.0
+        if exchange.expect_continue:  # the client waits for our 100 Continue
+            return 0.0
+        return clock - exchange.body_since
+
+    def body_timed_out(self) -> None:
+        message = f"the request body did not arrive within {self.server.body_timeout:g} s"
+        self._reject(408, "request_timeout", message)
+
     def _reject_large_head(self) -> None:
-        message = f"request line and headers are larger than {_MAX_HEAD} bytes"
+        what = "request line and headers" if self.parsing is None else "trailer fields"
+        message = f"{what} are larger than {_MAX_HEAD} bytes"
         self._reject(431, "request_header_fields_too_large", message)
 
     def _reject(self, status: int, code: str, message: str) -> None:
-        """Bytes the parser refused: answered with `status` unless an answer is under way,
-        then the connection is closed. A request whose body broke is ended for the app
-        as if its client had left; one answered before the bad bytes keeps its answer."""
+        """A request refused (bytes the parser could not take, a body that did not come):
+        answered with `status` unless an answer is under way, then the connection is
+        closed. A request whose body broke is ended for the app as if its client had left;
+        one answered before the bad bytes keeps its answer, and a pipelined one behind it
+        gets this refusal in its turn."""
         self.closing = self.rejected = True
         request_id = None
         if self.server.on_reject is not None:
@@ -387,19 +445,16 @@ class _Connection(asyncio.Protocol):
             request_id = self.server.on_reject(
                 status=status, error=code, client=client, detail=message
             )
-        active = self.active
-        if active is not None and active is not self.parsing:
-            return  # bad bytes after a whole request: it is answered, then the close
+        refusal = _refusal(status, code, message, request_id)
+        active, broken = self.active, self.parsing
+        if active is not None and active is not broken:
+            # Bad bytes after a whole request: it is answered, then the close. If they were
+            # a pipelined request's body, that request is waiting its turn: it gets this.
+            if broken is not None:
+                self._refused = (broken, refusal)
+            return
         if active is None or not active.written:
-            body = orjson.dumps(openai_error(message, "invalid_request_error", code=code))
-            self.transport.write(
-                _STATUS_LINES.get(status, _status_line(status))
-                + b"content-type: application/json\r\ncontent-length: "
-                + str(len(body)).encode()
-                + (b"\r\nx-request-id: " + request_id.encode() if request_id else b"")
-                + b"\r\nconnection: close\r\n\r\n"
-                + body
-            )
+            self.transport.write(refusal)
         if active is not None:
             active.gone()
         self._linger()
@@ -431,17 +486,33 @@ class _Connection(asyncio.Protocol):
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
+            if self.parsing is not None:  # the pause was the server's: not the client's time
+                self.parsing.body_since = time.perf_counter()
 
 
 class _HeadTooLarge(Exception):
     pass
 
 
-class _Exchange:
+def _refusal(status: int, code: str, message: str, request_id: str | None) -> bytes:
+    """The server's own answer to a request it refused, in the OpenAI shape, and a close."""
+    body = orjson.dumps(openai_error(message, "invalid_request_error", code=code))
+    return (
+        _STATUS_LINES.get(status, _status_line(status))
+        + b"content-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + (b"\r\nx-request-id: " + request_id.encode() if request_id else b"")
+        + b"\r\nconnection: close\r\n\r\n"
+        + body
+    )
+
+
+class _ClientExchange:
     """One request and its response: ASGI's `receive` and `send`."""
 
     __slots__ = (
         "body",
+        "body_since",
         "buffered",
         "chunked",
         "complete",
@@ -460,7 +531,14 @@ class _Exchange:
         "waiter",
     )
 
-    def __init__(self, conn: _Connection, scope: dict[str, Any], *, keep_alive: bool) -> None:
+    def __init__(
+        self,
+        conn: _ClientConnection,
+        scope: dict[str, Any],
+        *,
+        keep_alive: bool,
+        received_at: float,
+    ) -> None:
         self.conn = conn
         # Handed to the app, then let go: the scope's extension refers to this exchange,
         # and a cycle would leave every request's objects to the garbage collector.
@@ -471,6 +549,9 @@ class _Exchange:
         self.expect_continue = False
         self.body: list[bytes] = []
         self.buffered = 0
+        # Since when the body has been awaited (perf_counter): from the end of the head, or
+        # from when the server read on for it (after its turn, a 100 Continue, a pause).
+        self.body_since = received_at
         self.more_body = True
         self.ended = False  # the last of the body was handed to the app
         self.disconnected = False
@@ -542,7 +623,7 @@ class _Exchange:
         if conn.write_paused is not None and not conn.write_paused.done():
             conn.abort()  # a client that does not read would not take an error either
             return
-        self.started, self.head, self.keep_alive = False, b"", False
+        self.started, self.head, self.keep_alive, self.chunked = False, b"", False, False
         body = orjson.dumps(error.body())
         headers = [
             (b"content-type", b"application/json"),
@@ -555,6 +636,7 @@ class _Exchange:
         if self.expect_continue and not self.started and not self.disconnected:
             self.expect_continue = False  # the client waits for this before sending its body
             self.conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.body_since = time.perf_counter()
         while not self.disconnected and not self.complete:
             if not self.ended and (self.body or not self.more_body):
                 body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
@@ -573,8 +655,8 @@ class _Exchange:
         if kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
-            self.started = True
             self.head = self._head(message["status"], message.get("headers", ()))
+            self.started = True
             return
         if kind != "http.response.body" or not self.started or self.complete:
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
@@ -621,7 +703,21 @@ class _Exchange:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        return b"".join(parts)
+        head = b"".join(parts)
+        # Each part is one line, ending in the CRLF put there above: any other CR or LF
+        # came from a header (an app's bug, a backend's header relayed) and would split the
+        # response; a NUL, clients refuse. One pass over the whole head deletes all three
+        # (faster than searching each name and value, or counting each character).
+        if len(head) - len(head.translate(None, b"\r\n\0")) != 2 * len(parts):
+            raise _unsafe_header(headers)
+        return head
+
+
+def _unsafe_header(headers: Any) -> RuntimeError:
+    for name, value in headers:
+        if any(char in name or char in value for char in (b"\r", b"\n", b"\0")):
+            return RuntimeError(f"response header {name[:100]!r} holds CR, LF or NUL")
+    return RuntimeError("response head holds CR, LF or NUL")  # the status: not an int?
 
 
 def _address(info: Any) -> tuple[str, int] | None:

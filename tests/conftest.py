@@ -180,15 +180,16 @@ class ServedProxy:
 
 @contextlib.contextmanager
 def serve_subprocess(
-    routes: dict[str, Any], root: Path, timeout: float = 300
+    routes: dict[str, Any], root: Path, timeout: float = 300, flags: tuple[str, ...] = ()
 ) -> Iterator[ServedProxy]:
-    """Run the whole product on `routes` (launched backends included) until the block ends;
-    then stop it as a user would (SIGINT), and check that nothing is left running."""
+    """Run the whole product on `routes` (launched backends included), with `serve`'s extra
+    `flags`, until the block ends; then stop it as a user would (SIGINT), and check that
+    nothing is left running."""
     (root / "routes.yaml").write_text(json.dumps(routes))  # JSON is YAML
     stderr = root / "stderr.txt"
     with stderr.open("w") as err:  # a file, not a pipe that could fill up and block it
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(root / "routes.yaml")],
+            [sys.executable, "-m", "proxy", "serve", "--config", str(root / "routes.yaml"), *flags],
             cwd=root,
             stderr=err,  # backend logs go to root/logs/backends/
         )

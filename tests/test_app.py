@@ -300,6 +300,7 @@ async def test_log_line_has_every_field(config: Config) -> None:
         "error",
         "client_disconnected",
         "behind_shadow",
+        "request_id_replaced",
     }
     assert line["event"] == "request" and line["request_id"] == "r9"
     assert line["timestamp"].endswith("Z")

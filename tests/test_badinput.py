@@ -459,9 +459,9 @@ def test_routing_session_id_and_other_headers_of_any_value(
     assert_sane(response)
 
     echoed = dict(response.headers.raw)[b"x-request-id"]
-    if request_id:
+    if request_id and request_id.isascii():  # kept: printable ASCII of at most 200 characters
         assert echoed == request_id.encode("latin-1"), _describe(response)
-    else:
+    else:  # none, or replaced by a generated one
         assert re.fullmatch(rb"[0-9a-f]{32}", echoed), _describe(response)
 
     if backend is not None and backend not in NAMES and response.status_code == 400:
@@ -471,7 +471,7 @@ def test_routing_session_id_and_other_headers_of_any_value(
         return
     assert_completion(response, model=MODEL, wants_usage=False if stream else None)
     if request_id:
-        assert proxy.fake.requests[-1].headers["x-request-id"] == request_id.strip()
+        assert proxy.fake.requests[-1].headers["x-request-id"] == echoed.decode("latin-1")
     chosen = response.headers["x-backend"]
     if backend is not None:  # forced: exactly that name, give or take the edge whitespace
         assert chosen == backend.strip(), _describe(response)

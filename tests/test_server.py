@@ -57,6 +57,7 @@ async def serving(
     lifespan: Lifespan = no_state,
     keep_alive: float = 5.0,
     grace_seconds: float = 1.0,
+    body_timeout: float = 30.0,
     sndbuf: int | None = None,
 ) -> AsyncIterator[Running]:
     """Serve `app` on a free loopback port until the block ends."""
@@ -67,7 +68,12 @@ async def serving(
         return f"rejected-{len(rejects)}"  # the answer's x-request-id
 
     server = Server(
-        app, lifespan, keep_alive=keep_alive, grace_seconds=grace_seconds, on_reject=on_reject
+        app,
+        lifespan,
+        keep_alive=keep_alive,
+        grace_seconds=grace_seconds,
+        body_timeout=body_timeout,
+        on_reject=on_reject,
     )
     sock = socket.create_server(("127.0.0.1", 0))
     if sndbuf is not None:  # accepted connections inherit the listener's buffer sizes
