@@ -193,7 +193,7 @@ class Limits(_Frozen):
     """What one client or one backend may make the proxy hold. Defaults are generous for
     LLM traffic and small against a hostile peer."""
 
-    # The client's request body (and, with chunked bodies, their trailers).
+    # The client's request body. (Chunked trailers count against the server's 64 KiB head cap.)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     # Seconds from the end of a request's head for its whole body to arrive: a client
     # that announces a body and never sends it would hold its connection forever.
