@@ -21,6 +21,8 @@ from typing import Any, BinaryIO
 import orjson
 import structlog
 
+from proxy.routing import FallbackCause, Reason
+
 
 class RequestIds:
     """Request ids: the client's if it sent one, else 128 random bits in hex. The bits come
@@ -37,26 +39,32 @@ class RequestIds:
 
 @dataclass(slots=True)  # slots: a misspelt field is an error, not an extra key in the log
 class RequestRecord:
-    """Everything the request line says, filled in as the request goes."""
+    """The request line (`event: "request"`): the one definition of the log's schema.
+
+    Its fields, in this order, are the line's fields besides `event`, `timestamp` and the
+    bound `config_version`; the report's reader (`logread`) takes its field list and types
+    from here. Built once, when the request is over (chat.py `_record`): nothing decides
+    anything by reading it.
+    """
 
     request_id: str
     config_version: str | None = None  # the routes config that routed it (hot reloads)
-    model: str | None = None
+    model: str | None = None  # as the client named it; null: rejected before the body parsed
     stream: bool = False
-    backend: str | None = None
-    reason: str | None = None
+    backend: str | None = None  # where it went last; null: rejected before routing
+    reason: Reason | None = None  # why it went there
     fallback_from: str | None = None  # the backend first chosen, when it went elsewhere
-    fallback_cause: str | None = None  # "unhealthy" | "failed" | "full"
-    queue_ms: float | None = None  # wait for a concurrency slot
-    status: int | None = None
-    ttft_ms: float | None = None
+    fallback_cause: FallbackCause | None = None  # why it was moved
+    queue_ms: float | None = None  # wait for a concurrency slot; null: never admitted
+    status: int | None = None  # the status sent, or the one it failed with (499: client left)
+    ttft_ms: float | None = None  # see timing.py: each figure is defined there
     latency_ms: float | None = None
-    prompt_tokens: int | None = None
+    prompt_tokens: int | None = None  # the backend's usage
     completion_tokens: int | None = None
-    decode_tps: float | None = None
-    in_flight: int | None = None
-    error: str | None = None
-    client_disconnected: bool = False
+    decode_tps: float | None = None  # streams only
+    in_flight: int | None = None  # other requests on its backend when it was sent
+    error: str | None = None  # what went wrong, by its short name (an error's `kind`)
+    client_disconnected: bool = False  # the client left (or stopped reading) before the end
     # A shadow was running on this backend when the request was sent: a speculative
     # mlx_lm.server serves one at a time, so it may have waited. The report leaves it out.
     behind_shadow: bool = False
@@ -131,6 +139,31 @@ class AccessLog:
         for processor in self._processors:
             line = processor(self._sinks, "info", line)
         self._sinks.msg(line)
+
+    def rejected(
+        self,
+        request_id: str,
+        status: int,
+        error: str,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        client: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """A request refused before it could be served: bad HTTP (the server), a key or
+        token missing (access control), no such route or model. One shape, whoever
+        refused it: the fields not known (a request line too broken to read) are null."""
+        self.logger.info(
+            "rejected",
+            request_id=request_id,
+            method=method,
+            path=path,
+            status=status,
+            error=error,
+            client=client,
+            detail=detail,
+        )
 
     def event(self, name: str, **fields: Any) -> None:
         self.logger.info(name, **fields)
