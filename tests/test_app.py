@@ -16,7 +16,7 @@ import pytest
 from proxy.app import create_app
 from proxy.config import Config
 from proxy.timing import RECEIVED_AT
-from tests.conftest import make_config, read_log
+from tests.conftest import REJECTED, make_config, read_log
 
 pytestmark = pytest.mark.anyio
 
@@ -459,11 +459,6 @@ async def test_models_lists_the_public_model(config: Config) -> None:
     assert one.json()["id"] == "test-model"
     assert one.headers["x-request-id"]
     assert_openai_error(missing, 404, "model_not_found")
-
-
-# The one shape of a `rejected` line, whoever refused the request (see AccessLog.rejected).
-REJECTED = {"event", "timestamp", "config_version", "request_id", "method", "path", "status"}
-REJECTED |= {"error", "client", "detail"}
 
 
 async def test_unknown_path_and_wrong_method_are_openai_errors(config: Config) -> None:
