@@ -4,6 +4,12 @@ No global structlog configuration: an `AccessLog` owns its logger, writing each 
 stdout and appending it to the configured file. Besides the request lines it carries the
 proxy's other events (`rejected`, `backend_ready`, `backend_exit`, `backend_memory`...).
 Lines are flushed as written, so a crash loses nothing and `tail -f` sees each at once.
+
+Two ways to one line, one chain of processors (`_stamp`, `_render`). Events go through
+structlog's bound logger. The request line, one per request, runs the same chain itself
+(`AccessLog.request`): the bound logger's layers of calls, each copying the fields, cost
+2.7 µs more per line (`scripts/bench_app.py`: 6.2 µs against 3.5 µs), a tenth of the
+app's own CPU for a non-stream request (25 µs).
 """
 
 from __future__ import annotations
@@ -83,8 +89,10 @@ def _stamp(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, 
     return event_dict
 
 
-def _dumps(obj: Any, **_: Any) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z)
+def _render(_logger: Any, _method: str, event_dict: dict[str, Any]) -> bytes:
+    """structlog's `JSONRenderer(serializer=orjson.dumps)`, one layer less: the line as
+    bytes, with its newline."""
+    return orjson.dumps(event_dict, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z)
 
 
 class _Sinks:
@@ -112,10 +120,7 @@ class AccessLog:
             self._file = path.open("ab", buffering=0)
             sinks.append(self._file)
         self._sinks = _Sinks(sinks)
-        self._processors: list[Any] = [
-            _stamp,
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ]
+        self._processors: list[Any] = [_stamp, _render]
         # `.bind()` now: the lazy proxy `wrap_logger` returns would rebuild the bound
         # logger on every call, a third of the cost of a log line.
         self.logger = structlog.wrap_logger(
@@ -132,7 +137,7 @@ class AccessLog:
 
     def request(self, record: RequestRecord) -> None:
         # The bound logger's own steps (context first, then the processors), without its
-        # layers of calls, each copying the fields: one line per request, every request.
+        # layers: see the module's docstring.
         line: Any = self._context.copy()
         line.update(zip(_RECORD_FIELDS, _read_fields(record), strict=True))
         line["event"] = "request"

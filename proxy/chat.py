@@ -118,7 +118,8 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
 
 def _start(scope: Scope) -> _Call:
     runtime: Runtime = scope["state"]["runtime"]
-    clock = Clock.since(scope.get("extensions", {}).get(RECEIVED_AT))
+    received_at = scope.get("extensions", {}).get(RECEIVED_AT)  # our server's; else now
+    clock = Clock() if received_at is None else Clock(received_at)
     active = runtime.active
     wanted = active.read_headers  # names are lower-case bytes in ASGI
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in wanted}
@@ -169,26 +170,28 @@ def _record(call: _Call) -> RequestRecord:
     status = state.status
     if status is None and state.client_gone:
         status = CLIENT_CLOSED
+    # By position, in the record's order: keywords cost twice as much (half a microsecond,
+    # every request), and mypy checks each type.
     return RequestRecord(
-        request_id=call.request_id,
-        config_version=call.active.version,
-        model=request.model if request is not None else None,
-        stream=stream,
-        backend=decision.backend if decision is not None else None,
-        reason=decision.reason if decision is not None else None,
-        fallback_from=decision.fallback_from if decision is not None else None,
-        fallback_cause=decision.fallback_cause if decision is not None else None,
-        queue_ms=clock.queue_ms(),
-        status=status,
-        ttft_ms=clock.ttft_ms(),
-        latency_ms=clock.latency_ms(),
-        prompt_tokens=state.prompt_tokens,
-        completion_tokens=state.completion_tokens,
-        decode_tps=clock.decode_tps(state.completion_tokens) if stream else None,
-        in_flight=call.in_flight,
-        error=state.failure,
-        client_disconnected=state.client_gone,
-        behind_shadow=call.behind_shadow,
+        call.request_id,
+        call.active.version,  # config_version
+        request.model if request is not None else None,
+        stream,
+        decision.backend if decision is not None else None,
+        decision.reason if decision is not None else None,
+        decision.fallback_from if decision is not None else None,
+        decision.fallback_cause if decision is not None else None,
+        clock.queue_ms(),
+        status,
+        clock.ttft_ms(),
+        clock.latency_ms(),
+        state.prompt_tokens,
+        state.completion_tokens,
+        clock.decode_tps(state.completion_tokens) if stream else None,
+        call.in_flight,
+        state.failure,  # error
+        state.client_gone,  # client_disconnected
+        call.behind_shadow,
     )
 
 
@@ -197,7 +200,7 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
     state = call.state
     task = asyncio.current_task(call.runtime.loop)
     assert task is not None
-    stop_watching = watch_client(call.scope, receive, state, task)
+    watcher = watch_client(call.scope, receive, state, task)
     writes = call.runtime.writes
     writes.watch(task, state, call.active.config.limits.write_timeout)
     try:
@@ -207,7 +210,8 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
         if not state.client_gone or task.uncancel() > 0:
             raise
     finally:
-        stop_watching()
+        if watcher is not None:
+            watcher.cancel()
         writes.forget(task)
 
 
@@ -289,17 +293,17 @@ def _aim(call: _Call, backend: str) -> Attempt:
     active, request = call.active, call.request
     assert request is not None
     config = active.config.backends[backend]
-    return Attempt(
-        backend=backend,
-        request=_upstream_request(active, call.scope, request, backend, call.request_id),
-        state=call.state,
-        clock=call.clock,
-        timeouts=config.timeouts,
-        response_headers=call.response_headers(),
-        stream=request.stream,
-        wants_usage=request.wants_usage,
-        rewrites=model_rewriter(config.model, request.model),
-        collect=call.collect,
+    return Attempt(  # by position, as the record is (see `_record`)
+        backend,
+        _upstream_request(active, call.scope, request, backend, call.request_id),
+        call.state,
+        call.clock,
+        config.timeouts,
+        call.response_headers(),
+        request.stream,
+        request.wants_usage,
+        model_rewriter(config.model, request.model),  # rewrites
+        call.collect,
     )
 
 

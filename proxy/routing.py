@@ -41,6 +41,8 @@ class Reason(StrEnum):
 
 
 _EXPERIMENT = frozenset({Reason.SPLIT, Reason.STICKY})
+# For `choose`: on Python 3.11 each `Reason.X` is a descriptor call (50 ns), per request.
+_HEADER, _STICKY, _SPLIT = Reason.HEADER, Reason.STICKY, Reason.SPLIT
 
 
 class FallbackCause(StrEnum):
@@ -105,12 +107,12 @@ def choose(router: Router, headers: Mapping[str, str], rng: random.Random) -> De
                 f"unknown backend {forced!r} in header {router.header}; valid backends: {valid}",
                 param=router.header,
             )
-        return Decision(forced, Reason.HEADER)
+        return Decision(forced, _HEADER)
     if router.sticky_header is not None:
         key = headers.get(router.sticky_header)
         if key:
-            return Decision(router.pick(sticky_point(key)), Reason.STICKY)
-    return Decision(router.pick(rng.random() * 100.0), Reason.SPLIT)
+            return Decision(router.pick(sticky_point(key)), _STICKY)
+    return Decision(router.pick(rng.random() * 100.0), _SPLIT)
 
 
 def sticky_point(key: str) -> float:

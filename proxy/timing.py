@@ -31,11 +31,6 @@ class Clock:
     end: float | None = None
     queue: float | None = None  # seconds; None: never waited for a slot (refused before)
 
-    @classmethod
-    def since(cls, received_at: float | None) -> Clock:
-        """A clock started when the request arrived if the server says when, else now."""
-        return cls() if received_at is None else cls(received_at)
-
     def queued(self, seconds: float) -> None:
         """A wait for a concurrency slot is over (or gave up) after `seconds`."""
         self.queue = (self.queue or 0.0) + seconds

@@ -154,7 +154,7 @@ async def _round(call: Call, state: dict[str, Any], stream: bool, n: int, callba
     return elapsed / n * 1e6
 
 
-async def _bench_app(requests: int, rounds: int) -> dict[str, float]:
+async def _bench_app(requests: int, rounds: int, only: list[str] | None) -> dict[str, float]:
     config = parse_config(
         {
             "model": MODEL,
@@ -170,6 +170,7 @@ async def _bench_app(requests: int, rounds: int) -> dict[str, float]:
         "standard": (lambda s, r, w: Starlette.__call__(app, s, r, w), True),
         "watcher": (app.__call__, False),
     }
+    variants = {name: variant for name, variant in variants.items() if name in (only or variants)}
     results: dict[str, float] = {}
     async with app.router.lifespan_context(app) as state:
         for stream in (False, True):
@@ -206,7 +207,7 @@ def _bench_log(requests: int, rounds: int) -> dict[str, float]:
         best: dict[str, float] = {}
         for _ in range(rounds):
             for name, fn in (
-                ("log line: copy of chain", chain),
+                ("log line: own chain", chain),
                 ("log line: structlog", structlog_own),
             ):
                 started = time.perf_counter()
@@ -222,6 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds; the fastest counts")
+    parser.add_argument("--only", nargs="+", choices=("fast", "standard", "watcher"))
     args = parser.parse_args()
     try:
         import uvloop
@@ -229,13 +231,16 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    results = asyncio.run(_bench_app(args.requests, args.rounds))
-    results.update(_bench_log(args.requests * 5, args.rounds))
+    results = asyncio.run(_bench_app(args.requests, args.rounds, args.only))
+    if not args.only:
+        results.update(_bench_log(args.requests * 5, args.rounds))
     for name, us in results.items():
         print(f"{name:32s} {us:8.1f} us/request")
     for label in ("non-stream", "stream"):
-        fast = results[f"{label} fast"]
+        fast = results.get(f"{label} fast")
         for other in ("standard", "watcher"):
+            if fast is None or f"{label} {other}" not in results:
+                continue
             extra = results[f"{label} {other}"] - fast
             print(f"{label} {other} - fast: {extra:+.1f} us ({100 * extra / fast:+.1f}%)")
 
