@@ -351,7 +351,7 @@ def _upstream_request(
         (b"content-length", str(len(body)).encode()),  # mlx_lm.server answers 411 without
         (b"x-request-id", request_id.encode("latin-1")),
     ]
-    return UpstreamRequest(b"POST", endpoint, headers, body, active.timeouts[backend])
+    return UpstreamRequest(b"POST", endpoint, headers, body, active.upstream_timeouts[backend])
 
 
 async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:

@@ -17,6 +17,7 @@ Which requests count where:
   percentiles use the successful ones (status 200, no error), whatever routed them,
   failover included.
 - the A/B comparison and its breakdowns use only requests routed by `split` or `sticky`
+  (the reasons `Reason.is_experiment` names, in routing.py: the selection is made there)
   with status 200 and no error, served where they were routed: a header-forced request is
   the client's choice, not a random one, so those are summarised apart (`forced`); a
   request moved by failover (`reason` "fallback") went where the failure sent it, so it

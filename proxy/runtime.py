@@ -46,7 +46,7 @@ class ActiveConfig:
     router: Router
     keys: Keys
     # Per backend, its timeouts as the upstream requests carry them: see `_upstream_timeouts`.
-    timeouts: dict[str, Timeouts]
+    upstream_timeouts: dict[str, Timeouts]
     # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.
     not_forwarded: frozenset[bytes]
     # The headers the proxy itself reads (routing, request id, body size): only these are
@@ -66,7 +66,9 @@ class ActiveConfig:
             version=config.version(),
             router=Router.build(config.weights(), routing.header, routing.sticky_header),
             keys=keys,
-            timeouts={name: _upstream_timeouts(b.timeouts) for name, b in config.backends.items()},
+            upstream_timeouts={
+                name: _upstream_timeouts(b.timeouts) for name, b in config.backends.items()
+            },
             not_forwarded=NOT_FORWARDED | private,
             read_headers=frozenset(
                 name.lower().encode("latin-1")
