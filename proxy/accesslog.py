@@ -4,6 +4,12 @@ No global structlog configuration: an `AccessLog` owns its logger, writing each 
 stdout and appending it to the configured file. Besides the request lines it carries the
 proxy's other events (`rejected`, `backend_ready`, `backend_exit`, `backend_memory`...).
 Lines are flushed as written, so a crash loses nothing and `tail -f` sees each at once.
+
+Two ways to one line, one chain of processors (`_stamp`, `_render`). Events go through
+structlog's bound logger. The request line, one per request, runs the same chain itself
+(`AccessLog.request`): the bound logger's layers of calls, each copying the fields, cost
+2.7 µs more per line (`scripts/bench_app.py`: 6.2 µs against 3.5 µs), a tenth of the
+app's own CPU for a non-stream request (25 µs).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Any, BinaryIO
 
 import orjson
 import structlog
+
+from proxy.routing import FallbackCause, Reason
 
 
 class RequestIds:
@@ -44,26 +52,32 @@ class RequestIds:
 
 @dataclass(slots=True)  # slots: a misspelt field is an error, not an extra key in the log
 class RequestRecord:
-    """Everything the request line says, filled in as the request goes."""
+    """The request line (`event: "request"`): the one definition of the log's schema.
+
+    Its fields, in this order, are the line's fields besides `event`, `timestamp` and the
+    bound `config_version`; the report's reader (`logread`) takes its field list and types
+    from here. Built once, when the request is over (chat.py `_record`): nothing decides
+    anything by reading it.
+    """
 
     request_id: str
     config_version: str | None = None  # the routes config that routed it (hot reloads)
-    model: str | None = None
+    model: str | None = None  # as the client named it; null: rejected before the body parsed
     stream: bool = False
-    backend: str | None = None
-    reason: str | None = None
+    backend: str | None = None  # where it went last; null: rejected before routing
+    reason: Reason | None = None  # why it went there
     fallback_from: str | None = None  # the backend first chosen, when it went elsewhere
-    fallback_cause: str | None = None  # "unhealthy" | "failed" | "full"
-    queue_ms: float | None = None  # wait for a concurrency slot
-    status: int | None = None
-    ttft_ms: float | None = None
+    fallback_cause: FallbackCause | None = None  # why it was moved
+    queue_ms: float | None = None  # wait for a concurrency slot; null: never admitted
+    status: int | None = None  # the status sent, or the one it failed with (499: client left)
+    ttft_ms: float | None = None  # see timing.py: each figure is defined there
     latency_ms: float | None = None
-    prompt_tokens: int | None = None
+    prompt_tokens: int | None = None  # the backend's usage
     completion_tokens: int | None = None
-    decode_tps: float | None = None
-    in_flight: int | None = None
-    error: str | None = None
-    client_disconnected: bool = False
+    decode_tps: float | None = None  # streams only
+    in_flight: int | None = None  # other requests on its backend when it was sent
+    error: str | None = None  # what went wrong, by its short name (an error's `kind`)
+    client_disconnected: bool = False  # the client left (or stopped reading) before the end
     # A shadow was running on this backend when the request was sent: a speculative
     # mlx_lm.server serves one at a time, so it may have waited. The report leaves it out.
     behind_shadow: bool = False
@@ -85,8 +99,10 @@ def _stamp(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, 
     return event_dict
 
 
-def _dumps(obj: Any, **_: Any) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z)
+def _render(_logger: Any, _method: str, event_dict: dict[str, Any]) -> bytes:
+    """structlog's `JSONRenderer(serializer=orjson.dumps)`, one layer less: the line as
+    bytes, with its newline."""
+    return orjson.dumps(event_dict, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z)
 
 
 class _Sinks:
@@ -114,10 +130,7 @@ class AccessLog:
             self._file = path.open("ab", buffering=0)
             sinks.append(self._file)
         self._sinks = _Sinks(sinks)
-        self._processors: list[Any] = [
-            _stamp,
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ]
+        self._processors: list[Any] = [_stamp, _render]
         # `.bind()` now: the lazy proxy `wrap_logger` returns would rebuild the bound
         # logger on every call, a third of the cost of a log line.
         self.logger = structlog.wrap_logger(
@@ -134,13 +147,38 @@ class AccessLog:
 
     def request(self, record: RequestRecord) -> None:
         # The bound logger's own steps (context first, then the processors), without its
-        # layers of calls, each copying the fields: one line per request, every request.
+        # layers: see the module's docstring.
         line: Any = self._context.copy()
         line.update(zip(_RECORD_FIELDS, _read_fields(record), strict=True))
         line["event"] = "request"
         for processor in self._processors:
             line = processor(self._sinks, "info", line)
         self._sinks.msg(line)
+
+    def rejected(
+        self,
+        request_id: str,
+        status: int,
+        error: str,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        client: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """A request refused before it could be served: bad HTTP (the server), a key or
+        token missing (access control), no such route or model. One shape, whoever
+        refused it: the fields not known (a request line too broken to read) are null."""
+        self.logger.info(
+            "rejected",
+            request_id=request_id,
+            method=method,
+            path=path,
+            status=status,
+            error=error,
+            client=client,
+            detail=detail,
+        )
 
     def event(self, name: str, **fields: Any) -> None:
         self.logger.info(name, **fields)

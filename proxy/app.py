@@ -1,4 +1,15 @@
-"""Assembly: the Starlette app, its routes, and the lifespan that owns shared state."""
+"""Assembly: the Starlette app, its routes, and the lifespan that owns shared state.
+
+Two ways in, one set of routes. Every route is in Starlette's router, the completions'
+too; but a POST to a completion path, nearly all the traffic, skips the router and the
+middleware stack (`ProxyApp.__call__`) and goes straight to the same endpoint. Each layer
+of the stack wraps `send`, which every streamed chunk passes through: through Starlette,
+a request costs the app 30% more CPU without streaming (7.5 µs) and 11% more with it
+(`scripts/bench_app.py`, `standard` against `fast`). Both ways check access with one
+function (`admit`), and answer and log a refusal with one (`refuse`); the completions
+answer their own errors, a bug's 500 included. Other methods on these paths take the
+long way, to Starlette's 405.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +39,7 @@ from proxy.health import probe, probe_forever
 from proxy.launch import Supervisor
 from proxy.metrics import CONTENT_TYPE
 from proxy.relay import Receive, Send, send_error
-from proxy.runtime import Routes, Runtime
+from proxy.runtime import ActiveConfig, Runtime
 from proxy.server import Server
 from proxy.upstream import Transport, UpstreamTransport, as_transport
 
@@ -37,21 +48,15 @@ COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/
 
 
 class ProxyApp(Starlette):
-    """Starlette, with a short way in for the completion requests, nearly all the traffic.
-
-    They skip the router and the middleware stack: each layer wraps `send`, which every
-    streamed chunk passes through, and the stack cost about a fifth of the proxy's CPU under
-    load (`scripts/bench_overhead.py`). The access check is the same function; the
-    completions answer their own errors, a bug's 500 included. Other methods on these paths
-    take the long way, to Starlette's 405.
-    """
+    """Starlette, with a short way in for POSTs to the completion paths: see the module's
+    docstring for why."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in COMPLETION_PATHS:
-            if scope["method"] == "POST" and await _admitted(scope, send):
+        http = scope["type"] == "http"
+        if http and scope["method"] == "POST" and scope["path"] in COMPLETION_PATHS:
+            if await admit(scope, send):
                 await completions(scope, receive, send)
-            if scope["method"] == "POST":
-                return
+            return
         await super().__call__(scope, receive, send)
 
 
@@ -67,7 +72,7 @@ def create_app(
     """Build the proxy. `transport` and `rng` are for tests; `log` defaults to the config's;
     `supervisor`, the launched backends, adds their process figures to /healthz;
     `config_path` is the file that SIGHUP and `POST /admin/reload` read again."""
-    initial = Routes.build(config)  # a missing key variable fails here, before serving
+    initial = ActiveConfig.build(config)  # a missing key variable fails here, before serving
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -97,13 +102,11 @@ def create_app(
             if log is None:
                 access_log.close()
 
-    # POSTs to these take ProxyApp's short way and never reach the router; the routes
-    # are here for what other methods get (405 with `Allow: POST`).
+    # POSTs to the completions take ProxyApp's short way to the same endpoint; other
+    # methods on their paths get Starlette's 405 with `Allow: POST` from these routes.
     endpoint = Completions()
     routes = [
-        Route("/v1/chat/completions", endpoint, methods=["POST"]),
-        Route("/chat/completions", endpoint, methods=["POST"]),
-        Route("/v1/completions", endpoint, methods=["POST"]),
+        *(Route(path, endpoint, methods=["POST"]) for path in sorted(COMPLETION_PATHS)),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -128,12 +131,12 @@ def create_server(app: ProxyApp, grace_seconds: float, limits: Limits | None = N
     on a `rejected` line in the app's log. `limits` gives it `body_timeout` (the
     config's defaults without)."""
 
-    def rejected(**fields: Any) -> str | None:
+    def rejected(*, status: int, error: str, client: str | None, detail: str) -> str | None:
         runtime: Runtime | None = getattr(app.state, "runtime", None)
         if runtime is None:
             return None
         request_id = runtime.ids(None)  # the request's own header may be what was malformed
-        runtime.log.event("rejected", request_id=request_id, **fields)
+        runtime.log.rejected(request_id, status, error, client=client, detail=detail)
         return request_id
 
     def lifespan() -> AbstractAsyncContextManager[Mapping[str, Any] | None]:
@@ -170,33 +173,43 @@ class AccessControl:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or await _admitted(scope, send):
+        if scope["type"] != "http" or await admit(scope, send):
             await self.app(scope, receive, send)
 
 
-async def _admitted(scope: Scope, send: Send) -> bool:
-    """Whether the request may go on; if not, it has been answered and logged."""
+async def admit(scope: Scope, send: Send) -> bool:
+    """Whether the request may go on (see auth.py); if not, it has been answered and
+    logged. The one access check, for both ways in."""
     runtime: Runtime = scope["state"]["runtime"]
     try:
-        auth.check(scope, runtime.routes.keys)
+        auth.check(scope, runtime.active.keys)
     except ProxyError as exc:
-        await _refuse(runtime, scope, send, exc)
+        # No detail: the log says nothing about credentials, not even how they are sent.
+        request_id = refuse(runtime, scope, exc.status, exc.kind, None)
+        await send_error(send, exc, [(b"x-request-id", request_id.encode("latin-1"))])
         return False
     return True
 
 
-async def _refuse(runtime: Runtime, scope: Scope, send: Send, exc: ProxyError) -> None:
-    given = dict(scope["headers"]).get(b"x-request-id")
-    rid = runtime.ids(given.decode("latin-1") if given else None)
-    runtime.log.event(
-        "rejected",
-        request_id=rid,
+def refuse(runtime: Runtime, scope: Scope, status: int, error: str, detail: str | None) -> str:
+    """Log a request the app refuses (a `rejected` line); the request id its answer
+    carries as `x-request-id`, the same as the line's."""
+    given = None
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+    request_id = runtime.ids(given)
+    client = scope.get("client")
+    runtime.log.rejected(
+        request_id,
+        status,
+        error,
         method=scope["method"],
         path=scope["path"],
-        status=exc.status,
-        error=exc.kind,
+        client=f"{client[0]}:{client[1]}" if client else None,
+        detail=detail,
     )
-    await send_error(send, exc, [(b"x-request-id", rid.encode("latin-1"))])
+    return request_id
 
 
 def _model_card(model: str) -> dict[str, Any]:
@@ -217,60 +230,56 @@ async def list_models(request: Request) -> JSONResponse:
     return _answer(request, {"object": "list", "data": [_model_card(runtime.config.model)]})
 
 
-async def get_model(request: Request) -> JSONResponse:
+async def get_model(request: Request) -> Response:
     runtime: Runtime = request.state.runtime
     model = request.path_params["model"]
     if model != runtime.config.model:
-        body = openai_error(
-            f"The model {model!r} does not exist",
-            "invalid_request_error",
-            param="model",
-            code="model_not_found",
-        )
-        return _answer(request, body, 404)
+        message = f"The model {model!r} does not exist"
+        body = openai_error(message, "invalid_request_error", param="model", code="model_not_found")
+        return _refused(request, body, 404, "model_not_found", message)
     return _answer(request, _model_card(model))
 
 
 async def healthz(request: Request) -> JSONResponse:
     """The proxy is up (200); each backend's reachability is probed on its `/health`."""
     runtime: Runtime = request.state.runtime
-    routes = runtime.routes  # once: a reload meanwhile changes nothing here
-    names = list(routes.config.backends)
+    active = runtime.active  # once: a reload meanwhile changes nothing here
+    names = list(active.config.backends)
     probes = [
-        probe(runtime.transport, b.url, _HEALTH_TIMEOUT) for b in routes.config.backends.values()
+        probe(runtime.transport, b.url, _HEALTH_TIMEOUT) for b in active.config.backends.values()
     ]
     results = await asyncio.gather(*probes)
     backends = {
-        name: _backend_health(runtime, routes, name, reachable, detail)
+        name: _backend_health(runtime, active, name, reachable, detail)
         for name, (reachable, detail) in zip(names, results, strict=True)
     }
     ok = all(b["reachable"] and b["healthy"] for b in backends.values())
     body = {
         "status": "ok" if ok else "degraded",
-        "model": routes.config.model,
-        "config_version": routes.version,
+        "model": active.config.model,
+        "config_version": active.version,
         "backends": backends,
     }
     return _answer(request, body)
 
 
 def _backend_health(
-    runtime: Runtime, routes: Routes, name: str, reachable: bool, detail: str
+    runtime: Runtime, active: ActiveConfig, name: str, reachable: bool, detail: str
 ) -> dict[str, Any]:
     state = {
-        "url": routes.config.backends[name].url,
+        "url": active.config.backends[name].url,
         "reachable": reachable,
         "detail": detail,
         "in_flight": runtime.in_flight[name],
-        "split": routes.config.routing.split.get(name, 0.0),
-        **_routing_state(runtime, routes, name),
+        "split": active.config.routing.split.get(name, 0.0),
+        **_routing_state(runtime, active, name),
     }
     if runtime.supervisor is not None and name in runtime.supervisor.backends:
         state["process"] = runtime.supervisor.backends[name].status()
     return state
 
 
-def _routing_state(runtime: Runtime, routes: Routes, name: str) -> dict[str, Any]:
+def _routing_state(runtime: Runtime, active: ActiveConfig, name: str) -> dict[str, Any]:
     """What the proxy itself thinks of a backend: health, fallback, slots."""
     state = runtime.health.backends.get(name)  # absent only while a reload lands
     limiter = runtime.limiters.get(name)
@@ -279,7 +288,7 @@ def _routing_state(runtime: Runtime, routes: Routes, name: str) -> dict[str, Any
         "consecutive_failures": state.failures if state else 0,
         "last_error": state.last_error if state else None,
         "ejections": state.ejections if state else 0,
-        "fallback": routes.config.fallback_of(name),
+        "fallback": active.config.fallback_of(name),
         "max_in_flight": limiter.limit if limiter else None,
         "queued": limiter.queued if limiter else 0,
     }
@@ -296,15 +305,15 @@ async def metrics(request: Request) -> Response:
 async def admin_reload(request: Request) -> JSONResponse:
     """Re-read routes.yaml: 200 with the new version, or 400 and the old config kept."""
     runtime: Runtime = request.state.runtime
-    previous = runtime.routes.version
+    previous = runtime.active.version
     try:
-        routes = await runtime.reload("admin")
+        active = await runtime.reload("admin")
     except ConfigError as exc:
         body = openai_error(str(exc), "invalid_request_error", code="invalid_config")
         return _answer(request, body, 400)
     return _answer(
         request,
-        {"status": "reloaded", "config_version": routes.version, "previous": previous},
+        {"status": "reloaded", "config_version": active.version, "previous": previous},
     )
 
 
@@ -318,22 +327,23 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own 404/405 in the OpenAI error shape, and a log line for each."""
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    response = _answer(
-        request,
-        openai_error(message, "invalid_request_error", code=kind),
-        exc.status_code,
-        dict(exc.headers or {}),
-    )
+    body = openai_error(message, "invalid_request_error", code=kind)
+    return _refused(request, body, exc.status_code, kind, message, dict(exc.headers or {}))
+
+
+def _refused(
+    request: Request,
+    body: dict[str, Any],
+    status: int,
+    error: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """An error answer for a request the app refuses, with its `rejected` line."""
     runtime: Runtime = request.state.runtime
-    runtime.log.event(
-        "rejected",
-        request_id=response.headers["x-request-id"],
-        method=request.method,
-        path=request.url.path,
-        status=exc.status_code,
-        error=kind,
-    )
-    return response
+    request_id = refuse(runtime, request.scope, status, error, detail)
+    headers = {**(headers or {}), "x-request-id": request_id}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -2,12 +2,17 @@
 
 A raw ASGI app rather than a Starlette endpoint: it needs to watch for the client leaving
 while it waits on the backend, and to log after the last byte has been sent.
+
+What happens to a request is decided here, from its `RequestState` (see relay.py): whether
+an error can still be answered, whether a failed attempt may be retried, what counts for
+or against a backend's health. The log line is built once, at the end (`_record`), from
+that state, the clock and the routing decision; nothing reads it back.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.types import Scope
 
@@ -31,19 +36,19 @@ from proxy.payload import (
     upstream_headers,
 )
 from proxy.relay import (
-    Exchange,
+    Attempt,
     Receive,
+    RequestState,
     Send,
-    client_left,
     open_upstream,
     relay_json,
     relay_stream,
     send_error,
-    watch_disconnect,
+    watch_client,
 )
 from proxy.routing import Decision, choose
-from proxy.runtime import Routes, Runtime
-from proxy.server import ON_DISCONNECT
+from proxy.runtime import ActiveConfig, Runtime
+from proxy.server import RECEIVED_AT
 from proxy.shadow import Mirror, wants_shadow
 from proxy.timing import Clock
 from proxy.upstream import Transport, UpstreamRequest
@@ -56,6 +61,34 @@ class ClientGoneError(Exception):
     """The client disconnected before its request body arrived."""
 
 
+@dataclass(slots=True)
+class _Call:
+    """One client request, with what it needs on every attempt and what the log line says
+    of it beyond its state and clock."""
+
+    runtime: Runtime
+    active: ActiveConfig  # read once: a reload meanwhile does not change this request
+    scope: Scope
+    headers: dict[str, str]  # those the proxy reads (`read_headers`), names in lower case
+    request_id: str
+    request_id_replaced: bool  # the client sent one we would not use (limits)
+    clock: Clock
+    state: RequestState = field(default_factory=RequestState)
+    request: ChatRequest | None = None  # once the body is read and valid
+    decision: Decision | None = None  # the latest: where the request is (or was) going
+    collect: list[str] | None = None  # the generated text, when the request is shadowed
+    in_flight: int | None = None  # other requests on its backend when it was sent
+    behind_shadow: bool = False
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """x-request-id, and x-backend once routed: the backend the request went to last
+        (a 503 or 429 refusal before any attempt names it too, as the log line does)."""
+        headers = [(b"x-request-id", self.request_id.encode("latin-1"))]
+        if self.decision is not None:
+            headers.append((b"x-backend", self.decision.backend.encode()))
+        return headers
+
+
 class Completions:
     """`POST /v1/chat/completions` and friends. A class, so Starlette mounts it as ASGI."""
 
@@ -64,114 +97,123 @@ class Completions:
 
 
 async def completions(scope: Scope, receive: Receive, send: Send) -> None:
-    runtime: Runtime = scope["state"]["runtime"]
-    routes = runtime.routes  # read once: a reload meanwhile does not change this request
-    clock = Clock()
-    wanted = routes.read_headers  # names are lower-case bytes in ASGI
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in wanted}
-    given_id = headers.get("x-request-id")
-    record = RequestRecord(runtime.ids(given_id), routes.version)
-    record.request_id_replaced = bool(given_id) and record.request_id != given_id
-    response_headers = [(b"x-request-id", record.request_id.encode("latin-1"))]
-    call: _Call | None = None
-
+    call = _start(scope)
+    state = call.state
     try:
-        raw = await _read_body(receive, headers, routes.config.limits.max_body_bytes)
-        request = parse_body(raw, routes.config.model)
-        record.model, record.stream = request.model, request.stream
-        decision = choose(routes.router, headers, runtime.rng)
-        _note(record, decision)
-        decision = failover.steer(decision, runtime.health.healthy, routes.config.fallback_of)
-        _note(record, decision)  # again: it may have moved (a refusal now names the new one)
-        exchange = _exchange(routes, scope, request, decision.backend, record, clock)
-        exchange.response_headers = response_headers  # `_aim` adds x-backend to them
-        call = _Call(runtime, routes, scope, request, exchange)
-        if wants_shadow(routes.config.shadow, request, decision.backend, runtime.rng):
-            call.exchange.collect = []
-        await _dispatch(call, decision, receive, send)
+        await _handle(call, receive, send)
     except ProxyError as exc:
-        # The relay sets the status as it starts the answer: unset, nothing was sent yet.
-        answered = record.status is not None
-        record.status, record.error = exc.status, exc.kind
-        if not answered and not record.client_disconnected:
-            await _send_error(send, exc, record, response_headers)
+        await _fail(call, send, exc, exc.kind)
     except ClientGoneError:
-        record.client_disconnected, record.status = True, CLIENT_CLOSED
+        state.client_gone = True
     except asyncio.CancelledError:  # not the client leaving: the server's shutdown deadline
-        record.error = record.error or "cancelled"
-        if record.status is None and not record.client_disconnected:
-            # Answered here rather than left to the server, to carry x-request-id.
-            late = ShuttingDownError()
-            record.status = late.status
-            await _send_error(send, late, record, response_headers)
+        # Answered here rather than left to the server, to carry x-request-id.
+        await _fail(call, send, ShuttingDownError(), state.failure or "cancelled")
         raise
     except Exception:  # a bug: answered and logged here, its traceback by the server
-        answered = record.status is not None
-        record.status, record.error = 500, "internal_error"
-        if not answered and not record.client_disconnected:
-            await _send_error(send, InternalError(), record, response_headers)
+        await _fail(call, send, InternalError(), "internal_error")
         raise
     finally:
-        _finish(runtime, record, clock)
-        if call is not None and call.exchange.collect is not None:
-            _start_shadow(call)
+        record = _finish(call)
+        if call.collect is not None:
+            _start_shadow(call, record)
 
 
-async def _send_error(
-    send: Send, exc: ProxyError, record: RequestRecord, response_headers: list[tuple[bytes, bytes]]
-) -> None:
-    """Answer with `exc`: x-request-id, and x-backend once routed (a 503 or 429 refusal
-    before any attempt names the backend too, as its log line does)."""
-    if record.backend is not None:
-        _name_backend(response_headers, record.backend)
-    await send_error(send, exc, response_headers)
+def _start(scope: Scope) -> _Call:
+    runtime: Runtime = scope["state"]["runtime"]
+    received_at = scope.get("extensions", {}).get(RECEIVED_AT)  # our server's; else now
+    clock = Clock() if received_at is None else Clock(received_at)
+    active = runtime.active
+    wanted = active.read_headers  # names are lower-case bytes in ASGI
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in wanted}
+    given = headers.get("x-request-id")
+    request_id = runtime.ids(given)
+    replaced = bool(given) and request_id != given
+    return _Call(runtime, active, scope, headers, request_id, replaced, clock)
 
 
-@dataclass(slots=True)
-class _Call:
-    """One client request, with what it needs on every attempt."""
+async def _handle(call: _Call, receive: Receive, send: Send) -> None:
+    active, runtime, headers = call.active, call.runtime, call.headers
+    raw = await _read_body(receive, headers, active.config.limits.max_body_bytes)
+    request = call.request = parse_body(raw, active.config.model)
+    call.decision = choose(active.router, headers, runtime.rng)
+    # Steered off an unhealthy backend, or refused: then the log names the one chosen.
+    call.decision = failover.steer(call.decision, runtime.health.healthy, active.config.fallback_of)
+    if wants_shadow(active.config.shadow, request, call.decision.backend, runtime.rng):
+        call.collect = []
+    await _dispatch(call, call.decision, receive, send)
 
-    runtime: Runtime
-    routes: Routes
-    scope: Scope
-    request: ChatRequest
-    exchange: Exchange
+
+async def _fail(call: _Call, send: Send, exc: ProxyError, failure: str) -> None:
+    """The request failed with `exc`: logged as `failure`, and answered with `exc` unless
+    its answer has started (the status sent stands) or its client has gone."""
+    state = call.state
+    state.failure = failure
+    if state.answered:
+        return
+    state.status = exc.status
+    if not state.client_gone:
+        state.start(exc.status)
+        await send_error(send, exc, call.response_headers())
 
 
-def _finish(runtime: Runtime, record: RequestRecord, clock: Clock) -> None:
-    """The figures of a request that is over, to the log, the live stats and the metrics."""
-    clock.finish()
-    record.ttft_ms = clock.ttft_ms()
-    record.latency_ms = clock.latency_ms()
-    if record.stream:
-        record.decode_tps = clock.decode_tps(record.completion_tokens)
+def _finish(call: _Call) -> RequestRecord:
+    """The request is over: its line to the log, the live stats and the metrics."""
+    call.clock.finish()
+    record = _record(call)
+    runtime = call.runtime
     runtime.log.request(record)
     runtime.stats.observe(record)
     runtime.metrics.observe(record)
+    return record
+
+
+def _record(call: _Call) -> RequestRecord:
+    """The request's log line: built once, from its state, clock and routing decision."""
+    state, clock, request, decision = call.state, call.clock, call.request, call.decision
+    stream = request is not None and request.stream
+    status = state.status
+    if status is None and state.client_gone:
+        status = CLIENT_CLOSED
+    # By position, in the record's order: keywords cost twice as much (half a microsecond,
+    # every request), and mypy checks each type.
+    return RequestRecord(
+        call.request_id,
+        call.active.version,  # config_version
+        request.model if request is not None else None,
+        stream,
+        decision.backend if decision is not None else None,
+        decision.reason if decision is not None else None,
+        decision.fallback_from if decision is not None else None,
+        decision.fallback_cause if decision is not None else None,
+        clock.queue_ms(),
+        status,
+        clock.ttft_ms(),
+        clock.latency_ms(),
+        state.prompt_tokens,
+        state.completion_tokens,
+        clock.decode_tps(state.completion_tokens) if stream else None,
+        call.in_flight,
+        state.failure,  # error
+        state.client_gone,  # client_disconnected
+        call.behind_shadow,
+        call.request_id_replaced,
+    )
 
 
 async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Send) -> None:
     """Serve the request, closing the upstream early if the client leaves."""
-    record = call.exchange.record
+    state = call.state
     task = asyncio.current_task(call.runtime.loop)
     assert task is not None
-    watcher = None
-    on_disconnect = call.scope.get("extensions", {}).get(ON_DISCONNECT)
-    if on_disconnect is not None:  # our server calls back: no task needed
-        on_disconnect(lambda: client_left(call.exchange, task))
-    else:  # other servers: a plain task rather than an anyio task group, which was a
-        # measurable share of the proxy's CPU
-        watcher = asyncio.ensure_future(watch_disconnect(receive, call.exchange, task))
+    watcher = watch_client(call.scope, receive, state, task)
     writes = call.runtime.writes
-    writes.watch(task, call.exchange, call.routes.config.limits.write_timeout)
+    writes.watch(task, state, call.active.config.limits.write_timeout)
     try:
         await _serve(call, decision, send)
     except asyncio.CancelledError:
-        # Cancelled by the watcher because the client left: that ends the request normally.
-        if not record.client_disconnected or task.uncancel() > 0:
+        # Cancelled because the client left: that ends the request normally.
+        if not state.client_gone or task.uncancel() > 0:
             raise
-        if record.status is None:
-            record.status = CLIENT_CLOSED
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -180,14 +222,14 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
 
 async def _serve(call: _Call, decision: Decision, send: Send) -> None:
     """One attempt, and one retry on the fallback if the backend failed before answering."""
-    routes, health = call.routes, call.runtime.health
+    active, health = call.active, call.runtime.health
     decision, limiter = await _admit(call, decision)
     try:
         await _attempt(call, decision, limiter, send)
         return
     except ProxyError as error:
-        again = failover.retry(decision, error, health.healthy, routes.config.fallback_of)
-        if again is None or call.exchange.record.status is not None:
+        again = failover.retry(decision, error, health.healthy, active.config.fallback_of)
+        if again is None or call.state.answered:
             raise
     await _attempt(call, *await _admit(call, again), send)
 
@@ -196,48 +238,45 @@ async def _admit(call: _Call, decision: Decision) -> tuple[Decision, Limiter]:
     """Take a concurrency slot on the decision's backend, or on its fallback when it is full
     (then the returned decision says so). The caller's `_attempt` gives the slot back to
     the limiter returned. Every wait counts in `queue_ms`, one that timed out too."""
-    record, limiters = call.exchange.record, call.runtime.limiters
+    clock, limiters = call.clock, call.runtime.limiters
     limiter = limiters[decision.backend]
     try:
         waited = await limiter.acquire()
     except Full as full:
-        _queued(record, full.waited)
-        moved = failover.overflow(decision, call.routes.config.fallback_of)
+        clock.queued(full.waited)
+        moved = failover.overflow(decision, call.active.config.fallback_of)
         if moved is None:
             raise TooBusyError(
                 f"backend {decision.backend!r} is busy: {full}", full.retry_after
             ) from None
-        _note(record, moved)
+        call.decision = moved
         limiter = limiters[moved.backend]
         try:
             waited = await limiter.acquire()
         except Full as also:
-            _queued(record, also.waited)
+            clock.queued(also.waited)
             raise TooBusyError(
                 f"backends {decision.backend!r} and {moved.backend!r} are busy: {also}",
                 also.retry_after,
             ) from None
         decision = moved
-    _queued(record, waited)
+    clock.queued(waited)
     return decision, limiter
-
-
-def _queued(record: RequestRecord, seconds: float) -> None:
-    record.queue_ms = round((record.queue_ms or 0.0) + seconds * 1000.0, 3)
 
 
 async def _attempt(call: _Call, decision: Decision, limiter: Limiter, send: Send) -> None:
     """Send the request to the decision's backend (whose slot in `limiter` is taken) and
     relay the answer; what happened counts for or against the backend's health."""
-    runtime, exchange = call.runtime, call.exchange
+    runtime = call.runtime
     backend = decision.backend
-    url = call.routes.config.backends[backend].url  # health is kept per URL: see health.py
+    url = call.active.config.backends[backend].url  # health is kept per URL: see health.py
+    call.decision = decision
     runtime.in_flight[backend] += 1
     try:
-        _aim(call, decision)
-        exchange.record.in_flight = runtime.in_flight[backend] - 1
-        exchange.record.behind_shadow = runtime.shadower.running[backend] > 0
-        await _relay(runtime.transport, exchange, send)
+        attempt = _aim(call, backend)
+        call.in_flight = runtime.in_flight[backend] - 1
+        call.behind_shadow = runtime.shadower.running[backend] > 0
+        broken = await _relay(runtime.transport, attempt, send)
     except ProxyError as error:
         if failover.backend_failed(error):
             runtime.health.failure(backend, url, failure_kind(error))
@@ -247,99 +286,77 @@ async def _attempt(call: _Call, decision: Decision, limiter: Limiter, send: Send
     finally:
         runtime.in_flight[backend] -= 1
         limiter.release()
-    if exchange.record.error is not None:  # a stream that broke after it started
-        runtime.health.failure(backend, url, exchange.record.error)
-    elif not exchange.record.client_disconnected:
+    if broken is not None:  # a stream that broke after it started
+        call.state.failure = broken
+        runtime.health.failure(backend, url, broken)
+    elif not call.state.client_gone:
         runtime.health.success(backend, url)
 
 
-def _aim(call: _Call, decision: Decision) -> None:
-    """Point the exchange (and the log line, and x-backend) at the decision's backend."""
-    exchange, backend = call.exchange, decision.backend
-    _note(exchange.record, decision)
-    if exchange.backend != backend:  # moved: a new request, for the backend's model name
-        routes, request = call.routes, call.request
-        exchange.backend = backend
-        exchange.request = _upstream_request(
-            routes, call.scope, request, backend, exchange.record.request_id
-        )
-        exchange.rewrites = model_rewriter(routes.config.backends[backend].model, request.model)
-    _name_backend(exchange.response_headers, backend)
+def _aim(call: _Call, backend: str) -> Attempt:
+    """The attempt on `backend`: the request as that backend takes it (its model name)."""
+    active, request = call.active, call.request
+    assert request is not None
+    config = active.config.backends[backend]
+    return Attempt(  # by position, as the record is (see `_record`)
+        backend,
+        _upstream_request(active, call.scope, request, backend, call.request_id),
+        call.state,
+        call.clock,
+        config.timeouts,
+        call.response_headers(),
+        request.stream,
+        request.wants_usage,
+        model_rewriter(config.model, request.model),  # rewrites
+        call.collect,
+    )
 
 
-def _name_backend(response_headers: list[tuple[bytes, bytes]], backend: str) -> None:
-    """x-backend, after x-request-id (the first): the backend the request went to last."""
-    response_headers[1:] = [(b"x-backend", backend.encode())]
-
-
-def _note(record: RequestRecord, decision: Decision) -> None:
-    record.backend, record.reason = decision.backend, decision.reason
-    record.fallback_from, record.fallback_cause = decision.fallback_from, decision.fallback_cause
-
-
-async def _relay(transport: Transport, exchange: Exchange, send: Send) -> None:
-    response = await open_upstream(transport, exchange)
+async def _relay(transport: Transport, attempt: Attempt, send: Send) -> str | None:
+    """Relay the backend's answer; what broke it once started, if anything."""
+    response = await open_upstream(transport, attempt)
     try:
-        if exchange.record.stream:
-            await relay_stream(response, exchange, send)
-        else:
-            await relay_json(response, exchange, send)
+        if attempt.stream:
+            return await relay_stream(response, attempt, send)
+        return await relay_json(response, attempt, send)
     except OSError:  # servers on ASGI spec 2.4 raise it when the client is gone (ours: 2.3)
-        exchange.record.client_disconnected = True
+        attempt.state.client_gone = True
+        return None
     finally:
         await response.aclose()
 
 
-def _start_shadow(call: _Call) -> None:
+def _start_shadow(call: _Call, record: RequestRecord) -> None:
     """The same request to the shadow target, now that the client has its whole answer."""
-    record, shadow = call.exchange.record, call.routes.config.shadow
+    shadow = call.active.config.shadow
     complete = record.status == 200 and record.error is None and not record.client_disconnected
     if shadow is None or not complete or record.backend != shadow.source:
         return
     # Moved on the way (a fallback), or the target is down: nothing worth comparing.
     if record.fallback_from is not None or not call.runtime.health.healthy(shadow.target):
         return
-    assert call.exchange.collect is not None
+    assert call.collect is not None and call.request is not None
     upstream = _upstream_request(
-        call.routes, call.scope, call.request, shadow.target, record.request_id
+        call.active, call.scope, call.request, shadow.target, record.request_id
     )
-    text = "".join(call.exchange.collect)
+    text = "".join(call.collect)
     call.runtime.shadower.submit(
         shadow, Mirror(upstream, call.request.stream, record.request_id, text, record.latency_ms)
     )
 
 
-def _exchange(
-    routes: Routes,
-    scope: Scope,
-    request: ChatRequest,
-    backend: str,
-    record: RequestRecord,
-    clock: Clock,
-) -> Exchange:
-    return Exchange(
-        backend=backend,
-        request=_upstream_request(routes, scope, request, backend, record.request_id),
-        record=record,
-        clock=clock,
-        response_headers=[],
-        wants_usage=request.wants_usage,
-        rewrites=model_rewriter(routes.config.backends[backend].model, request.model),
-    )
-
-
 def _upstream_request(
-    routes: Routes, scope: Scope, request: ChatRequest, backend: str, request_id: str
+    active: ActiveConfig, scope: Scope, request: ChatRequest, backend: str, request_id: str
 ) -> UpstreamRequest:
-    endpoint = routes.endpoint(backend, scope["path"])
-    body = upstream_body(request, routes.config.backends[backend].model)
-    headers = upstream_headers(scope["headers"], routes.not_forwarded)
+    endpoint = active.endpoint(backend, scope["path"])
+    body = upstream_body(request, active.config.backends[backend].model)
+    headers = upstream_headers(scope["headers"], active.not_forwarded)
     headers += [
         (b"host", endpoint.netloc),
         (b"content-length", str(len(body)).encode()),  # mlx_lm.server answers 411 without
         (b"x-request-id", request_id.encode("latin-1")),
     ]
-    return UpstreamRequest(b"POST", endpoint, headers, body, routes.timeouts[backend])
+    return UpstreamRequest(b"POST", endpoint, headers, body, active.upstream_timeouts[backend])
 
 
 async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:

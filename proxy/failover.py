@@ -23,7 +23,7 @@ from proxy.errors import (
     BackendUnreachableError,
     ProxyError,
 )
-from proxy.routing import Decision
+from proxy.routing import Decision, FallbackCause, Reason
 
 Healthy = Callable[[str], bool]
 FallbackOf = Callable[[str], str | None]
@@ -34,7 +34,7 @@ def steer(decision: Decision, healthy: Healthy, fallback_of: FallbackOf) -> Deci
     request stays: the health table may be stale, and an answer is still possible."""
     if healthy(decision.backend):
         return decision
-    if decision.reason == "header":
+    if decision.reason == Reason.HEADER:
         raise BackendUnavailableError(
             f"backend {decision.backend!r} is unhealthy (ejected after repeated failures);"
             " retry later or send the request without the routing header"
@@ -42,29 +42,29 @@ def steer(decision: Decision, healthy: Healthy, fallback_of: FallbackOf) -> Deci
     other = fallback_of(decision.backend)
     if other is None or not healthy(other):
         return decision
-    return decision.moved_to(other, "unhealthy")
+    return decision.moved_to(other, FallbackCause.UNHEALTHY)
 
 
 def overflow(decision: Decision, fallback_of: FallbackOf) -> Decision | None:
     """Where a request goes when its backend is full, or None (then: 429)."""
-    if decision.reason == "header" or decision.fallback_from is not None:
+    if decision.reason == Reason.HEADER or decision.fallback_from is not None:
         return None  # forced, or already moved once
     other = fallback_of(decision.backend)
-    return None if other is None else decision.moved_to(other, "full")
+    return None if other is None else decision.moved_to(other, FallbackCause.FULL)
 
 
 def retry(
     decision: Decision, error: ProxyError, healthy: Healthy, fallback_of: FallbackOf
 ) -> Decision | None:
     """Where to retry a request whose backend failed before answering, or None."""
-    if decision.reason == "header" or decision.fallback_from is not None:
+    if decision.reason == Reason.HEADER or decision.fallback_from is not None:
         return None  # forced, or already moved once (for any cause): one hop at most
     if not backend_failed(error):
         return None
     other = fallback_of(decision.backend)
     if other is None or not healthy(other):
         return None
-    return decision.moved_to(other, "failed")
+    return decision.moved_to(other, FallbackCause.FAILED)
 
 
 def backend_failed(error: ProxyError) -> bool:

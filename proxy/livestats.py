@@ -44,6 +44,7 @@ class Reservoir:
 @dataclass
 class BackendStats:
     requests: int = 0
+    experiment: int = 0  # routed at random and served there: A/B data (`Reason.is_experiment`)
     errors: int = 0
     client_disconnects: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -68,6 +69,7 @@ class LiveStats:
         stats.client_disconnects += record.client_disconnected
         if record.reason is not None:
             stats.by_reason[record.reason] = stats.by_reason.get(record.reason, 0) + 1
+            stats.experiment += record.reason.is_experiment
         if record.error is None and record.status == 200:
             for metric in METRICS:
                 value = getattr(record, metric)
@@ -92,6 +94,7 @@ class LiveStats:
 def _summary(stats: BackendStats) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "requests": stats.requests,
+        "experiment_requests": stats.experiment,
         "errors": stats.errors,
         "error_rate": round(stats.errors / stats.requests, 4) if stats.requests else None,
         "client_disconnects": stats.client_disconnects,

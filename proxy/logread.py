@@ -1,7 +1,9 @@
 """Reading the request logs: files, globs or stdin -> counts and plain arrays, one per field.
 
 LOG is a file or a glob (several proxy processes may each write one); `-` or no LOG reads
-stdin. DuckDB's JSON reader parses each line once: `event == "request"` lines are requests,
+stdin. The request line's fields and their types are `RequestRecord`'s (accesslog.py), and
+which lines are A/B data is `Reason.is_experiment`'s to say (routing.py): neither is
+restated here. DuckDB's JSON reader parses each line once: `event == "request"` lines are requests,
 `shadow` and `shadow_dropped` lines the shadow check, other events are counted and ignored;
 a line that is not JSON, or JSON without an `event`, is counted as `skipped`, never fatal.
 A field of the wrong type reads as missing (so does a timestamp outside years 1-9999);
@@ -19,6 +21,7 @@ import glob
 import shutil
 import sys
 import tempfile
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +30,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from proxy.accesslog import RequestRecord
+from proxy.routing import Reason
 
 Floats = npt.NDArray[np.float64]
 Bools = npt.NDArray[np.bool_]
@@ -56,6 +62,7 @@ class Requests:
     sticky: Bools
     header: Bools
     moved: Bools  # reason == "fallback" (or a fallback_from given): not where it was routed
+    experiment: Bools  # a reason that makes A/B data (`Reason.is_experiment`), not moved
     fallback_from: Ints
     fallback_cause: Ints
     config_version: Ints
@@ -107,7 +114,8 @@ class Requests:
     def comparable(self) -> Bools:
         """Randomly routed, served where routed (not moved by failover), successful, and not
         queued behind a shadow check: the only fair A/B sample."""
-        return (self.split | self.sticky) & ~self.moved & self.ok & ~self.behind_shadow
+        mask: Bools = self.experiment & self.ok & ~self.behind_shadow
+        return mask
 
 
 @dataclass(frozen=True)
@@ -175,25 +183,26 @@ def stdin_as_file(files: list[str]) -> Iterator[list[str]]:
         yield [tmp.name if f == "-" else f for f in files]
 
 
-_FIELDS = {
-    "event": "VARCHAR",
-    "timestamp": "VARCHAR",
-    "backend": "VARCHAR",
-    "reason": "VARCHAR",
-    "status": "DOUBLE",
-    "ttft_ms": "DOUBLE",
-    "latency_ms": "DOUBLE",
-    "completion_tokens": "DOUBLE",
-    "decode_tps": "DOUBLE",
-    "in_flight": "DOUBLE",
-    "queue_ms": "DOUBLE",
-    "config_version": "VARCHAR",
-    "fallback_from": "VARCHAR",
-    "fallback_cause": "VARCHAR",
-    "error": "JSON",
-    "client_disconnected": "BOOLEAN",
-    "stream": "BOOLEAN",
-    "behind_shadow": "BOOLEAN",
+def _column_type(annotation: Any) -> str:
+    """The DuckDB type a field of the request line is read as: numbers as DOUBLE (a field
+    of the wrong type then reads as missing, whatever its kind), enums as their text."""
+    [kind] = [k for k in typing.get_args(annotation) or (annotation,) if k is not type(None)]
+    if issubclass(kind, bool):
+        return "BOOLEAN"
+    if issubclass(kind, int | float):
+        return "DOUBLE"
+    if issubclass(kind, str):
+        return "VARCHAR"
+    raise TypeError(f"RequestRecord: no column type for {annotation!r}")
+
+
+# The request line's fields and their types, from its one definition (`RequestRecord`).
+REQUEST_FIELDS: dict[str, str] = {
+    name: _column_type(annotation)
+    for name, annotation in typing.get_type_hints(RequestRecord).items()
+}
+# The shadow lines' own fields (their schema is `proxy.shadow`'s).
+_SHADOW_FIELDS = {
     "from": "VARCHAR",
     "to": "VARCHAR",
     "match": "BOOLEAN",
@@ -201,6 +210,14 @@ _FIELDS = {
     "common_prefix_chars": "DOUBLE",
     "from_latency_ms": "DOUBLE",
     "to_latency_ms": "DOUBLE",
+}
+_FIELDS = {
+    "event": "VARCHAR",
+    "timestamp": "VARCHAR",
+    **REQUEST_FIELDS,
+    **_SHADOW_FIELDS,
+    # Shadow lines' `error` is not always text: read as JSON, both kinds of line.
+    "error": "JSON",
 }
 
 # DuckDB's own newline-delimited JSON reader, parallel and about 7x faster than parsing
@@ -216,10 +233,9 @@ SELECT * FROM read_ndjson(?, columns = {columns}, ignore_errors = true)
 # to it): those read as missing rather than crash the report's time span.
 _REQUESTS = """
 SELECT coalesce(list_position($names, backend), 0)::INT - 1 AS backend,
-       coalesce(reason = 'split' AND fallback_from IS NULL, false) AS split,
-       coalesce(reason = 'sticky' AND fallback_from IS NULL, false) AS sticky,
-       coalesce(reason = 'header' AND fallback_from IS NULL, false) AS header,
-       coalesce(reason = 'fallback' OR fallback_from IS NOT NULL, false) AS moved,
+       {by_reason},
+       coalesce(reason = '{fallback}' OR fallback_from IS NOT NULL, false) AS moved,
+       coalesce(reason IN ({experiment}) AND fallback_from IS NULL, false) AS experiment,
        coalesce(list_position($names, fallback_from), 0)::INT - 1 AS fallback_from,
        coalesce(list_position($causes, fallback_cause), 0)::INT - 1 AS fallback_cause,
        list_position($versions, {version})::INT - 1 AS config_version,
@@ -232,9 +248,20 @@ SELECT coalesce(list_position($names, backend), 0)::INT - 1 AS backend,
                       THEN ts END), 'nan') AS timestamp
 FROM (SELECT *, try_cast(timestamp AS TIMESTAMPTZ) AS ts FROM log WHERE event = 'request')
 """
-_REQUEST_NUMBERS = (
-    "status", "ttft_ms", "latency_ms", "decode_tps", "completion_tokens", "in_flight", "queue_ms"
-)  # fmt: skip
+# The numbers of the request line that the report reads (all of them but prompt_tokens).
+_REQUEST_NUMBERS = tuple(
+    name
+    for name, kind in REQUEST_FIELDS.items()
+    if kind == "DOUBLE" and name in {field.name for field in dataclasses.fields(Requests)}
+)
+# The reasons are the enum's (a column each, but for the fallback, which is `moved`), and
+# which of them make A/B data is too (`Reason.is_experiment`), never the SQL's.
+_BY_REASON = ",\n       ".join(
+    f"coalesce(reason = '{reason}' AND fallback_from IS NULL, false) AS {reason}"
+    for reason in Reason
+    if reason is not Reason.FALLBACK
+)
+
 _VERSION = f"coalesce(config_version, '{UNKNOWN_VERSION}')"
 _DISTINCT = "SELECT DISTINCT {column} FROM log WHERE event = 'request' AND {column} IS NOT NULL"
 
@@ -278,7 +305,13 @@ def _requests(con: Any) -> Requests:
     names = _distinct(con, "backend", "fallback_from")
     causes = _distinct(con, "fallback_cause")
     versions = _distinct(con, _VERSION)
-    sql = _REQUESTS.format(numbers=_numbers(_REQUEST_NUMBERS), version=_VERSION)
+    sql = _REQUESTS.format(
+        numbers=_numbers(_REQUEST_NUMBERS),
+        version=_VERSION,
+        by_reason=_BY_REASON,
+        fallback=Reason.FALLBACK,
+        experiment=", ".join(f"'{reason}'" for reason in Reason if reason.is_experiment),
+    )
     params = {"names": list(names), "causes": list(causes), "versions": list(versions)}
     arrays: dict[str, Any] = {
         k: np.asarray(v) for k, v in con.execute(sql, params).fetchnumpy().items()

@@ -15,6 +15,7 @@ from html import escape
 from typing import Any
 
 from proxy.logread import Requests
+from proxy.report_routing import CAUSES
 
 # The schema's metrics (in the report's order) and how a table labels them.
 _UNITS = {"decode_tps": "decode tokens/s", "ttft_ms": "TTFT ms", "latency_ms": "latency ms"}
@@ -30,7 +31,6 @@ MIXED_VERSIONS = (
     " proxies with different files), so the comparison pools what may be different splits;"
     " --config-version V keeps one"
 )
-_CAUSES = ("unhealthy", "failed", "full")  # the schema's fallback causes, always present
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def _failover_section(failover: dict[str, Any], baseline: str) -> Section | None
     if not failover["moved"]:
         return None
     backends = failover["backends"]
-    causes = list(_CAUSES)
+    causes = list(CAUSES)  # the schema's fallback causes, always present
     for b in backends.values():
         causes += [c for c in b["moved_away_by_cause"] if c not in causes]
     rows = [

@@ -20,8 +20,9 @@ import numpy as np
 from proxy import stats
 from proxy.logread import Bools, Requests, UsageError
 from proxy.report_values import finite, number, quantile, time_span
+from proxy.routing import FallbackCause
 
-CAUSES = ("unhealthy", "failed", "full")  # why a request was moved, always listed
+CAUSES = tuple(cause.value for cause in FallbackCause)  # why a request was moved, always listed
 UNKNOWN_CAUSE = "unknown"  # a moved line that gives no cause
 QUEUE_PERCENTILES = (50, 95)
 

@@ -19,21 +19,51 @@ import itertools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from proxy.errors import UnknownBackendError
+
+
+class Reason(StrEnum):
+    """Why a request went to its backend: the log's `reason`."""
+
+    HEADER = "header"  # the client named the backend
+    STICKY = "sticky"  # the hash of its session id
+    SPLIT = "split"  # the weighted random draw
+    FALLBACK = "fallback"  # moved off the backend first chosen: see failover.py
+
+    @property
+    def is_experiment(self) -> bool:
+        """Whether the backend was drawn at random, so the request is A/B data: chosen by
+        the client or moved by a failure, it says nothing fair about the backend. The live
+        stats and the report's selection both ask this, so a new reason is decided here."""
+        return self in _EXPERIMENT
+
+
+_EXPERIMENT = frozenset({Reason.SPLIT, Reason.STICKY})
+# For `choose`: on Python 3.11 each `Reason.X` is a descriptor call (50 ns), per request.
+_HEADER, _STICKY, _SPLIT = Reason.HEADER, Reason.STICKY, Reason.SPLIT
+
+
+class FallbackCause(StrEnum):
+    """Why a request was moved to the fallback: the log's `fallback_cause`."""
+
+    UNHEALTHY = "unhealthy"  # its backend is ejected
+    FAILED = "failed"  # its backend failed before any byte reached the client
+    FULL = "full"  # its backend's concurrency limit and wait queue are full
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     backend: str
-    reason: str  # "header" | "sticky" | "split" | "fallback"
+    reason: Reason
     # Set when the request was moved off the backend first chosen (see health and limits).
     fallback_from: str | None = None
-    fallback_cause: str | None = None  # "unhealthy" | "failed" | "full"
+    fallback_cause: FallbackCause | None = None
 
-    def moved_to(self, backend: str, cause: str) -> Decision:
+    def moved_to(self, backend: str, cause: FallbackCause) -> Decision:
         """This request sent to `backend` instead, logged as a fallback."""
-        return Decision(backend, "fallback", self.fallback_from or self.backend, cause)
+        return Decision(backend, Reason.FALLBACK, self.fallback_from or self.backend, cause)
 
 
 @dataclass(frozen=True)
@@ -77,12 +107,12 @@ def choose(router: Router, headers: Mapping[str, str], rng: random.Random) -> De
                 f"unknown backend {forced!r} in header {router.header}; valid backends: {valid}",
                 param=router.header,
             )
-        return Decision(forced, "header")
+        return Decision(forced, _HEADER)
     if router.sticky_header is not None:
         key = headers.get(router.sticky_header)
         if key:
-            return Decision(router.pick(sticky_point(key)), "sticky")
-    return Decision(router.pick(rng.random() * 100.0), "split")
+            return Decision(router.pick(sticky_point(key)), _STICKY)
+    return Decision(router.pick(rng.random() * 100.0), _SPLIT)
 
 
 def sticky_point(key: str) -> float:

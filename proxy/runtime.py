@@ -1,7 +1,7 @@
 """What a running proxy shares between requests.
 
-`Routes` is everything derived from one config. A reload builds a new one and swaps it in
-whole: each request reads `runtime.routes` once, so it is routed, limited and logged under
+`ActiveConfig` is everything derived from one config. A reload builds a new one and swaps
+it in whole: each request reads `runtime.active` once, so it is routed, limited and logged under
 one consistent config version from start to end, while in-flight requests finish under
 the one they started with. `Runtime` holds what outlives a config: the connection pool,
 the log, live counters, each backend's health and concurrency slots.
@@ -23,6 +23,7 @@ from pathlib import Path
 from proxy.accesslog import AccessLog, RequestIds
 from proxy.auth import Keys, resolve_keys
 from proxy.config import Config, load_config
+from proxy.config import Timeouts as BackendTimeouts
 from proxy.errors import ConfigError
 from proxy.health import BackendHealth, HealthBoard
 from proxy.launch import Supervisor
@@ -37,14 +38,15 @@ from proxy.upstream import Endpoint, Timeouts, Transport
 
 
 @dataclass(frozen=True)
-class Routes:
+class ActiveConfig:
+    """One config, with what the per-request path derives from it, built once."""
+
     config: Config
     version: str
     router: Router
     keys: Keys
-    # Per backend, the upstream requests' timeouts: connect, read (the head, which is the
-    # whole answer of a non-stream request, so `first_token`), idle (later reads).
-    timeouts: dict[str, Timeouts]
+    # Per backend, its timeouts as the upstream requests carry them: see `_upstream_timeouts`.
+    upstream_timeouts: dict[str, Timeouts]
     # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.
     not_forwarded: frozenset[bytes]
     # The headers the proxy itself reads (routing, request id, body size): only these are
@@ -53,7 +55,7 @@ class Routes:
     _endpoints: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, config: Config, environ: Mapping[str, str] = os.environ) -> Routes:
+    def build(cls, config: Config, environ: Mapping[str, str] = os.environ) -> ActiveConfig:
         routing = config.routing
         keys = resolve_keys(config.auth, environ)
         private = {routing.header.lower().encode(), b"x-request-id"}
@@ -64,13 +66,8 @@ class Routes:
             version=config.version(),
             router=Router.build(config.weights(), routing.header, routing.sticky_header),
             keys=keys,
-            timeouts={
-                name: {
-                    "connect": b.timeouts.connect,
-                    "read": b.timeouts.first_token,
-                    "idle": b.timeouts.idle,
-                }
-                for name, b in config.backends.items()
+            upstream_timeouts={
+                name: _upstream_timeouts(b.timeouts) for name, b in config.backends.items()
             },
             not_forwarded=NOT_FORWARDED | private,
             read_headers=frozenset(
@@ -90,9 +87,16 @@ class Routes:
         return endpoint
 
 
+def _upstream_timeouts(timeouts: BackendTimeouts) -> Timeouts:
+    """A backend's configured timeouts as the upstream pool takes them: its `read`, to the
+    answer's head, is `first_token` (the head of a non-stream answer comes with the whole
+    of it); `idle` bounds each later read."""
+    return {"connect": timeouts.connect, "read": timeouts.first_token, "idle": timeouts.idle}
+
+
 @dataclass
 class Runtime:
-    routes: Routes
+    active: ActiveConfig  # the config in effect: read it once per request
     transport: Transport
     log: AccessLog
     rng: random.Random
@@ -112,8 +116,8 @@ class Runtime:
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
-        config = self.routes.config
-        self.log.bind(config_version=self.routes.version)
+        config = self.active.config
+        self.log.bind(config_version=self.active.version)
         self.ids.max_length = config.limits.max_request_id_length
         self.health = HealthBoard(config, self._health_changed)
         self.limiters = {name: Limiter(b) for name, b in config.backends.items()}
@@ -122,9 +126,9 @@ class Runtime:
 
     @property
     def config(self) -> Config:
-        return self.routes.config
+        return self.active.config
 
-    async def reload(self, source: str) -> Routes:
+    async def reload(self, source: str) -> ActiveConfig:
         """Re-read the config file and apply it to new requests; raise `ConfigError` (the
         old config stays) when it is invalid or changes what only a restart can change."""
         async with self._reloading:
@@ -138,22 +142,22 @@ class Runtime:
                         f"{self.config_path}: {', '.join(fixed)}: changes need a restart;"
                         " nothing was applied"
                     )
-                routes = Routes.build(config)
+                active = ActiveConfig.build(config)
             except ConfigError as exc:
                 self.metrics.reload("rejected")
                 self.log.event("config_rejected", source=source, error=str(exc))
                 raise
-            previous, self.routes = self.routes, routes
+            previous, self.active = self.active, active
             self._apply(config)
             self.metrics.reload("applied")
-            self.log.bind(config_version=routes.version)
+            self.log.bind(config_version=active.version)
             self.log.event(
                 "config_reloaded",
                 source=source,
                 previous=previous.version,
-                changed=previous.version != routes.version,
+                changed=previous.version != active.version,
             )
-            return routes
+            return active
 
     def _apply(self, config: Config) -> None:
         """Carry health and slots over to the new config, by backend name. Limiters are
@@ -180,7 +184,7 @@ class Runtime:
                     state.ejections,
                 )
 
-        return self.routes.version, each()
+        return self.active.version, each()
 
     def _health_changed(self, name: str, state: BackendHealth) -> None:
         self.log.event(

@@ -25,6 +25,10 @@ from proxy.app import ProxyApp, create_app, create_server
 from proxy.config import Config, parse_config
 from tests.fakebackend import FakeBackend
 
+# The one shape of a `rejected` line, whoever refused the request (see AccessLog.rejected).
+REJECTED = {"event", "timestamp", "config_version", "request_id", "method", "path", "status"}
+REJECTED |= {"error", "client", "detail"}
+
 
 def make_config(tmp_path: Path, urls: dict[str, str], **overrides: Any) -> Config:
     """A valid config over backends `urls` (name -> url), split evenly unless overridden;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import Config
-from tests.conftest import make_config, read_log
+from proxy.server import RECEIVED_AT
+from tests.conftest import REJECTED, make_config, read_log
 
 pytestmark = pytest.mark.anyio
 
@@ -96,14 +98,21 @@ def sse(body: dict[str, Any], pieces: list[str]) -> bytes:
 
 @asynccontextmanager
 async def proxy_client(
-    config: Config, backends: Handler, seed: int = 0, raise_app_exceptions: bool = True
+    config: Config,
+    backends: Handler,
+    seed: int = 0,
+    raise_app_exceptions: bool = True,
+    extensions: dict[str, Any] | None = None,
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan running, behind httpx's in-process transport."""
+    """The app with its lifespan running, behind httpx's in-process transport; each
+    request's scope carries `extensions`, as a server's would."""
     app = create_app(config, transport=httpx.MockTransport(backends), rng=random.Random(seed))
     async with app.router.lifespan_context(app) as state:
 
         async def with_state(scope: Any, receive: Any, send: Any) -> None:
             scope["state"] = dict(state)
+            if extensions is not None:
+                scope["extensions"] = {**scope.get("extensions", {}), **extensions}
             await app(scope, receive, send)
 
         transport = httpx.ASGITransport(app=with_state, raise_app_exceptions=raise_app_exceptions)
@@ -466,6 +475,51 @@ async def test_unknown_path_and_wrong_method_are_openai_errors(config: Config) -
         ("rejected", 404, "/v1/nothing"),
         ("rejected", 405, CHAT),
     ]
+    assert [line["request_id"] for line in lines] == [
+        missing.headers["x-request-id"],
+        wrong.headers["x-request-id"],
+    ]
+
+
+async def test_every_refusal_is_a_rejected_line_of_one_shape(tmp_path: Path) -> None:
+    """An unknown model's 404 is logged like every other 404, and a missing key, an
+    unknown path and a wrong method give lines with the same fields."""
+    config = make_config(tmp_path, {"baseline": "http://b:1"}, auth={"api_keys": ["k"]})
+    key = {"Authorization": "Bearer k"}
+    async with proxy_client(config, Backends()) as client:
+        model = await client.get("/v1/models/gpt-4", headers={**key, "X-Request-Id": "m1"})
+        await client.post(CHAT, json={"messages": []})
+        await client.get("/v1/nothing", headers=key)
+        await client.get(CHAT, headers=key)
+    assert_openai_error(model, 404, "model_not_found")
+    lines = read_log(config.logging.path)  # type: ignore[arg-type]
+    assert [(line["status"], line["error"]) for line in lines] == [
+        (404, "model_not_found"),
+        (401, "invalid_api_key"),
+        (404, "not_found"),
+        (405, "method_not_allowed"),
+    ]
+    assert all(set(line) == REJECTED and line["event"] == "rejected" for line in lines)
+    assert (lines[0]["request_id"], lines[0]["path"]) == ("m1", "/v1/models/gpt-4")
+    assert lines[1]["detail"] is None  # nothing about credentials goes to the log
+
+
+async def test_the_clock_starts_when_the_server_received_the_request(config: Config) -> None:
+    """With the server's RECEIVED_AT in the scope, ttft and latency count the wait before
+    the app ran; without it (uvicorn), they start with the app, as before."""
+    spans = []  # ms from the clock's start (the request, or RECEIVED_AT) to the answer
+    for waited in (None, 0.3):
+        received = time.perf_counter() - (waited or 0.0)
+        extensions = {} if waited is None else {RECEIVED_AT: received}
+        async with proxy_client(config, Backends(), extensions=extensions) as client:
+            if waited is None:
+                received = time.perf_counter()
+            response = await client.post(CHAT, json={"messages": [], "stream": True})
+            spans.append((time.perf_counter() - received) * 1000)
+        assert response.status_code == 200
+    plain, early = read_log(config.logging.path)  # type: ignore[arg-type]
+    assert plain["latency_ms"] <= spans[0] < 300
+    assert 300 <= early["ttft_ms"] <= early["latency_ms"] <= spans[1]
 
 
 async def test_healthz_reports_each_backend(config: Config) -> None:

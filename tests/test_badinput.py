@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from proxy.app import create_app
 from proxy.config import Config
-from tests.conftest import ThreadedServer, make_config, read_log
+from tests.conftest import REJECTED, ThreadedServer, make_config, read_log
 from tests.fakebackend import FakeBackend
 
 MODEL = "test-model"  # make_config's public model name
@@ -619,6 +619,8 @@ def test_non_numeric_content_length_is_refused_by_the_server_which_stays_up(prox
     rejected = [line for line in read_log(proxy.log_path) if line["event"] == "rejected"]
     assert rejected and rejected[-1]["status"] == 400
     assert rejected[-1]["request_id"] == answer.headers["x-request-id"]
+    assert set(rejected[-1]) == REJECTED  # the app's refusals have the same shape
+    assert rejected[-1]["method"] is None and rejected[-1]["detail"]
     proxy.assert_alive()
 
 

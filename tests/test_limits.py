@@ -24,7 +24,7 @@ from proxy.errors import (
 from proxy.health import HealthBoard, probe_forever
 from proxy.limits import Full, Limiter
 from proxy.routing import Decision
-from proxy.runtime import Routes, Runtime
+from proxy.runtime import ActiveConfig, Runtime
 
 pytestmark = pytest.mark.anyio
 
@@ -232,7 +232,7 @@ async def test_a_backend_removed_and_added_again_keeps_its_slots_counted(tmp_pat
     path = routes_file(tmp_path / "routes.yaml", both)
     transport = httpx.MockTransport(lambda request: httpx.Response(200))
     runtime = Runtime(
-        Routes.build(load_config(path)), transport, AccessLog(None, stdout=False),
+        ActiveConfig.build(load_config(path)), transport, AccessLog(None, stdout=False),
         random.Random(0), config_path=path,
     )  # fmt: skip
     held = runtime.limiters["speculative"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
 import sys
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from proxy import report
+from proxy import logread, report
+from proxy.accesslog import AccessLog, RequestRecord
+from proxy.routing import Reason
 
 BOOT = ["--boot", "200"]  # enough for an interval, fast enough for a unit test
 
@@ -727,3 +731,39 @@ def test_the_baseline_comes_from_the_config_unless_given(tmp_path: Path, capsys:
     forced = run_json(capsys, str(log), "--config", str(config), "--baseline", "draft")
     assert forced["baseline"] == "draft" and list(forced["comparison"]) == ["ref"]
     assert run_json(capsys, str(log), "--split", "ref=50,draft=50")["baseline"] == "baseline"
+
+
+# --- the log schema: one definition ------------------------------------------------------------
+
+
+def test_the_reader_reads_every_field_of_the_request_record(tmp_path: Path) -> None:
+    """The request line's schema is `RequestRecord`: the line written has its fields (and
+    event, timestamp), and the reader reads each of them, as the type the record gives."""
+    names = [field.name for field in dataclasses.fields(RequestRecord)]
+    log = AccessLog(tmp_path / "log.jsonl", stdout=False)
+    log.bind(config_version="v1")
+    log.request(RequestRecord("r", "v1", reason=Reason.SPLIT, status=200, latency_ms=1.5))
+    log.close()
+    [line] = [json.loads(text) for text in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert set(line) == {"event", "timestamp", *names}
+    expected = {bool: "BOOLEAN", int: "DOUBLE", float: "DOUBLE", str: "VARCHAR"}
+    hints = typing.get_type_hints(RequestRecord)
+    for name in names:
+        [kind] = [k for k in typing.get_args(hints[name]) or (hints[name],) if k is not type(None)]
+        base = next(base for base in (bool, int, float, str) if issubclass(kind, base))
+        column = logread._FIELDS[name]
+        assert column == expected[base] or (name == "error" and column == "JSON"), name
+
+
+def test_which_reasons_make_ab_data_is_the_enums_to_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report's A/B selection asks `Reason.is_experiment`: a reason it calls A/B data
+    is compared, whatever the SQL knew of reasons (a new one does not silently drop out)."""
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(request("b", reason=r)) + "\n" for r in Reason))
+    experiment = [reason.is_experiment for reason in Reason]
+    assert logread.read_logs([str(path)]).requests.comparable.tolist() == experiment
+    monkeypatch.setattr(Reason, "is_experiment", property(lambda r: r is Reason.HEADER))
+    header_only = [reason is Reason.HEADER for reason in Reason]
+    assert logread.read_logs([str(path)]).requests.comparable.tolist() == header_only

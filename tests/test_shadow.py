@@ -15,6 +15,7 @@ from proxy.config import parse_config
 from proxy.errors import ConfigError
 from proxy.livestats import LiveStats, Reservoir
 from proxy.payload import ChatRequest
+from proxy.routing import Reason
 from proxy.shadow import common_prefix, compare, is_greedy, wants_shadow
 from tests.conftest import RunningProxy, make_config, stream_lines
 from tests.fakebackend import FakeBackend
@@ -236,6 +237,20 @@ def test_live_stats_ignore_requests_rejected_before_routing() -> None:
     stats = LiveStats(random.Random(0))
     stats.observe(RequestRecord("r", status=400, error="bad_request"))
     assert stats.snapshot() == {}
+
+
+def test_live_stats_count_ab_requests_by_the_reasons_own_predicate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`experiment_requests` counts what `Reason.is_experiment` calls A/B data, as the
+    report selects it: split and sticky, not forced nor moved."""
+    stats = LiveStats(random.Random(0))
+    for reason in Reason:
+        stats.observe(RequestRecord("r", backend="b", reason=reason, status=200))
+    assert stats.snapshot()["b"]["experiment_requests"] == 2
+    monkeypatch.setattr(Reason, "is_experiment", property(lambda r: r is Reason.HEADER))
+    stats.observe(RequestRecord("r", backend="b", reason=Reason.HEADER, status=200))
+    assert stats.snapshot()["b"]["experiment_requests"] == 3
 
 
 def test_requests_sent_while_a_shadow_runs_are_marked(shadowed: Any, fake2: FakeBackend) -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.accesslog import RequestRecord
-from proxy.relay import Exchange, _take_events
+from proxy.config import Timeouts
+from proxy.relay import Attempt, RequestState, _take_events
 from proxy.sse import EventSplitter, Kind, classify, quiet_until, split_events
 from proxy.timing import Clock
 
@@ -121,10 +121,10 @@ def test_quiet_events_are_content_or_other_without_usage(events: list[bytes]) ->
         assert event.kind in (Kind.CONTENT, Kind.OTHER, Kind.COMMENT) and event.usage is None
 
 
-def exchange(wants_usage: bool, started: bool) -> Exchange:
-    record = RequestRecord("r", stream=True, status=200 if started else None)
+def attempt(wants_usage: bool, started: bool) -> Attempt:
+    state = RequestState(answered=started, status=200 if started else None)
     request: Any = None
-    return Exchange("b", request, record, Clock(), [], wants_usage, ())
+    return Attempt("b", request, state, Clock(), Timeouts(), [], True, wants_usage, ())
 
 
 @QUIET
@@ -134,7 +134,7 @@ def test_a_read_forwards_what_reading_every_event_would(
 ) -> None:
     """The relay skips reading events after content (see `quiet_until`): what it forwards,
     the tokens it counts and whether it saw [DONE] are those of reading each event."""
-    ex = exchange(wants_usage, started)
+    ex = attempt(wants_usage, started)
     block = b"".join(events)
     body, done = _take_events(block, ex)
     expected, usage = [], None
@@ -150,4 +150,4 @@ def test_a_read_forwards_what_reading_every_event_would(
             break  # what follows is not the client's, nor counted
     assert body == b"".join(expected)
     assert done == any(classify(raw).kind is Kind.DONE for raw in split_events(block))
-    assert ex.record.completion_tokens == (usage or {}).get("completion_tokens")
+    assert ex.state.completion_tokens == (usage or {}).get("completion_tokens")

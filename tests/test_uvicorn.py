@@ -1,7 +1,7 @@
 """Real sockets: the proxy under uvicorn, a standard ASGI server, not its own.
 
 Our server tells the app of a client that left through a scope extension; under any other
-server the app learns it from `receive()` (`relay.watch_disconnect`). Only a real server
+server the app learns it from `receive()` (`relay.watch_client`). Only a real server
 on real sockets shows that this path frees the backend, and that the app streams, answers
 and logs under a server it was not written with. The app runs as `serve --server uvicorn`
 runs it (`UvicornServer`), in a thread; the last tests run that command itself, over
