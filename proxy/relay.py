@@ -20,6 +20,7 @@ import orjson
 
 from proxy.accesslog import RequestRecord
 from proxy.errors import (
+    BackendAnswerTooLargeError,
     BackendRefusedError,
     BackendStatusError,
     BackendTimeoutError,
@@ -29,7 +30,13 @@ from proxy.errors import (
 from proxy.payload import rewrite
 from proxy.sse import EventSplitter, Kind, classify, event_end, generated, quiet_until
 from proxy.timing import Clock
-from proxy.upstream import Timeouts, Transport, UpstreamRequest, UpstreamResponse
+from proxy.upstream import (
+    AnswerTooLargeError,
+    Transport,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamTimeouts,
+)
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -62,8 +69,8 @@ class Exchange:
     sending: bool = False
 
     @property
-    def timeouts(self) -> Timeouts:
-        """Seconds: `read` is the backend's first_token timeout, `idle` its idle one."""
+    def timeouts(self) -> UpstreamTimeouts:
+        """Seconds: `first_byte` is the backend's first_token timeout, `idle` its idle one."""
         return self.request.timeouts
 
 
@@ -76,14 +83,18 @@ async def open_upstream(transport: Transport, exchange: Exchange) -> UpstreamRes
     exchange.sent_at = time.perf_counter()
     try:
         response = await transport.send(exchange.request)
-    except httpx.ConnectTimeout:
-        raise BackendTimeoutError(f"backend {exchange.backend!r}: no connection in time") from None
+    except httpx.ConnectTimeout as exc:
+        raise BackendTimeoutError(
+            f"backend {exchange.backend!r}: no connection in time: {_describe(exc)}"
+        ) from None
     except httpx.TimeoutException:
         raise BackendTimeoutError(_no_token(exchange)) from None
     except httpx.ConnectError as exc:
         raise BackendRefusedError(
             f"backend {exchange.backend!r} is unreachable: {_describe(exc)}"
         ) from None
+    except AnswerTooLargeError as exc:
+        raise _too_large(exchange.backend, exc) from None
     except httpx.TransportError as exc:
         raise BackendUnreachableError(
             f"backend {exchange.backend!r} is unreachable: {_describe(exc)}"
@@ -101,7 +112,7 @@ async def relay_json(response: UpstreamResponse, exchange: Exchange, send: Send)
     """A non-stream answer: read it whole (it is one JSON object) and send it on. The
     whole of it falls under `first_token` (mlx_lm.server sends it all at the end)."""
     exchange.clock.headers()
-    first_token_by = exchange.sent_at + exchange.timeouts["read"]
+    first_token_by = exchange.sent_at + _first_token(exchange)
     response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
     body = await _read(response, exchange.backend)
     payload = _json_object(body)
@@ -185,7 +196,7 @@ async def _forward_events(
     clock = exchange.clock
     # Until the first token, each read may wait only for what is left of `first_token`;
     # after it, `idle` (the transport's default for reads of the body).
-    first_token_by = exchange.sent_at + exchange.timeouts["read"]
+    first_token_by = exchange.sent_at + _first_token(exchange)
     response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
     while chunk := await response.body.read():
         waiting = clock.first_token is None
@@ -193,7 +204,7 @@ async def _forward_events(
         if clock.first_token is None:
             response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
         elif waiting:
-            response.body.timeout = exchange.timeouts["idle"]
+            response.body.timeout = exchange.timeouts.idle
         if body:  # with [DONE], never empty
             body = rewrite(body, exchange.rewrites)  # events are whole: no name is cut
             # With [DONE] the answer is whole, not when the backend closes (mlx_lm.server
@@ -361,10 +372,16 @@ async def _read(response: UpstreamResponse, backend: str) -> bytes:
         return await response.read_all()
     except httpx.TimeoutException:
         raise BackendTimeoutError(f"backend {backend!r} timed out while answering") from None
+    except AnswerTooLargeError as exc:
+        raise _too_large(backend, exc) from None
     except httpx.TransportError as exc:
         raise BackendUnreachableError(
             f"backend {backend!r} failed while answering: {_describe(exc)}"
         ) from None
+
+
+def _too_large(backend: str, exc: AnswerTooLargeError) -> BackendAnswerTooLargeError:
+    return BackendAnswerTooLargeError(f"backend {backend!r} answered too much: {exc}")
 
 
 def _content_type(response: UpstreamResponse) -> bytes:
@@ -389,14 +406,20 @@ def _count_tokens(record: RequestRecord, usage: Any) -> None:
 
 
 def _stalled(exchange: Exchange) -> str:
-    seconds = exchange.timeouts["idle"]
+    seconds = exchange.timeouts.idle
     return f"backend {exchange.backend!r} sent nothing for {seconds:g} s mid-stream"
 
 
 def _no_token(exchange: Exchange) -> str:
-    seconds = exchange.timeouts["read"]
+    seconds = _first_token(exchange)
     what = "its first token" if exchange.record.stream else "its answer"
     return f"backend {exchange.backend!r} did not send {what} within {seconds:g} s"
+
+
+def _first_token(exchange: Exchange) -> float:
+    seconds = exchange.timeouts.first_byte
+    assert seconds is not None  # the config's first_token: always set
+    return seconds
 
 
 def _describe(exc: httpx.HTTPError) -> str:

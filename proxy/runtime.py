@@ -33,7 +33,7 @@ from proxy.payload import NOT_FORWARDED
 from proxy.relay import WriteWatch
 from proxy.routing import Router
 from proxy.shadow import Shadower
-from proxy.upstream import Endpoint, Timeouts, Transport
+from proxy.upstream import Endpoint, Transport, UpstreamTimeouts
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,9 @@ class Routes:
     version: str
     router: Router
     keys: Keys
-    # Per backend, the upstream requests' timeouts: connect, read (the head, which is the
-    # whole answer of a non-stream request, so `first_token`), idle (later reads).
-    timeouts: dict[str, Timeouts]
+    # Per backend, the upstream requests' timeouts: connect, first_byte (the head, which
+    # comes with the whole answer of a non-stream request, so `first_token`), idle.
+    timeouts: dict[str, UpstreamTimeouts]
     # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.
     not_forwarded: frozenset[bytes]
     # The headers the proxy itself reads (routing, request id, body size): only these are
@@ -65,11 +65,11 @@ class Routes:
             router=Router.build(config.weights(), routing.header, routing.sticky_header),
             keys=keys,
             timeouts={
-                name: {
-                    "connect": b.timeouts.connect,
-                    "read": b.timeouts.first_token,
-                    "idle": b.timeouts.idle,
-                }
+                name: UpstreamTimeouts(
+                    connect=b.timeouts.connect,
+                    first_byte=b.timeouts.first_token,
+                    idle=b.timeouts.idle,
+                )
                 for name, b in config.backends.items()
             },
             not_forwarded=NOT_FORWARDED | private,
@@ -189,11 +189,21 @@ class Runtime:
         )
 
 
+# The connection pool's limits: it is built once, with the app (see app.py).
+POOL_LIMITS = ("max_connections_per_backend", "max_response_head_bytes", "max_response_body_bytes")
+
+
 def needs_restart(old: Config, new: Config) -> list[str]:
     """The keys whose change a reload cannot apply: the listening socket, the log file, the
-    launched processes and the shutdown deadline are set up once, at start."""
+    launched processes, the shutdown deadline and the pool's limits are set up once, at
+    start."""
     changed = [
         key for key in ("listen", "logging", "shutdown") if getattr(old, key) != getattr(new, key)
+    ]
+    changed += [
+        f"limits.{key}"
+        for key in POOL_LIMITS
+        if getattr(old.limits, key) != getattr(new.limits, key)
     ]
     for name in sorted(set(old.backends) | set(new.backends)):
         before, after = old.backends.get(name), new.backends.get(name)

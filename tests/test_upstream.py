@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from proxy.upstream import Endpoint, UpstreamRequest, UpstreamTransport
+from proxy.upstream import Endpoint, UpstreamRequest, UpstreamTimeouts, UpstreamTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +58,8 @@ async def serve(answer: Answer) -> AsyncIterator[Server]:
 def request(server: Server, read: float = 2.0) -> UpstreamRequest:
     endpoint = Endpoint.parse(f"http://127.0.0.1:{server.port}/v1/chat/completions")
     headers = [(b"host", endpoint.netloc), (b"content-length", b"2")]
-    return UpstreamRequest(b"POST", endpoint, headers, b"{}", {"connect": 2.0, "read": read})
+    timeouts = UpstreamTimeouts(connect=2.0, first_byte=read, idle=read)
+    return UpstreamRequest(b"POST", endpoint, headers, b"{}", timeouts)
 
 
 async def fetch(transport: UpstreamTransport, req: UpstreamRequest) -> tuple[int, bytes]:
