@@ -142,7 +142,7 @@ class Body(Protocol):
     read (the relay changes it as a stream goes); `limit` the most `read_all` takes (None:
     no limit); `aclose()` ends the answer: the connection goes back to the pool if it was
     read to the end, else it is closed, or, with `linger`, first left to read (and drop)
-    the rest for up to that many seconds."""
+    the rest for up to that many seconds; `abort()` closes it, whatever came."""
 
     timeout: float | None
     limit: int | None
@@ -152,6 +152,8 @@ class Body(Protocol):
         ...
 
     async def aclose(self, linger: float = 0.0) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -169,17 +171,18 @@ class UpstreamResponse:
 
     async def read_all(self) -> bytes:
         """The rest of the body, whole (for answers that are one JSON object), up to the
-        body's `limit`: past it, `AnswerTooLargeError` (the caller's `aclose` then closes
-        the connection, the answer being unfinished)."""
+        body's `limit`: past it, the connection is closed and `AnswerTooLargeError` raised."""
         limit = self.body.limit
         if limit is not None:
             declared = self.header(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
+                self.body.abort()
                 raise _body_too_large(limit, f"announces {int(declared)} bytes")
         chunks, size = [], 0
         while chunk := await self.body.read():
             size += len(chunk)
             if limit is not None and size > limit:
+                self.body.abort()
                 raise _body_too_large(limit, "goes on")
             chunks.append(chunk)
         return b"".join(chunks)
@@ -542,6 +545,10 @@ class _Body:
             self._pool.linger(self._origin, self._conn, linger)
         self._release()
 
+    def abort(self) -> None:
+        self._released = True
+        self._conn.close()  # the pool learns it from `connection_lost`
+
     def _release(self) -> None:
         if not self._released:
             self._released = True
@@ -841,6 +848,9 @@ class _HttpxBody:
 
     async def aclose(self, linger: float = 0.0) -> None:
         await self._response.aclose()  # httpx reads no further: `linger` does not apply
+
+    def abort(self) -> None:
+        pass  # the tests' transports hold no connection
 
 
 def as_transport(transport: Transport | httpx.AsyncBaseTransport) -> Transport:
