@@ -210,6 +210,45 @@ class _BackendConnection(asyncio.Protocol):
     Between answers it is parked: any byte that arrives then closes it (see `park`).
     """
 
+    # Slots: with more than 30 attributes, instances stop sharing their dict's keys, and
+    # every attribute read on the per-read path got slower (by a quarter, measured).
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_deadline",
+        "_dropping",
+        "_error",
+        "_fd",
+        "_feed",
+        "_field_bytes",
+        "_fields",
+        "_framed",
+        "_head",
+        "_head_bytes",
+        "_in_head",
+        "_interim",
+        "_keep_alive",
+        "_linger",
+        "_loop",
+        "_lost",
+        "_max_head",
+        "_on_end",
+        "_parser",
+        "_paused",
+        "_timeout",
+        "_timer",
+        "_timer_at",
+        "_transport",
+        "_waiter",
+        "_waiting",
+        "closed",
+        "complete",
+        "headers",
+        "idle_since",
+        "on_body",
+        "parked",
+        "status",
+    )
     on_body: Callable[[bytes], None]  # httptools' callback for each piece of the body
 
     def __init__(
