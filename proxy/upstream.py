@@ -723,14 +723,17 @@ class UpstreamTransport:
         try:
             return await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # handed over as we were cancelled
+            if waiter.cancelled():
+                _leave_line(origin, waiter)
+            else:  # handed over (and so out of line) just as we were cancelled: pass it on
                 self._give_back(origin, waiter.result())
+            raise
+        except httpx.ConnectTimeout:
+            _leave_line(origin, waiter)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-            with contextlib.suppress(ValueError):  # still in line: timed out or cancelled
-                origin.waiters.remove(waiter)
 
     def _give_back(self, origin: _Origin, handed: _BackendConnection | None) -> None:
         if handed is None:
@@ -807,6 +810,12 @@ class UpstreamTransport:
                 origin.idle.append(conn)
                 return
         conn.close()  # an unfinished answer: closing tells the backend to stop
+
+
+def _leave_line(origin: _Origin, waiter: asyncio.Future[Any]) -> None:
+    """Take a waiter that gave up out of the line, unless a hand-over skipped it already."""
+    with contextlib.suppress(ValueError):
+        origin.waiters.remove(waiter)
 
 
 def _expire(waiter: asyncio.Future[Any], error: Exception) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -402,23 +403,23 @@ def slow(seconds: float) -> Answer:
     return answer
 
 
-async def test_a_full_pool_serves_waiting_requests_in_order_on_its_connections() -> None:
+async def test_a_full_pool_serves_waiting_requests_in_arrival_order() -> None:
     order: list[int] = []
 
     async def one(transport: UpstreamTransport, server: Server, index: int) -> None:
         assert await fetch(transport, request(server)) == (200, b"hello")
         order.append(index)
 
-    async with serve(slow(0.05)) as server:
-        transport = UpstreamTransport(max_connections_per_backend=2)
+    async with serve(slow(0.02)) as server:
+        transport = UpstreamTransport(max_connections_per_backend=1)
         tasks = []
         for index in range(6):
             tasks.append(asyncio.ensure_future(one(transport, server, index)))
-            await asyncio.sleep(0.01)  # they arrive in this order
+            await asyncio.sleep(0)  # each starts (and gets in line) before the next
         await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
         await transport.aclose()
-    assert (server.connections, server.most) == (2, 2)
-    assert order == sorted(order)
+    assert (server.connections, server.most) == (1, 1)
+    assert order == list(range(6))
 
 
 async def test_a_full_pool_times_out_as_a_connect_timeout() -> None:
@@ -469,3 +470,48 @@ async def test_a_slot_freed_by_a_closed_connection_goes_to_the_next_in_line() ->
         assert results == [(200, b"bye")] * 4
         await transport.aclose()
     assert (server.connections, server.most) == (4, 1)
+
+
+async def test_the_connection_cap_holds_under_churn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many requests on a small pool, some cancelled while waiting, some answers closing
+    their connection: each one left is served, never more than the cap is open at once,
+    and every slot is given back."""
+    rng = random.Random(7)
+    sockets = {"open": 0, "most": 0}  # the pool's side: from connection_made to _lost
+
+    class Counted(upstream._BackendConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sockets["open"] += 1
+            sockets["most"] = max(sockets["most"], sockets["open"])
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            sockets["open"] -= 1
+            super().connection_lost(exc)
+
+    monkeypatch.setattr(upstream, "_BackendConnection", Counted)
+
+    async def churn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(rng.uniform(0, 0.01))
+        if rng.random() < 0.3:
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\nhello")  # then closes
+            await writer.drain()
+            raise ConnectionResetError
+        await keep_alive(reader, writer)
+
+    async with serve(churn) as server:
+        transport = UpstreamTransport(max_connections_per_backend=3)
+        tasks = [asyncio.ensure_future(fetch(transport, request(server))) for _ in range(60)]
+        for task in rng.sample(tasks, 15):
+            await asyncio.sleep(rng.uniform(0, 0.005))
+            task.cancel()
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10.0)
+        served = [result for result in done if not isinstance(result, BaseException)]
+        assert served and all(result == (200, b"hello") for result in served)
+        assert all(isinstance(r, asyncio.CancelledError) for r in done if r not in served)
+        [origin] = transport._origins.values()
+        assert not origin.waiters
+        await asyncio.sleep(0.05)  # closed connections report their loss by callback
+        assert origin.open == len(origin.idle)
+        await transport.aclose()
+    assert sockets["most"] == 3 and server.connections > 3
