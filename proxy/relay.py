@@ -112,7 +112,7 @@ async def relay_json(response: UpstreamResponse, exchange: Exchange, send: Send)
     """A non-stream answer: read it whole (it is one JSON object) and send it on. The
     whole of it falls under `first_token` (mlx_lm.server sends it all at the end)."""
     exchange.clock.headers()
-    first_token_by = exchange.sent_at + _first_token(exchange)
+    first_token_by = exchange.sent_at + exchange.timeouts.first_byte
     response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
     body = await _read(response, exchange.backend)
     payload = _json_object(body)
@@ -196,7 +196,7 @@ async def _forward_events(
     clock = exchange.clock
     # Until the first token, each read may wait only for what is left of `first_token`;
     # after it, `idle` (the transport's default for reads of the body).
-    first_token_by = exchange.sent_at + _first_token(exchange)
+    first_token_by = exchange.sent_at + exchange.timeouts.first_byte
     response.body.timeout = max(first_token_by - time.perf_counter(), 0.001)
     while chunk := await response.body.read():
         waiting = clock.first_token is None
@@ -411,15 +411,9 @@ def _stalled(exchange: Exchange) -> str:
 
 
 def _no_token(exchange: Exchange) -> str:
-    seconds = _first_token(exchange)
+    seconds = exchange.timeouts.first_byte
     what = "its first token" if exchange.record.stream else "its answer"
     return f"backend {exchange.backend!r} did not send {what} within {seconds:g} s"
-
-
-def _first_token(exchange: Exchange) -> float:
-    seconds = exchange.timeouts.first_byte
-    assert seconds is not None  # the config's first_token: always set
-    return seconds
 
 
 def _describe(exc: httpx.HTTPError) -> str:

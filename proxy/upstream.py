@@ -77,7 +77,7 @@ class _StrayError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTimeouts:
-    """Seconds a request to a backend may wait; None for no limit.
+    """Seconds a request to a backend may wait.
 
     - connect:    for a connection (a free one from a full pool, or a new one).
     - first_byte: from sending the request to the answer's head. The relay holds the first
@@ -85,9 +85,9 @@ class UpstreamTimeouts:
     - idle:       for each later read of the body (the relay changes it as a stream goes).
     """
 
-    connect: float | None
-    first_byte: float | None
-    idle: float | None
+    connect: float
+    first_byte: float
+    idle: float
 
     @classmethod
     def each(cls, seconds: float) -> UpstreamTimeouts:

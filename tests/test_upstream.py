@@ -1,4 +1,6 @@
-"""The backend connection pool: keep-alive, body framings, failures, cancellation."""
+"""The backend connection pool: keep-alive, body framings, failures, cancellation, and what
+it must never trust: interim answers, stray bytes, oversized answers, unsafe requests; and
+its cap on connections per backend."""
 
 from __future__ import annotations
 
