@@ -481,7 +481,7 @@ async def test_the_connection_cap_holds_under_churn(monkeypatch: pytest.MonkeyPa
     rng = random.Random(7)
     sockets = {"open": 0, "most": 0}  # the pool's side: from connection_made to _lost
 
-    class Counted(upstream._BackendConnection):
+    class Counted(upstream.BackendConnection):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             sockets["open"] += 1
             sockets["most"] = max(sockets["most"], sockets["open"])
@@ -491,7 +491,7 @@ async def test_the_connection_cap_holds_under_churn(monkeypatch: pytest.MonkeyPa
             sockets["open"] -= 1
             super().connection_lost(exc)
 
-    monkeypatch.setattr(upstream, "_BackendConnection", Counted)
+    monkeypatch.setattr(upstream, "BackendConnection", Counted)
 
     async def churn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(rng.uniform(0, 0.01))
