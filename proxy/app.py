@@ -77,7 +77,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         access_log = log or AccessLog(config.logging.path, stdout=config.logging.stdout)
-        upstream = as_transport(transport) if transport is not None else UpstreamTransport()
+        upstream = as_transport(transport) if transport is not None else _pool(config)
         runtime = Runtime(
             initial, upstream, access_log, rng or random.Random(), supervisor, config_path
         )
@@ -122,6 +122,17 @@ def create_app(
             HTTPException: _http_error,  # type: ignore[dict-item]
             Exception: _unexpected_error,
         },
+    )
+
+
+def _pool(config: Config) -> UpstreamTransport:
+    """The connection pool, with the config's limits (a reload cannot change them: see
+    `runtime.needs_restart`)."""
+    limits = config.limits
+    return UpstreamTransport(
+        max_connections_per_backend=limits.max_connections_per_backend,
+        max_response_head_bytes=limits.max_response_head_bytes,
+        max_response_body_bytes=limits.max_response_body_bytes,
     )
 
 

@@ -12,7 +12,8 @@
     ├── BackendUnavailableError  503  the header forces a backend that is ejected as unhealthy
     ├── ShuttingDownError        503  still unanswered when the shutdown's grace period ended
     ├── BackendUnreachableError  502  connection refused, reset or broken before an answer
-    │   └── BackendRefusedError  502  nothing listens there (ejects the backend at once)
+    │   ├── BackendRefusedError  502  nothing listens there (ejects the backend at once)
+    │   └── BackendAnswerTooLargeError 502  answer head or whole-read body over the limits
     ├── BackendTimeoutError      504  no connection or no answer within the backend's timeouts
     └── BackendStatusError       the backend's own 4xx/5xx, its body turned into the OpenAI shape
 
@@ -113,6 +114,12 @@ class BackendUnreachableError(ProxyError):
 
 class BackendRefusedError(BackendUnreachableError):
     """The connection was refused: the backend is not running."""
+
+
+class BackendAnswerTooLargeError(BackendUnreachableError):
+    """The answer's head, or a body the proxy reads whole, is over `limits.max_response_*`."""
+
+    kind = "backend_answer_too_large"
 
 
 class BackendTimeoutError(ProxyError):

@@ -20,7 +20,7 @@ import httpx
 
 from proxy.config import Config, Health
 from proxy.errors import BackendRefusedError, BackendStatusError, BackendTimeoutError
-from proxy.upstream import Transport, UpstreamRequest
+from proxy.upstream import Transport, UpstreamRequest, UpstreamTimeouts
 
 REFUSED = "refused"  # a failure kind that ejects at once
 
@@ -155,7 +155,7 @@ async def probe(transport: Transport, url: str, timeout: float) -> tuple[bool, s
     """GET the backend's /health: whether it passed, and what was seen. A 5xx fails
     (mlx_lm.server answers 503 when its generation thread died); a 404 passes, since a
     server without /health is still up."""
-    request = UpstreamRequest.get(url + "/health", {"connect": timeout, "read": timeout})
+    request = UpstreamRequest.get(url + "/health", UpstreamTimeouts.each(timeout))
     try:
         response = await transport.send(request)
         try:

@@ -21,6 +21,7 @@ from starlette.types import Scope
 
 from proxy.config import Timeouts
 from proxy.errors import (
+    BackendAnswerTooLargeError,
     BackendRefusedError,
     BackendStatusError,
     BackendTimeoutError,
@@ -31,7 +32,12 @@ from proxy.payload import rewrite
 from proxy.server import ON_DISCONNECT
 from proxy.sse import EventSplitter, Kind, classify, event_end, generated, quiet_until
 from proxy.timing import Clock
-from proxy.upstream import Transport, UpstreamRequest, UpstreamResponse
+from proxy.upstream import (
+    AnswerTooLargeError,
+    Transport,
+    UpstreamRequest,
+    UpstreamResponse,
+)
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -102,14 +108,18 @@ async def open_upstream(transport: Transport, attempt: Attempt) -> UpstreamRespo
     attempt.sent_at = time.perf_counter()
     try:
         response = await transport.send(attempt.request)
-    except httpx.ConnectTimeout:
-        raise BackendTimeoutError(f"backend {attempt.backend!r}: no connection in time") from None
+    except httpx.ConnectTimeout as exc:
+        raise BackendTimeoutError(
+            f"backend {attempt.backend!r}: no connection in time: {_describe(exc)}"
+        ) from None
     except httpx.TimeoutException:
         raise BackendTimeoutError(_no_token(attempt)) from None
     except httpx.ConnectError as exc:
         raise BackendRefusedError(
             f"backend {attempt.backend!r} is unreachable: {_describe(exc)}"
         ) from None
+    except AnswerTooLargeError as exc:
+        raise _too_large(attempt.backend, exc) from None
     except httpx.TransportError as exc:
         raise BackendUnreachableError(
             f"backend {attempt.backend!r} is unreachable: {_describe(exc)}"
@@ -411,10 +421,16 @@ async def _read(response: UpstreamResponse, backend: str) -> bytes:
         return await response.read_all()
     except httpx.TimeoutException:
         raise BackendTimeoutError(f"backend {backend!r} timed out while answering") from None
+    except AnswerTooLargeError as exc:
+        raise _too_large(backend, exc) from None
     except httpx.TransportError as exc:
         raise BackendUnreachableError(
             f"backend {backend!r} failed while answering: {_describe(exc)}"
         ) from None
+
+
+def _too_large(backend: str, exc: AnswerTooLargeError) -> BackendAnswerTooLargeError:
+    return BackendAnswerTooLargeError(f"backend {backend!r} answered too much: {exc}")
 
 
 def _content_type(response: UpstreamResponse) -> bytes:

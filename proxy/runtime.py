@@ -34,7 +34,7 @@ from proxy.payload import NOT_FORWARDED
 from proxy.relay import WriteWatch
 from proxy.routing import Router
 from proxy.shadow import Shadower
-from proxy.upstream import Endpoint, Timeouts, Transport
+from proxy.upstream import Endpoint, Transport, UpstreamTimeouts
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ActiveConfig:
     router: Router
     keys: Keys
     # Per backend, its timeouts as the upstream requests carry them: see `_upstream_timeouts`.
-    upstream_timeouts: dict[str, Timeouts]
+    upstream_timeouts: dict[str, UpstreamTimeouts]
     # Hop-by-hop headers, and those that steer the proxy itself: not forwarded to backends.
     not_forwarded: frozenset[bytes]
     # The headers the proxy itself reads (routing, request id, body size): only these are
@@ -87,11 +87,11 @@ class ActiveConfig:
         return endpoint
 
 
-def _upstream_timeouts(timeouts: BackendTimeouts) -> Timeouts:
-    """A backend's configured timeouts as the upstream pool takes them: its `read`, to the
-    answer's head, is `first_token` (the head of a non-stream answer comes with the whole
-    of it); `idle` bounds each later read."""
-    return {"connect": timeouts.connect, "read": timeouts.first_token, "idle": timeouts.idle}
+def _upstream_timeouts(timeouts: BackendTimeouts) -> UpstreamTimeouts:
+    """A backend's configured timeouts as the upstream pool takes them: `first_byte`, to
+    the answer's head, is `first_token` (the head of a non-stream answer comes with the
+    whole of it); `idle` bounds each later read."""
+    return UpstreamTimeouts(timeouts.connect, timeouts.first_token, timeouts.idle)
 
 
 @dataclass
@@ -195,11 +195,21 @@ class Runtime:
         )
 
 
+# The connection pool's limits: it is built once, with the app (see app.py).
+POOL_LIMITS = ("max_connections_per_backend", "max_response_head_bytes", "max_response_body_bytes")
+
+
 def needs_restart(old: Config, new: Config) -> list[str]:
     """The keys whose change a reload cannot apply: the listening socket, the log file, the
-    launched processes and the shutdown deadline are set up once, at start."""
+    launched processes, the shutdown deadline and the pool's limits are set up once, at
+    start."""
     changed = [
         key for key in ("listen", "logging", "shutdown") if getattr(old, key) != getattr(new, key)
+    ]
+    changed += [
+        f"limits.{key}"
+        for key in POOL_LIMITS
+        if getattr(old.limits, key) != getattr(new.limits, key)
     ]
     for name in sorted(set(old.backends) | set(new.backends)):
         before, after = old.backends.get(name), new.backends.get(name)

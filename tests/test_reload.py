@@ -88,6 +88,10 @@ def test_a_valid_file_takes_effect_for_new_requests(
             lambda r: r.update(logging={"path": "elsewhere.jsonl"}),
             "logging: changes need a restart",
         ),
+        (  # the connection pool is built once, with its limits
+            lambda r: r.update(limits={"max_connections_per_backend": 8}),
+            "limits.max_connections_per_backend: changes need a restart",
+        ),
     ],
 )
 def test_an_invalid_or_unappliable_file_is_rejected_and_the_old_config_kept(
@@ -109,6 +113,18 @@ def test_an_invalid_or_unappliable_file_is_rejected_and_the_old_config_kept(
     assert backends_of(proxy, 3) == {"baseline"}  # the old split still holds
     [event] = proxy.events("config_rejected")
     assert message in event["error"]
+
+
+def test_limits_outside_the_pool_still_reload(
+    reloadable: Any, fake: FakeBackend, fake2: FakeBackend, tmp_path: Path
+) -> None:
+    proxy, path = reloadable
+    data = routes(tmp_path, fake, fake2, {"baseline": 100})
+    data["limits"] = {"max_body_bytes": 1024}
+    write(path, data)
+    assert httpx.post(proxy.url + "/admin/reload").status_code == 200
+    big = {**BODY, "padding": "x" * 2000}
+    assert httpx.post(proxy.url + CHAT, json=big).status_code == 413
 
 
 def test_a_file_that_is_not_yaml_is_rejected(reloadable: Any) -> None:

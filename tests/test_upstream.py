@@ -1,16 +1,27 @@
-"""The backend connection pool: keep-alive, body framings, failures, cancellation."""
+"""The backend connection pool: keep-alive, body framings, failures, cancellation, and what
+it must never trust: interim answers, stray bytes, oversized answers, unsafe requests; and
+its cap on connections per backend."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 import pytest
 
-from proxy.upstream import Endpoint, UpstreamRequest, UpstreamTransport
+from proxy import upstream
+from proxy.upstream import (
+    AnswerTooLargeError,
+    Endpoint,
+    UnsafeRequestError,
+    UpstreamRequest,
+    UpstreamTimeouts,
+    UpstreamTransport,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -26,6 +37,8 @@ def anyio_backend() -> str:
 class Server:
     port: int
     connections: int = 0
+    open: int = 0  # connections open now
+    most: int = 0  # connections open at once, at most
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # a client hung up on us
 
 
@@ -36,6 +49,8 @@ async def serve(answer: Answer) -> AsyncIterator[Server]:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state.connections += 1
+        state.open += 1
+        state.most = max(state.most, state.open)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -47,6 +62,7 @@ async def serve(answer: Answer) -> AsyncIterator[Server]:
         except asyncio.CancelledError:
             pass  # the test is over
         finally:
+            state.open -= 1
             writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -58,7 +74,8 @@ async def serve(answer: Answer) -> AsyncIterator[Server]:
 def request(server: Server, read: float = 2.0) -> UpstreamRequest:
     endpoint = Endpoint.parse(f"http://127.0.0.1:{server.port}/v1/chat/completions")
     headers = [(b"host", endpoint.netloc), (b"content-length", b"2")]
-    return UpstreamRequest(b"POST", endpoint, headers, b"{}", {"connect": 2.0, "read": read})
+    timeouts = UpstreamTimeouts(connect=2.0, first_byte=read, idle=read)
+    return UpstreamRequest(b"POST", endpoint, headers, b"{}", timeouts)
 
 
 async def fetch(transport: UpstreamTransport, req: UpstreamRequest) -> tuple[int, bytes]:
@@ -246,3 +263,257 @@ async def test_a_lingering_answer_that_does_not_end_in_time_is_closed() -> None:
         await asyncio.wait_for(server.closed.wait(), 2.0)
         assert asyncio.get_running_loop().time() - started >= 0.25
         await transport.aclose()
+
+
+def counting(answers: Callable[[int], bytes | None]) -> Answer:
+    """An answer per request, by its index across all connections (None: hang up)."""
+    seen = [0]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index, seen[0] = seen[0], seen[0] + 1
+        data = answers(index)
+        if data is None:
+            raise ConnectionResetError  # closes without answering
+        writer.write(data)
+        await writer.drain()
+
+    return answer
+
+
+def numbered(index: int) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(index)), index)
+
+
+async def test_interim_answers_are_skipped_with_their_headers() -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+    async with serve(counting(lambda i: interim + numbered(i))) as server:
+        transport = UpstreamTransport()
+        response = await transport.send(request(server))
+        assert (response.status, response.header(b"link")) == (200, None)
+        assert await response.read_all() == b"0"
+        await response.aclose()
+        assert await fetch(transport, request(server)) == (200, b"1")
+        await transport.aclose()
+    assert server.connections == 1
+
+
+async def test_a_failed_pooled_connection_is_not_sent_again() -> None:
+    """The backend may have read the request: a second copy could generate twice."""
+    async with serve(counting(lambda i: None if i == 1 else numbered(i))) as server:
+        transport = UpstreamTransport()
+        assert await fetch(transport, request(server)) == (200, b"0")
+        with pytest.raises(httpx.RemoteProtocolError, match="without answering"):
+            await fetch(transport, request(server))
+        assert await fetch(transport, request(server)) == (200, b"2")  # the next is fine
+        await transport.aclose()
+    assert server.connections == 2
+
+
+async def test_a_connection_idle_too_long_is_closed_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream, "IDLE_FOR_S", 0.05)
+    async with serve(counting(numbered)) as server:
+        transport = UpstreamTransport()
+        assert await fetch(transport, request(server)) == (200, b"0")
+        await asyncio.sleep(0.1)  # time itself is what is tested
+        assert await fetch(transport, request(server)) == (200, b"1")
+        await asyncio.wait_for(server.closed.wait(), 1.0)  # the old one was closed
+        await transport.aclose()
+    assert server.connections == 2
+
+
+async def test_stray_bytes_not_yet_read_on_an_idle_connection_close_it() -> None:
+    """Bytes already in the socket, which the loop has not handed over yet, are seen before
+    the connection is reused: they would be read as the next request's answer."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def remember(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        writer.write(numbered(len(writers) - 1))
+        await writer.drain()
+
+    async with serve(remember) as server:
+        transport = UpstreamTransport()
+        assert await fetch(transport, request(server)) == (200, b"0")
+        writers[0].write(numbered(99))  # in the proxy's socket at once (loopback)
+        await asyncio.sleep(0)  # not enough for the pool's loop to read it as well
+        assert await fetch(transport, request(server)) == (200, b"1")
+        await transport.aclose()
+    assert server.connections == 2
+
+
+async def test_unsafe_requests_are_never_sent() -> None:
+    async with serve(keep_alive) as server:
+        transport = UpstreamTransport()
+        for name, value in [
+            (b"x-a", b"1\r\nInjected: yes"),
+            (b"x-a\n", b"1"),
+            (b"x-a", b"1\x00"),
+            (b"x-a", b"\r"),
+        ]:
+            req = request(server)
+            req.headers.append((name, value))
+            with pytest.raises(UnsafeRequestError, match="x-a"):
+                await transport.send(req)
+        req = request(server)
+        req.endpoint = Endpoint.parse(req.endpoint.url + "?a=1%0d")
+        req.endpoint = replace(req.endpoint, target=req.endpoint.target + b"\r\nX: y")
+        with pytest.raises(UnsafeRequestError, match="request line"):
+            await transport.send(req)
+        assert await fetch(transport, request(server)) == (200, b"hello")
+        await transport.aclose()
+    assert server.connections == 1  # the unsafe ones went nowhere
+
+
+async def test_a_body_over_the_limit_is_not_read_whole() -> None:
+    announced = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"400\r\n%s\r\n" % (b"x" * 1024) * 5
+        + b"0\r\n\r\n"
+    )
+    for answer, reason in [(announced, "announces 5000"), (chunked, "goes on")]:
+        async with serve(counting(lambda i, a=answer: a)) as server:  # type: ignore[misc]
+            transport = UpstreamTransport(max_response_body_bytes=4096)
+            with pytest.raises(AnswerTooLargeError, match=reason):
+                await fetch(transport, request(server))
+            await asyncio.wait_for(server.closed.wait(), 1.0)  # the connection is closed
+            await transport.aclose()
+
+
+async def test_an_endless_head_is_cut_at_the_limit() -> None:
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        for _ in range(1000):  # 16 MB, if nobody stops it
+            writer.write(b"a" * 16384)
+            await writer.drain()
+
+    async with serve(endless_head) as server:
+        transport = UpstreamTransport(max_response_head_bytes=4096)
+        with pytest.raises(AnswerTooLargeError, match="max_response_head_bytes"):
+            await fetch(transport, request(server))
+        await asyncio.wait_for(server.closed.wait(), 2.0)
+        await transport.aclose()
+
+
+def slow(seconds: float) -> Answer:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(seconds)
+        await keep_alive(reader, writer)
+
+    return answer
+
+
+async def test_a_full_pool_serves_waiting_requests_in_arrival_order() -> None:
+    order: list[int] = []
+
+    async def one(transport: UpstreamTransport, server: Server, index: int) -> None:
+        assert await fetch(transport, request(server)) == (200, b"hello")
+        order.append(index)
+
+    async with serve(slow(0.02)) as server:
+        transport = UpstreamTransport(max_connections_per_backend=1)
+        tasks = []
+        for index in range(6):
+            tasks.append(asyncio.ensure_future(one(transport, server, index)))
+            await asyncio.sleep(0)  # each starts (and gets in line) before the next
+        await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
+        await transport.aclose()
+    assert (server.connections, server.most) == (1, 1)
+    assert order == list(range(6))
+
+
+async def test_a_full_pool_times_out_as_a_connect_timeout() -> None:
+    async with serve(slow(1.0)) as server:
+        transport = UpstreamTransport(max_connections_per_backend=1)
+        busy = asyncio.ensure_future(fetch(transport, request(server)))
+        await asyncio.sleep(0.05)
+        req = request(server)
+        req.timeouts = UpstreamTimeouts(connect=0.2, first_byte=2.0, idle=2.0)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(httpx.ConnectTimeout, match="pool is full"):
+            await fetch(transport, req)
+        assert 0.15 < asyncio.get_running_loop().time() - started < 1.0
+        assert await busy == (200, b"hello")
+        await transport.aclose()
+    assert server.connections == 1
+
+
+async def test_a_waiter_that_leaves_gives_its_turn_to_the_next() -> None:
+    async with serve(slow(0.2)) as server:
+        transport = UpstreamTransport(max_connections_per_backend=1)
+        first = asyncio.ensure_future(fetch(transport, request(server)))
+        await asyncio.sleep(0.05)
+        leaving = asyncio.ensure_future(fetch(transport, request(server)))
+        await asyncio.sleep(0.01)
+        staying = asyncio.ensure_future(fetch(transport, request(server)))
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        assert await asyncio.wait_for(first, 2.0) == (200, b"hello")
+        assert await asyncio.wait_for(staying, 2.0) == (200, b"hello")
+        assert leaving.cancelled()
+        await transport.aclose()
+    assert server.connections == 1
+
+
+async def test_a_slot_freed_by_a_closed_connection_goes_to_the_next_in_line() -> None:
+    async def http10(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\nbye")
+        await writer.drain()
+        raise ConnectionResetError  # closes: no keep-alive
+
+    async with serve(http10) as server:
+        transport = UpstreamTransport(max_connections_per_backend=1)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(fetch(transport, request(server)) for _ in range(4))), 5.0
+        )
+        assert results == [(200, b"bye")] * 4
+        await transport.aclose()
+    assert (server.connections, server.most) == (4, 1)
+
+
+async def test_the_connection_cap_holds_under_churn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many requests on a small pool, some cancelled while waiting, some answers closing
+    their connection: each one left is served, never more than the cap is open at once,
+    and every slot is given back."""
+    rng = random.Random(7)
+    sockets = {"open": 0, "most": 0}  # the pool's side: from connection_made to _lost
+
+    class Counted(upstream.BackendConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sockets["open"] += 1
+            sockets["most"] = max(sockets["most"], sockets["open"])
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            sockets["open"] -= 1
+            super().connection_lost(exc)
+
+    monkeypatch.setattr(upstream, "BackendConnection", Counted)
+
+    async def churn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(rng.uniform(0, 0.01))
+        if rng.random() < 0.3:
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\nhello")  # then closes
+            await writer.drain()
+            raise ConnectionResetError
+        await keep_alive(reader, writer)
+
+    async with serve(churn) as server:
+        transport = UpstreamTransport(max_connections_per_backend=3)
+        tasks = [asyncio.ensure_future(fetch(transport, request(server))) for _ in range(60)]
+        for task in rng.sample(tasks, 15):
+            await asyncio.sleep(rng.uniform(0, 0.005))
+            task.cancel()
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10.0)
+        served = [result for result in done if not isinstance(result, BaseException)]
+        assert served and all(result == (200, b"hello") for result in served)
+        assert all(isinstance(r, asyncio.CancelledError) for r in done if r not in served)
+        [origin] = transport._origins.values()
+        assert not origin.waiters
+        await asyncio.sleep(0.05)  # closed connections report their loss by callback
+        assert origin.open == len(origin.idle)
+        await transport.aclose()
+    assert sockets["most"] == 3 and server.connections > 3
