@@ -84,6 +84,9 @@ class RequestRecord:
     # The client sent an x-request-id that was too long or not printable ASCII: `request_id`
     # is a generated one instead (see `RequestIds`).
     request_id_replaced: bool = False
+    # The sticky header's session, as a keyed hash (never the value itself): the unit the
+    # report's statistics resample when traffic is sticky. Null without a sticky header.
+    session: str | None = None
 
 
 # The request line's fields in order, and one C call that reads them all: not

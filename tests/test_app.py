@@ -310,6 +310,7 @@ async def test_log_line_has_every_field(config: Config) -> None:
         "client_disconnected",
         "behind_shadow",
         "request_id_replaced",
+        "session",
     }
     assert line["event"] == "request" and line["request_id"] == "r9"
     assert line["timestamp"].endswith("Z")
