@@ -196,19 +196,25 @@ class Runtime:
 
 
 # The connection pool's limits: it is built once, with the app (see app.py).
-POOL_LIMITS = ("max_connections_per_backend", "max_response_head_bytes", "max_response_body_bytes")
+# Limits given to the pool and the server when they are built, at start.
+START_LIMITS = (
+    "max_connections_per_backend",
+    "max_response_head_bytes",
+    "max_response_body_bytes",
+    "body_timeout",
+)
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
     """The keys whose change a reload cannot apply: the listening socket, the log file, the
-    launched processes, the shutdown deadline and the pool's limits are set up once, at
-    start."""
+    launched processes, the shutdown deadline and the pool's and the server's limits are set
+    up once, at start."""
     changed = [
         key for key in ("listen", "logging", "shutdown") if getattr(old, key) != getattr(new, key)
     ]
     changed += [
         f"limits.{key}"
-        for key in POOL_LIMITS
+        for key in START_LIMITS
         if getattr(old.limits, key) != getattr(new.limits, key)
     ]
     for name in sorted(set(old.backends) | set(new.backends)):

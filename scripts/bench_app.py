@@ -47,6 +47,7 @@ class _Body:
         self._chunks = chunks
         self._at = 0
         self.timeout: float | None = None
+        self.limit: int | None = None  # the pool's body limit (`Body.limit`)
 
     async def read(self) -> bytes:
         if self._at == len(self._chunks):

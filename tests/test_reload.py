@@ -92,6 +92,10 @@ def test_a_valid_file_takes_effect_for_new_requests(
             lambda r: r.update(limits={"max_connections_per_backend": 8}),
             "limits.max_connections_per_backend: changes need a restart",
         ),
+        (  # and the server with its body timeout
+            lambda r: r.update(limits={"body_timeout": 5}),
+            "limits.body_timeout: changes need a restart",
+        ),
     ],
 )
 def test_an_invalid_or_unappliable_file_is_rejected_and_the_old_config_kept(
