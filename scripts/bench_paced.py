@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ def _event(model: str, delta: dict[str, str], finish: str | None, **extra: Any) 
     return _chunk(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
 
 
+@functools.lru_cache(maxsize=16)
 def frames(model: str, tokens: int) -> tuple[bytes, bytes, bytes]:
     """(head and role event, one token event, the tail: finish, usage, [DONE], end)."""
     head = (
