@@ -8,9 +8,14 @@ its own pool), `uvicorn` (the same app under uvicorn), `nginx` (a C reverse prox
 worker, unbuffered, keep-alive upstream: what a proxy adds at the least) and `aiohttp` (the
 proxy with `scripts/aiohttp_transport.py` in place of its pool).
 
-Per arm and round, after the connections are open: the streams start spread over ten
-token gaps (so their tokens are not in step), each connection runs `--per-connection`
-streams back to back. Measured: TTFT and total latency as the client saw them; the arm's
+Per arm and round, after the connections are open, each connection runs
+`--per-connection` streams back to back, the connections starting evenly spread over one
+stream's length: requests then arrive at the steady rate of N streams (N / 1.65 s), not in
+bursts, and all N streams are under way from the end of the first stream's length until
+the start of the last one's. Latency figures come from the streams that ran entirely in
+that steady part (with 3 or more per connection: all but each connection's first and
+last); CPU per stream and token from all of them. Measured: TTFT and total latency as the
+client saw them; the arm's
 CPU (utime + stime from /proc, with its children) and peak RSS (sampled every 100 ms) over
 the window; the backend's and the load generator's own CPU and how late the backend's
 timers ran; and, for the proxy arms, each request's logged `ttft_ms` and `decode_tps`
@@ -77,6 +82,7 @@ class Window:
     """One arm's round: what the client saw and what the processes spent."""
 
     samples: list[Sample]
+    steady: set[str]  # ids of the streams that ran while all N were under way
     seconds: float
     cpu: float  # the arm's processes (0 for direct)
     rss_peak: int
@@ -173,14 +179,17 @@ async def window(
     """Run n streams x per-connection through `arm`, measuring around them."""
     clients = await open_clients(arm.target, n)
     host, port = arm.target
-    stagger = 10 * pace.gap
+    stagger = pace.ttft + pace.tokens * pace.gap  # one stream's length
+    per = args.per_connection
+    middle = range(1, per - 1) if per >= 3 else range(per)
     plans = [
         [
             (rid := f"{tag}-{i}-{k}", chat_request(host, port, rid, MODEL, pace.tokens))
-            for k in range(args.per_connection)
+            for k in range(per)
         ]
         for i in range(n)
     ]
+    steady = {f"{tag}-{i}-{k}" for i in range(n) for k in middle}
     backend_pids = [backend.pid]
     load_before = loadavg()
     peak = [rss_bytes(arm.pids)]
@@ -204,6 +213,7 @@ async def window(
     logged = await read_log(arm, {s.request_id for s in samples if s.ok})
     return Window(
         samples,
+        steady,
         seconds,
         cpu,
         peak[0],

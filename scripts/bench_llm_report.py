@@ -47,8 +47,9 @@ def arm_figures(windows: list[Window], pace: Pace) -> dict[str, Any]:
     """One arm's figures over its rounds."""
     samples = [s for w in windows for s in w.samples]
     good = [s for s in samples if s.ok]
-    ttft = [1000 * t for s in good if (t := s.ttft()) is not None]
-    total = [1000 * t for s in good if (t := s.total()) is not None]
+    steady = [s for w in windows for s in w.samples if s.ok and s.request_id in w.steady]
+    ttft = [1000 * t for s in steady if (t := s.ttft()) is not None]
+    total = [1000 * t for s in steady if (t := s.total()) is not None]
     seconds = sum(w.seconds for w in windows)
     cpu = sum(w.cpu for w in windows)
     paces = {rid: v for w in windows for rid, v in w.paces.items()}
@@ -62,13 +63,14 @@ def arm_figures(windows: list[Window], pace: Pace) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "streams_ok": len(good),
         "errors": len(samples) - len(good),
+        "streams_timed": len(steady),
         "error_kinds": sorted({s.error or f"status {s.status}" for s in samples if not s.ok})[:5],
         "seconds": seconds,
         "ttft_p50_ms": pct(ttft, 50),
         "ttft_p99_ms": pct(ttft, 99),
         "total_p50_ms": pct(total, 50),
         "total_p99_ms": pct(total, 99),
-        "max_gap_p99_ms": pct([1000 * s.max_gap for s in good], 99),
+        "max_gap_p99_ms": pct([1000 * s.max_gap for s in steady], 99),
         "client_pace_vs_backend_p50": pct(client_vs_backend, 50),
         "cpu_s": cpu,
         "cpu_share_of_a_core": cpu / seconds if seconds else None,
@@ -81,14 +83,20 @@ def arm_figures(windows: list[Window], pace: Pace) -> dict[str, Any]:
         "backend_tps_p50": pct(list(backend_tps.values()), 50),
         "load_min": min(min(w.load) for w in windows),
         "load_max": max(max(w.load) for w in windows),
-        "per_round_ttft_p99_ms": [
-            pct([1000 * t for s in w.samples if s.ok and (t := s.ttft()) is not None], 99)
-            for w in windows
+        "per_round_ttft_p99_ms": [_round_p99(w) for w in windows],
+        "per_round_cpu_us_per_token": [
+            1e6 * w.cpu / max(1, sum(s.ok for s in w.samples) * pace.tokens) for w in windows
         ],
     }
     if any(w.logged for w in windows) or logged:
         figures |= _logged_figures(good, logged, backend_tps)
     return figures
+
+
+def _round_p99(w: Window) -> float | None:
+    return pct(
+        [1000 * t for s in w.samples if s.ok and s.request_id in w.steady and (t := s.ttft())], 99
+    )
 
 
 def _logged_figures(
@@ -195,6 +203,7 @@ def _f(value: Any, spec: str = ".1f") -> str:
 
 LATENCY_COLUMNS = (  # (heading, key, format)
     ("ok", "streams_ok", "d"),
+    ("timed", "streams_timed", "d"),
     ("err", "errors", "d"),
     ("TTFT p50", "ttft_p50_ms", ".1f"),
     ("p99", "ttft_p99_ms", ".1f"),
@@ -242,6 +251,14 @@ def print_llm(report: dict[str, Any]) -> None:
         _table(arms, LATENCY_COLUMNS)
         print()
         _table(arms, COST_COLUMNS)
+        print(
+            "per round, TTFT p99 ms | CPU us/token: "
+            + "; ".join(
+                f"{name} {'/'.join(_f(v) for v in f['per_round_ttft_p99_ms'])}"
+                f" | {'/'.join(_f(v) for v in f['per_round_cpu_us_per_token'])}"
+                for name, f in arms.items()
+            )
+        )
         d = arms["direct"]
         print(
             f"harness: backend {_f(d['backend_cpu_share'], '.0%')} of a core, timers late"

@@ -572,7 +572,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, direct always included (default: {','.join(bench_llm.ARMS)})",
     )
     llm.add_argument(
-        "--per-connection", type=int, default=2, help="streams per connection and round (2)"
+        "--per-connection",
+        type=int,
+        default=3,
+        help="streams per connection and round (3: the middle ones are timed)",
     )
     llm.add_argument("--ttft-ms", type=float, default=50.0, help="to the first token (50)")
     llm.add_argument("--gap-ms", type=float, default=25.0, help="between tokens (25)")
