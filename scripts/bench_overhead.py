@@ -1,5 +1,11 @@
 """Measure the latency and throughput the proxy adds on top of a backend.
 
+Two kinds of load. `--llm` is the one the proxy exists for: N concurrent streams paced like
+a model, through the proxy and reference arms (nginx, uvicorn, the aiohttp client), with
+the proxy's CPU per streamed token and its logged figures against the client's: see
+`bench_llm.py`. Without it, the scenarios below measure requests per second against an
+instant backend: what the proxy costs per request at its limit.
+
 Three processes: a fake OpenAI backend, the proxy in front of it, and this script as the load
 generator. Each scenario (non-stream / stream, concurrency 1 / 16) runs in interleaved rounds
 against the backend directly and through the proxy, so slow drift on a noisy machine hits both
@@ -20,6 +26,8 @@ The fake answers `POST /v1/chat/completions` (JSON, or SSE over chunked transfer
     python scripts/bench_overhead.py --proxy-url http://127.0.0.1:8000 --json out.json
     python scripts/bench_overhead.py --serve-fake 9000     # only the fake backend
     python scripts/bench_overhead.py --floor               # a bare relay in its place
+    python scripts/bench_overhead.py --llm                 # paced streams, N=64,256,1024
+    python scripts/bench_overhead.py --llm --streams 256 --arms proxy,aiohttp --rounds 6
 """
 
 from __future__ import annotations
