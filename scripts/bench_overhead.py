@@ -1,5 +1,11 @@
 """Measure the latency and throughput the proxy adds on top of a backend.
 
+Two kinds of load. `--llm` is the one the proxy exists for: N concurrent streams paced like
+a model, through the proxy and reference arms (nginx, uvicorn, the aiohttp client), with
+the proxy's CPU per streamed token and its logged figures against the client's: see
+`bench_llm.py`. Without it, the scenarios below measure requests per second against an
+instant backend: what the proxy costs per request at its limit.
+
 Three processes: a fake OpenAI backend, the proxy in front of it, and this script as the load
 generator. Each scenario (non-stream / stream, concurrency 1 / 16) runs in interleaved rounds
 against the backend directly and through the proxy, so slow drift on a noisy machine hits both
@@ -20,6 +26,8 @@ The fake answers `POST /v1/chat/completions` (JSON, or SSE over chunked transfer
     python scripts/bench_overhead.py --proxy-url http://127.0.0.1:8000 --json out.json
     python scripts/bench_overhead.py --serve-fake 9000     # only the fake backend
     python scripts/bench_overhead.py --floor               # a bare relay in its place
+    python scripts/bench_overhead.py --llm                 # paced streams, N=64,256,1024
+    python scripts/bench_overhead.py --llm --streams 256 --arms proxy,aiohttp --rounds 6
 """
 
 from __future__ import annotations
@@ -33,7 +41,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -43,10 +50,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+import bench_llm
+import uvloop
+from bench_procs import (
+    HOST,
+    BenchError,
+    ProtocolError,
+    Target,
+    close_writer,
+    free_port,
+    proxy_config,
+    python,
+    read_head,
+    start_printing_port,
+    start_server,
+    stop,
+    wait_healthy,
+)
+
 MODEL = "bench-model"
-HOST = "127.0.0.1"
 SCENARIOS = (
     ("non-stream c=1", False, 1),
     ("stream c=1", True, 1),
@@ -55,23 +77,10 @@ SCENARIOS = (
 )
 PROMPT_TOKENS = 24
 REQUEST_TIMEOUT_S = 30.0
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 5.0
 # A content delta with non-empty text, matched in a chunk plus the tail of the previous one.
 CONTENT_RE = re.compile(rb'"content":\s*"[^"]')
 DONE_MARK = b"data: [DONE]"
 TAIL_BYTES = 64
-
-
-Target = tuple[str, int]  # (host, port)
-
-
-class ProtocolError(Exception):
-    """The peer did not speak the HTTP we expected."""
-
-
-class BenchError(Exception):
-    """The benchmark cannot run (a process did not start); the message says why."""
 
 
 # ---------------------------------------------------------------- fake backend (server side)
@@ -274,15 +283,6 @@ def build_request(target: Target, stream: bool, tokens: int) -> bytes:
     ).encode() + data
 
 
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-        raise ProtocolError(f"bad status line {lines[0]!r}")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    return int(parts[1]), headers
-
-
 async def read_chunks(reader: asyncio.StreamReader, t0: float) -> tuple[float | None, bool]:
     """Consume a chunked body; return (time of first non-empty content, saw [DONE])."""
     ttft: float | None = None
@@ -326,13 +326,6 @@ async def one_request(
     if content_ttft is None or not done:
         raise ProtocolError("stream without content delta or without data: [DONE]")
     return content_ttft, total, reusable
-
-
-async def close_writer(writer: asyncio.StreamWriter | None) -> None:
-    if writer is not None:
-        writer.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(writer.wait_closed(), STOP_TIMEOUT_S)
 
 
 async def worker(
@@ -380,120 +373,26 @@ async def run_load(
 # ---------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 async def start_fake(tokens: int, token_delay_ms: float, log: Path) -> tuple[Process, int]:
-    with log.open("wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            __file__,
-            "--serve-fake",
-            "0",
-            "--tokens",
-            str(tokens),
-            "--token-delay-ms",
-            str(token_delay_ms),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
-        )
-    assert proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT_S)
-        return proc, int(line)
-    except (TimeoutError, ValueError):
-        await stop(proc)
-        raise BenchError(f"fake backend did not start:\n{log.read_text()}") from None
+    command = [sys.executable, __file__, "--serve-fake", "0", "--tokens", str(tokens)]
+    command += ["--token-delay-ms", str(token_delay_ms)]
+    return await start_printing_port(command, log, "fake backend")
 
 
 async def start_proxy(tmp: Path, fake_port: int) -> tuple[Process, int]:
     port = free_port()
-    config = tmp / "routes.yaml"
-    config.write_text(
-        f"listen: {{host: {HOST}, port: {port}}}\nmodel: {MODEL}\n"
-        f"backends:\n  baseline: {{url: http://{HOST}:{fake_port}}}\n"
-        "routing:\n  split: {baseline: 100}\n"
-        f"logging: {{path: {json.dumps(str(tmp / 'requests.jsonl'))}, stdout: false}}\n"
-    )
-    python = str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable)
-    log = tmp / "proxy.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            python,
-            "-m",
-            "proxy",
-            "serve",
-            "--config",
-            str(config),
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=out,
-        )
-    if not await wait_healthy((HOST, port), "/healthz", proc):
-        await stop(proc)
-        why = f"exited with code {proc.returncode}" if proc.returncode else "was not healthy"
-        raise BenchError(f"proxy {why} within {STARTUP_TIMEOUT_S:.0f}s:\n{log.read_text()}")
-    return proc, port
+    config = proxy_config(tmp, "requests", port, fake_port, MODEL)
+    serve = ["serve", "--config", str(config), "--host", HOST, "--port", str(port)]
+    command = [python(), "-m", "proxy", *serve]
+    return await start_server(command, port, tmp / "proxy.log", "proxy"), port
 
 
 async def start_floor(tmp: Path, fake_port: int) -> tuple[Process, int]:
     """scripts/relay_floor.py in the proxy's place: what any Python relay keeps."""
     port = free_port()
-    log = tmp / "relay_floor.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(Path(__file__).with_name("relay_floor.py")),
-            "--port",
-            str(port),
-            "--backend",
-            f"{HOST}:{fake_port}",
-            stdout=out,
-            stderr=out,
-        )
-    if not await wait_healthy((HOST, port), "/healthz", proc):
-        await stop(proc)
-        raise BenchError(f"relay_floor did not start:\n{log.read_text()}")
-    return proc, port
-
-
-async def wait_healthy(target: Target, path: str, proc: Process | None = None) -> bool:
-    host, port = target
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
-    deadline = time.perf_counter() + STARTUP_TIMEOUT_S
-    while time.perf_counter() < deadline and (proc is None or proc.returncode is None):
-        writer = None
-        try:
-            async with asyncio.timeout(2.0):
-                reader, writer = await asyncio.open_connection(host, port)
-                writer.write(request)
-                if (await read_head(reader))[0] == 200:
-                    return True
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, ProtocolError):
-            pass
-        finally:
-            await close_writer(writer)
-        await asyncio.sleep(0.1)
-    return False
-
-
-async def stop(proc: Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+    floor = str(Path(__file__).with_name("relay_floor.py"))
+    command = [sys.executable, floor, "--port", str(port), "--backend", f"{HOST}:{fake_port}"]
+    return await start_server(command, port, tmp / "relay_floor.log", "relay_floor"), port
 
 
 # ---------------------------------------------------------------- measurement and report
@@ -635,10 +534,10 @@ async def bench(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per arm and scenario")
+    ap.add_argument("--rounds", type=int, help="rounds per arm and scenario (default: 3; --llm: 2)")
     ap.add_argument("--seconds", type=float, default=3.0, help="length of one round")
     ap.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per arm")
-    ap.add_argument("--tokens", type=int, default=16, help="content chunks per answer")
+    ap.add_argument("--tokens", type=int, help="content chunks per answer (default: 16; --llm: 64)")
     ap.add_argument(
         "--token-delay-ms",
         type=float,
@@ -664,7 +563,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PORT",
         help="only run the fake backend on PORT (0: any) and print the port",
     )
-    return ap.parse_args(argv)
+    llm = ap.add_argument_group(
+        "LLM-shaped scenario", "paced streams through several arms: see scripts/bench_llm.py"
+    )
+    llm.add_argument("--llm", action="store_true", help="run it instead of the scenarios above")
+    llm.add_argument(
+        "--streams",
+        type=bench_llm.parse_streams,
+        default=[64, 256, 1024],
+        help="concurrent streams, comma-separated (default: 64,256,1024)",
+    )
+    llm.add_argument(
+        "--arms",
+        type=bench_llm.parse_arms,
+        default=list(bench_llm.ARMS),
+        help=f"comma-separated, direct always included (default: {','.join(bench_llm.ARMS)})",
+    )
+    llm.add_argument(
+        "--per-connection",
+        type=int,
+        default=3,
+        help="streams per connection and round (3: the middle ones are timed)",
+    )
+    llm.add_argument("--ttft-ms", type=float, default=50.0, help="to the first token (50)")
+    llm.add_argument("--gap-ms", type=float, default=25.0, help="between tokens (25)")
+    args = ap.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 2 if args.llm else 3
+    if args.tokens is None:
+        args.tokens = 64 if args.llm else 16
+    if min(args.rounds, args.tokens, args.per_connection) < 1:
+        ap.error("--rounds, --tokens and --per-connection must be >= 1")
+    return args
 
 
 def main() -> None:
@@ -674,7 +604,10 @@ def main() -> None:
             asyncio.run(serve_fake(args.serve_fake, args.tokens, args.token_delay_ms / 1000))
         return
     try:
-        asyncio.run(bench(args))
+        if args.llm:
+            uvloop.run(bench_llm.bench_llm(args))
+        else:
+            asyncio.run(bench(args))
     except BenchError as exc:
         sys.exit(f"bench_overhead: {exc}")
     except (KeyboardInterrupt, asyncio.CancelledError):  # children are already stopped
