@@ -6,9 +6,9 @@ is as lean as a fair one can be: one `ClientSession` and `TCPConnector` for the 
 cookie jar, no decompression, no headers of its own, bodies read with `readany()` (all that
 has arrived), and raw header bytes passed through as they came.
 
-Timeouts follow `proxy/upstream.py`: `connect` for the connection, `read` for the answer's
-head, and `Body.timeout` (set by the relay as a stream goes; by default `idle`, else
-`read`) between reads of the body. They are kept by aiohttp's own `sock_read` timer, which
+Timeouts follow `proxy/upstream.py`: `connect` for the connection, `first_byte` for the
+answer's head, and `Body.timeout` (set by the relay as a stream goes; by default `idle`)
+between reads of the body. They are kept by aiohttp's own `sock_read` timer, which
 it re-arms on every read from the socket: measured at 256 streams, 33 us of proxy CPU per
 token against 36.5 us with a timer of ours around each wait (`asyncio.timeout`). Failures
 are raised as the httpx exceptions the relay maps to 502/504.
@@ -23,7 +23,7 @@ import asyncio
 import aiohttp
 import httpx
 
-from proxy.upstream import Timeouts, UpstreamRequest, UpstreamResponse
+from proxy.upstream import UpstreamRequest, UpstreamResponse, UpstreamTimeouts
 
 # The pool's limits: no cap over all backends, and `limits.max_connections_per_backend`'s
 # default per backend, beyond which a request waits for a connection to be free.
@@ -35,8 +35,14 @@ class AiohttpTransport:
     """`proxy.upstream.Transport` on one aiohttp `ClientSession`, made on first use (a
     session belongs to the event loop it was made in)."""
 
-    def __init__(self, limit: int = _LIMIT, limit_per_host: int = _LIMIT_PER_HOST) -> None:
+    def __init__(
+        self,
+        limit: int = _LIMIT,
+        limit_per_host: int = _LIMIT_PER_HOST,
+        max_response_body_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self._limit, self._limit_per_host = limit, limit_per_host
+        self._max_body = max_response_body_bytes
         self._session: aiohttp.ClientSession | None = None
         self._lingering: set[asyncio.Task[None]] = set()
 
@@ -63,9 +69,9 @@ class AiohttpTransport:
         session = self._session or self._open()
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
         # sock_read: aiohttp's one timer per connection, re-armed on each read from the
-        # socket; first `read` (to the head), then the body's (see `_AiohttpBody.read`).
+        # socket; first `first_byte` (to the head), then the body's (see `_AiohttpBody.read`).
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read")
+            total=None, sock_connect=timeouts.connect, sock_read=timeouts.first_byte
         )
         try:
             response = await session.request(
@@ -83,10 +89,11 @@ class AiohttpTransport:
         except aiohttp.ConnectionTimeoutError:
             raise httpx.ConnectTimeout(f"no connection to {endpoint.url} in time") from None
         except TimeoutError:
-            raise httpx.ReadTimeout(f"no answer for {timeouts.get('read'):g} s") from None
+            raise httpx.ReadTimeout(f"no answer for {timeouts.first_byte:g} s") from None
         except aiohttp.ClientError as exc:
             raise _mapped(exc) from None
         body = _AiohttpBody(response, timeouts, self._lingering)
+        body.limit = self._max_body
         return UpstreamResponse(response.status, list(response.raw_headers), body)
 
     async def aclose(self) -> None:
@@ -99,19 +106,20 @@ class AiohttpTransport:
 class _AiohttpBody:
     """An aiohttp response's body behind the proxy's `Body` protocol."""
 
-    __slots__ = ("_armed", "_content", "_lingering", "_response", "timeout")
+    __slots__ = ("_armed", "_content", "_lingering", "_response", "limit", "timeout")
 
     def __init__(
         self,
         response: aiohttp.ClientResponse,
-        timeouts: Timeouts,
+        timeouts: UpstreamTimeouts,
         lingering: set[asyncio.Task[None]],
     ) -> None:
         self._response = response
         self._content = response.content
         self._lingering = lingering
-        self.timeout: float | None = timeouts.get("idle", timeouts.get("read"))
-        self._armed = timeouts.get("read")  # what aiohttp's sock_read timer is set to
+        self.timeout: float | None = timeouts.idle
+        self.limit: int | None = None  # the most `read_all` takes (set by the transport)
+        self._armed: float | None = timeouts.first_byte  # aiohttp's sock_read timer
 
     async def read(self) -> bytes:
         try:
@@ -126,6 +134,9 @@ class _AiohttpBody:
             raise httpx.ReadTimeout(f"no data for {self.timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise _mapped(exc) from None
+
+    def abort(self) -> None:
+        self._response.close()
 
     async def aclose(self, linger: float = 0.0) -> None:
         response = self._response
