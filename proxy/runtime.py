@@ -33,6 +33,7 @@ from proxy.metrics import BackendGauges, Metrics
 from proxy.payload import NOT_FORWARDED
 from proxy.relay import WriteWatch
 from proxy.routing import Router
+from proxy.sessions import SessionHasher
 from proxy.shadow import Shadower
 from proxy.upstream import Endpoint, Transport, UpstreamTimeouts
 
@@ -102,6 +103,7 @@ class Runtime:
     rng: random.Random
     supervisor: Supervisor | None = None  # the backends this proxy launched, if any
     config_path: Path | None = None  # what a reload reads
+    sessions: SessionHasher = field(default_factory=SessionHasher)  # default: a random key
     in_flight: Counter[str] = field(default_factory=Counter)
     stats: LiveStats = field(default_factory=LiveStats)
     ids: RequestIds = field(default_factory=RequestIds)
