@@ -113,6 +113,7 @@ def create_app(
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/stats", stats, methods=["GET"]),
+        Route("/verdict", verdict, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/reload", admin_reload, methods=["POST"]),
     ]
@@ -334,6 +335,12 @@ async def stats(request: Request) -> JSONResponse:
     """Per-backend figures since start (bounded memory; the report reads the logs)."""
     runtime: Runtime = request.state.runtime
     return _answer(request, {"since_start": True, "backends": runtime.stats.snapshot()})
+
+
+async def verdict(request: Request) -> JSONResponse:
+    """The A/B verdict of the experiment's traffic so far: see liveverdict.py."""
+    runtime: Runtime = request.state.runtime
+    return _answer(request, runtime.verdict.document())
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -4,7 +4,7 @@
 it in whole: each request reads `runtime.active` once, so it is routed, limited and logged under
 one consistent config version from start to end, while in-flight requests finish under
 the one they started with. `Runtime` holds what outlives a config: the connection pool,
-the log, live counters, each backend's health and concurrency slots.
+the log, live counters and verdict, each backend's health and concurrency slots.
 
 The app's lifespan owns the runtime and hands it to every request through the ASGI
 scope's state: no globals.
@@ -29,6 +29,7 @@ from proxy.health import BackendHealth, HealthBoard
 from proxy.launch import Supervisor
 from proxy.limits import Limiter
 from proxy.livestats import LiveStats
+from proxy.liveverdict import LiveVerdict
 from proxy.metrics import BackendGauges, Metrics
 from proxy.payload import NOT_FORWARDED
 from proxy.relay import WriteWatch
@@ -115,6 +116,7 @@ class Runtime:
     limiters: dict[str, Limiter] = field(init=False)
     shadower: Shadower = field(init=False)
     metrics: Metrics = field(init=False)
+    verdict: LiveVerdict = field(init=False)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
@@ -124,6 +126,7 @@ class Runtime:
         self.health = HealthBoard(config, self._health_changed)
         self.limiters = {name: Limiter(b) for name, b in config.backends.items()}
         self.metrics = Metrics(self._gauges)
+        self.verdict = LiveVerdict(config, self.active.version)
         self.shadower = Shadower(self.transport, self.in_flight, self.log, self.stats, self.metrics)
 
     @property
@@ -159,6 +162,8 @@ class Runtime:
                 previous=previous.version,
                 changed=previous.version != active.version,
             )
+            if self.verdict.follow(config, active.version):  # a new split: a new experiment
+                self.log.event("verdict_reset", reason=self.verdict.reason)
             return active
 
     def _apply(self, config: Config) -> None:
