@@ -125,8 +125,8 @@ class Runtime:
         self.ids.max_length = config.limits.max_request_id_length
         self.health = HealthBoard(config, self._health_changed)
         self.limiters = {name: Limiter(b) for name, b in config.backends.items()}
-        self.metrics = Metrics(self._gauges)
         self.verdict = LiveVerdict(config, self.active.version)
+        self.metrics = Metrics(self._gauges, self.verdict.snapshot)
         self.shadower = Shadower(self.transport, self.in_flight, self.log, self.stats, self.metrics)
 
     @property

@@ -15,6 +15,7 @@ import pytest
 from proxy.accesslog import RequestRecord
 from proxy.config import Config, load_config, parse_config
 from proxy.liveverdict import LiveVerdict
+from proxy.metrics import Metrics
 from proxy.routing import FallbackCause, Reason
 from proxy.sequential import Metric
 from tests.conftest import RunningProxy, make_config
@@ -224,6 +225,21 @@ def test_too_few_requests_say_so_in_the_notes() -> None:
     assert any("fewer than 10 requests on a side" in note for note in document["notes"])
 
 
+def test_metrics_show_the_ratios_once_there_is_an_interval() -> None:
+    live = LiveVerdict(config(), V)
+    metrics = Metrics(lambda: (V, iter(())), live.snapshot)
+    assert b"specproxy_verdict_ratio{" not in metrics.render()  # no interval yet
+    for line in _records(200, random.Random(2), sessions=False):
+        live.observe(line)
+    samples = [
+        line
+        for line in metrics.render().decode().splitlines()
+        if line.startswith("specproxy_verdict_ratio{")
+    ]
+    # value, low and high of decode, TTFT and latency; the error rate is not a ratio
+    assert len(samples) == 9 and not any("error_rate" in line for line in samples)
+
+
 # --- through the proxy -------------------------------------------------------------------
 
 
@@ -286,6 +302,10 @@ def test_a_backend_twice_as_slow_to_decode_is_found_worse(
     assert outcome == "worse", primary
     # 7 tokens in 28 ms against 56 ms, plus each sleep's overshoot on a busy machine
     assert primary["interval"]["high"] < 1 and 0.3 < primary["interval"]["value"] < 0.8
+    scraped = httpx.get(proxy.url + "/metrics").text
+    high = 'specproxy_verdict_ratio{arm="speculative",bound="high",metric="decode_tps"}'
+    [line] = [line for line in scraped.splitlines() if line.startswith(high)]
+    assert float(line.split()[-1]) < 1
 
 
 def test_forced_and_moved_requests_do_not_count(
