@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 import subprocess
@@ -17,8 +16,8 @@ import pytest
 from proxy.config import Logging
 from proxy.errors import ConfigError
 from proxy.sessions import KEY_FILE, SessionHasher, session_key, session_key_from_env
-from tests.conftest import RunningProxy, free_port, make_config, serve_subprocess
-from tests.fakebackend import FakeBackend
+from tests.conftest import RunningProxy, free_port, make_config, read_log, serve_subprocess
+from tests.fakebackend import FakeBackend, wait_until
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -118,9 +117,15 @@ def test_the_hasher_never_shows_its_key() -> None:
 
 
 def _session_of(url: str, log: Path, value: str) -> str:
+    """The session on the line of one request to the proxy at `url`, logging to `log`."""
+
+    def lines() -> list[dict[str, Any]]:
+        return [line for line in read_log(log) if line["event"] == "request"]
+
+    before = len(lines())
     assert httpx.post(url + CHAT, json=BODY, headers={"X-Session-Id": value}).status_code == 200
-    lines = [line for line in log.read_text().splitlines() if '"event":"request"' in line]
-    session = json.loads(lines[-1])["session"]
+    assert wait_until(lambda: len(lines()) == before + 1, 5)  # written after the last byte
+    session = lines()[-1]["session"]
     assert isinstance(session, str)
     return session
 
@@ -205,3 +210,35 @@ def test_the_key_never_reaches_the_log_stdout_or_any_endpoint(
         for output in outputs:
             for form in (key, key.hex().encode(), key.hex().upper().encode()):
                 assert form not in output, source
+
+
+def _check(config: Path, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={**environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_check_names_an_unset_key_variable_and_says_where_a_key_comes_from(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "routes.yaml"
+    config.write_text(
+        "model: m\nbackends: {baseline: {url: 'http://127.0.0.1:1'}}\n"
+        "routing: {sticky_header: X-Session-Id, split: {baseline: 100}}\n"
+        f"logging: {{path: '{tmp_path / 'logs' / 'requests.jsonl'}', session_key_env: {ENV}}}\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != ENV}
+    unset = _check(config, environ)
+    assert unset.returncode == 2
+    assert unset.stderr == (
+        f"error: logging.session_key_env: environment variable {ENV} is not set or empty\n"
+    )
+    found = _check(config, {**environ, ENV: ENV_KEY})
+    assert found.returncode == 0, found.stderr
+    assert f"sessions logged as a keyed hash: key in ${ENV}" in found.stdout
+    assert not (tmp_path / "logs").exists()  # check makes nothing
