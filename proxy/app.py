@@ -41,6 +41,7 @@ from proxy.metrics import CONTENT_TYPE
 from proxy.relay import Receive, Send, send_error
 from proxy.runtime import ActiveConfig, Runtime
 from proxy.server import Server
+from proxy.sessions import SessionHasher, session_key
 from proxy.upstream import Transport, UpstreamTransport, as_transport
 
 _HEALTH_TIMEOUT = 2.0  # seconds, for the probes /healthz makes while the caller waits
@@ -73,13 +74,14 @@ def create_app(
     `supervisor`, the launched backends, adds their process figures to /healthz;
     `config_path` is the file that SIGHUP and `POST /admin/reload` read again."""
     initial = ActiveConfig.build(config)  # a missing key variable fails here, before serving
+    sessions = SessionHasher(session_key(config.logging))  # and so does the session key
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         access_log = log or AccessLog(config.logging.path, stdout=config.logging.stdout)
         upstream = as_transport(transport) if transport is not None else _pool(config)
         runtime = Runtime(
-            initial, upstream, access_log, rng or random.Random(), supervisor, config_path
+            initial, upstream, access_log, rng or random.Random(), supervisor, config_path, sessions
         )
         app.state.runtime = runtime  # for the SIGHUP handler, which has no request
         probes = asyncio.ensure_future(
@@ -111,6 +113,7 @@ def create_app(
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/stats", stats, methods=["GET"]),
+        Route("/verdict", verdict, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/reload", admin_reload, methods=["POST"]),
     ]
@@ -332,6 +335,12 @@ async def stats(request: Request) -> JSONResponse:
     """Per-backend figures since start (bounded memory; the report reads the logs)."""
     runtime: Runtime = request.state.runtime
     return _answer(request, {"since_start": True, "backends": runtime.stats.snapshot()})
+
+
+async def verdict(request: Request) -> JSONResponse:
+    """The A/B verdict of the experiment's traffic so far: see liveverdict.py."""
+    runtime: Runtime = request.state.runtime
+    return _answer(request, runtime.verdict.document())
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -10,7 +10,7 @@ early exit), and neither keys nor the Authorization header are ever logged.
 - /admin/*: the admin token when one is configured; without one, loopback clients only
   (403 for anyone else), so a proxy listening on a public address is not reconfigurable
   by strangers.
-- /healthz, /stats, /metrics stay open for probes and scrapers.
+- /healthz, /stats, /verdict, /metrics stay open for probes and scrapers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 from proxy.config import Auth
 from proxy.errors import AuthenticationError, ConfigError, ForbiddenError
 
-OPEN_PATHS = frozenset({"/healthz", "/metrics", "/stats"})  # for probes and scrapers
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/stats", "/verdict"})  # for probes and scrapers
 
 
 @dataclass(frozen=True)

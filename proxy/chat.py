@@ -157,12 +157,13 @@ async def _fail(call: _Call, send: Send, exc: ProxyError, failure: str) -> None:
 
 
 def _finish(call: _Call) -> RequestRecord:
-    """The request is over: its line to the log, the live stats and the metrics."""
+    """The request is over: its line to the log, the live stats and verdict, the metrics."""
     call.clock.finish()
     record = _record(call)
     runtime = call.runtime
     runtime.log.request(record)
     runtime.stats.observe(record)
+    runtime.verdict.observe(record)
     runtime.metrics.observe(record)
     return record
 
@@ -197,7 +198,16 @@ def _record(call: _Call) -> RequestRecord:
         state.client_gone,  # client_disconnected
         call.behind_shadow,
         call.request_id_replaced,
+        _session(call),
     )
+
+
+def _session(call: _Call) -> str | None:
+    """The keyed hash of the sticky header's value, whatever routed the request: a forced
+    request with one is still part of its session. An empty value is none, as in routing."""
+    sticky = call.active.router.sticky_header
+    value = call.headers.get(sticky) if sticky is not None else None
+    return call.runtime.sessions(value) if value else None
 
 
 async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Send) -> None:

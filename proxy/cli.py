@@ -23,6 +23,7 @@ from proxy.auth import is_loopback, resolve_keys
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.launch import LaunchError, Supervisor, build_command
+from proxy.sessions import KEY_FILE, session_key, session_key_from_env
 
 if TYPE_CHECKING:  # uvicorn is imported only when it serves (about 40 ms)
     from proxy.uvicorn_server import Tls
@@ -48,11 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         resolve_keys(config.auth)  # a named key variable that is unset: a config error too
+        session_key_from_env(config.logging)  # and so is the session key's
         if args.command == "check":
             _check_log_path(config.logging.path)  # what `serve` opens, without creating it
             print(f"{args.config}: OK\n{describe(config)}")
             return 0
         log = _open_log(config)
+        try:  # made or read now: a bad key file stops `serve` before it launches anything
+            if args.command == "serve":
+                session_key(config.logging)
+        except ConfigError:
+            log.close()
+            raise
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -300,7 +308,19 @@ def describe(config: Config) -> str:
     admin = "admin token" if auth.admin_token or auth.admin_token_env else "loopback only"
     lines.append(f"  API keys {keys}; /admin/* {admin}")
     lines.append(f"  request log {config.logging.path or '(stdout only)'}")
+    if routing.sticky_header:
+        lines.append(f"  sessions logged as a keyed hash: {_key_source(config)}")
     return "\n".join(lines)
+
+
+def _key_source(config: Config) -> str:
+    """Where the sessions' key comes from (never the key)."""
+    logging = config.logging
+    if logging.session_key_env is not None:
+        return f"key in ${logging.session_key_env}"
+    if logging.path is None:
+        return "key random per process (no log file to keep it beside)"
+    return f"key in {logging.path.parent / KEY_FILE}"
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

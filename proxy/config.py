@@ -187,6 +187,9 @@ class Routing(_Frozen):
 class Logging(_Frozen):
     path: Path | None = Path("logs/requests.jsonl")
     stdout: bool = True
+    # The environment variable holding the key of the sessions' hashes (see sessions.py).
+    # Unset: a key file beside the log file, made on the first start.
+    session_key_env: str | None = None
 
 
 class Limits(_Frozen):

@@ -4,7 +4,8 @@ Each app has its own registry (no global one), so several proxies in one process
 never share counters. Per-request figures are plain Python numbers, added to once, when the
 request's log line is written, and turned into metric families only at scrape time;
 gauges (in flight, queued, health, config) are read from the running state at scrape time
-too. Neither costs a lock or a prometheus_client call per request.
+too, and so is the live verdict (decided once per scrape). None costs a lock or a
+prometheus_client call per request.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from proxy import sequential
 from proxy.accesslog import RequestRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -76,6 +78,31 @@ class _StateCollector(Collector):
         )
         config.add_metric([version], 1)
         yield from (in_flight, queued, healthy, ejections, config)
+
+
+class _VerdictCollector(Collector):
+    def __init__(self, read: Callable[[], sequential.Verdict]):
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        ratio = GaugeMetricFamily(
+            "specproxy_verdict_ratio",
+            "Arm / baseline of a time's geometric mean, and the bounds of its always-valid"
+            " interval (GET /verdict); absent while there are too few requests",
+            labels=["arm", "metric", "bound"],
+        )
+        for arm, verdict in self._read().arms.items():
+            for interval in (
+                verdict.primary.interval,
+                *(g.interval for g in verdict.guardrails.values()),
+            ):
+                if interval.metric is sequential.Metric.ERROR_RATE:
+                    continue  # a difference, not a ratio: in /verdict
+                bounds = (("value", interval.value), ("low", interval.low), ("high", interval.high))
+                for bound, value in bounds:
+                    if value is not None:
+                        ratio.add_metric([arm, interval.metric.value, bound], value)
+        yield ratio
 
 
 class _Histogram:
@@ -186,11 +213,17 @@ class _Figures(Collector):
 
 
 class Metrics:
-    def __init__(self, read_state: Callable[[], tuple[str, Iterable[BackendGauges]]]):
+    def __init__(
+        self,
+        read_state: Callable[[], tuple[str, Iterable[BackendGauges]]],
+        read_verdict: Callable[[], sequential.Verdict] | None = None,
+    ):
         self.registry = CollectorRegistry()
         self._figures = _Figures()
         self.registry.register(self._figures)
         self.registry.register(_StateCollector(read_state))
+        if read_verdict is not None:
+            self.registry.register(_VerdictCollector(read_verdict))
         self._requests = self._figures.requests  # one attribute less on every request
         self._timings: dict[tuple[str, bool], tuple[_Histogram, ...]] = {}
 

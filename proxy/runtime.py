@@ -4,7 +4,7 @@
 it in whole: each request reads `runtime.active` once, so it is routed, limited and logged under
 one consistent config version from start to end, while in-flight requests finish under
 the one they started with. `Runtime` holds what outlives a config: the connection pool,
-the log, live counters, each backend's health and concurrency slots.
+the log, live counters and verdict, each backend's health and concurrency slots.
 
 The app's lifespan owns the runtime and hands it to every request through the ASGI
 scope's state: no globals.
@@ -29,10 +29,12 @@ from proxy.health import BackendHealth, HealthBoard
 from proxy.launch import Supervisor
 from proxy.limits import Limiter
 from proxy.livestats import LiveStats
+from proxy.liveverdict import LiveVerdict
 from proxy.metrics import BackendGauges, Metrics
 from proxy.payload import NOT_FORWARDED
 from proxy.relay import WriteWatch
 from proxy.routing import Router
+from proxy.sessions import SessionHasher
 from proxy.shadow import Shadower
 from proxy.upstream import Endpoint, Transport, UpstreamTimeouts
 
@@ -102,6 +104,7 @@ class Runtime:
     rng: random.Random
     supervisor: Supervisor | None = None  # the backends this proxy launched, if any
     config_path: Path | None = None  # what a reload reads
+    sessions: SessionHasher = field(default_factory=SessionHasher)  # default: a random key
     in_flight: Counter[str] = field(default_factory=Counter)
     stats: LiveStats = field(default_factory=LiveStats)
     ids: RequestIds = field(default_factory=RequestIds)
@@ -113,6 +116,7 @@ class Runtime:
     limiters: dict[str, Limiter] = field(init=False)
     shadower: Shadower = field(init=False)
     metrics: Metrics = field(init=False)
+    verdict: LiveVerdict = field(init=False)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
@@ -121,7 +125,8 @@ class Runtime:
         self.ids.max_length = config.limits.max_request_id_length
         self.health = HealthBoard(config, self._health_changed)
         self.limiters = {name: Limiter(b) for name, b in config.backends.items()}
-        self.metrics = Metrics(self._gauges)
+        self.verdict = LiveVerdict(config, self.active.version)
+        self.metrics = Metrics(self._gauges, self.verdict.snapshot)
         self.shadower = Shadower(self.transport, self.in_flight, self.log, self.stats, self.metrics)
 
     @property
@@ -157,6 +162,8 @@ class Runtime:
                 previous=previous.version,
                 changed=previous.version != active.version,
             )
+            if self.verdict.follow(config, active.version):  # a new split: a new experiment
+                self.log.event("verdict_reset", reason=self.verdict.reason)
             return active
 
     def _apply(self, config: Config) -> None:

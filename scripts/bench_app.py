@@ -11,8 +11,10 @@ Variants (each non-stream and stream, 16 content events):
 - watcher:    the fast way, without the server's disconnect callback (a watcher task, as
               under uvicorn)
 and, for the request line alone: `AccessLog.request` against structlog's bound logger.
+With `--sticky`, the config has a sticky header and each request carries one (1000
+sessions in turn), so the session's keyed hash is in what is timed.
 
-    python scripts/bench_app.py [--requests 2000] [--rounds 7]
+    python scripts/bench_app.py [--requests 2000] [--rounds 7] [--sticky]
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class _Body:
         self._chunks = chunks
         self._at = 0
         self.timeout: float | None = None
-        self.limit: int | None = None  # the pool's body limit (`Body.limit`)
+        self.limit: int | None = None  # of a non-stream body: none here
 
     async def read(self) -> bytes:
         if self._at == len(self._chunks):
@@ -96,7 +98,9 @@ class InstantTransport:
         return None
 
 
-def _scope(state: dict[str, Any], body: bytes, callback: bool) -> dict[str, Any]:
+def _scope(
+    state: dict[str, Any], body: bytes, callback: bool, session: int | None
+) -> dict[str, Any]:
     scope: dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -117,6 +121,8 @@ def _scope(state: dict[str, Any], body: bytes, callback: bool) -> dict[str, Any]
         "server": ("127.0.0.1", 8000),
         "state": state,
     }
+    if session is not None:
+        scope["headers"].append((b"x-session-id", b"session-%d" % session))
     if callback:
         scope["extensions"] = {ON_DISCONNECT: lambda _callback: None}
     return scope
@@ -125,7 +131,9 @@ def _scope(state: dict[str, Any], body: bytes, callback: bool) -> dict[str, Any]
 Call = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
-async def _round(call: Call, state: dict[str, Any], stream: bool, n: int, callback: bool) -> float:
+async def _round(
+    call: Call, state: dict[str, Any], stream: bool, n: int, callback: bool, sticky: bool
+) -> float:
     body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     if stream:
         body = body[:-1] + b',"stream":true}'
@@ -147,20 +155,25 @@ async def _round(call: Call, state: dict[str, Any], stream: bool, n: int, callba
             statuses.append(msg["status"])
 
     started = time.perf_counter()
-    for _ in range(n):
+    for i in range(n):
         first = True
-        await call(_scope(state, body, callback), receive, send)
+        await call(_scope(state, body, callback, i % 1000 if sticky else None), receive, send)
     elapsed = time.perf_counter() - started
     assert statuses == [200] * n, statuses[:3]
     return elapsed / n * 1e6
 
 
-async def _bench_app(requests: int, rounds: int, only: list[str] | None) -> dict[str, float]:
+async def _bench_app(
+    requests: int, rounds: int, only: list[str] | None, sticky: bool
+) -> dict[str, float]:
+    routing: dict[str, Any] = {"split": {"baseline": 100}}
+    if sticky:
+        routing["sticky_header"] = "X-Session-Id"
     config = parse_config(
         {
             "model": MODEL,
             "backends": {"baseline": {"url": "http://127.0.0.1:9"}},
-            "routing": {"split": {"baseline": 100}},
+            "routing": routing,
             "logging": {"path": None, "stdout": False},
         }
     )
@@ -176,11 +189,11 @@ async def _bench_app(requests: int, rounds: int, only: list[str] | None) -> dict
     async with app.router.lifespan_context(app) as state:
         for stream in (False, True):
             for call, callback in variants.values():
-                await _round(call, dict(state), stream, 200, callback)  # warm
+                await _round(call, dict(state), stream, 200, callback, sticky)  # warm
             best: dict[str, float] = {}
             for _ in range(rounds):  # interleaved, so drift hits every variant alike
                 for name, (call, callback) in variants.items():
-                    us = await _round(call, dict(state), stream, requests, callback)
+                    us = await _round(call, dict(state), stream, requests, callback, sticky)
                     best[name] = min(best.get(name, us), us)
             label = "stream" if stream else "non-stream"
             results.update({f"{label} {name}": us for name, us in best.items()})
@@ -225,6 +238,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds; the fastest counts")
     parser.add_argument("--only", nargs="+", choices=("fast", "standard", "watcher"))
+    parser.add_argument("--sticky", action="store_true", help="requests carry a session header")
     args = parser.parse_args()
     try:
         import uvloop
@@ -232,7 +246,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    results = asyncio.run(_bench_app(args.requests, args.rounds, args.only))
+    results = asyncio.run(_bench_app(args.requests, args.rounds, args.only, args.sticky))
     if not args.only:
         results.update(_bench_log(args.requests * 5, args.rounds))
     for name, us in results.items():

@@ -77,7 +77,7 @@ def test_a_wrong_key_is_an_sdk_authentication_error(keyed: RunningProxy) -> None
 
 
 def test_probes_stay_open(keyed: RunningProxy) -> None:
-    for path in ("/healthz", "/metrics", "/stats"):
+    for path in ("/healthz", "/metrics", "/stats", "/verdict"):
         assert httpx.get(keyed.url + path).status_code == 200
 
 
