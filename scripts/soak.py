@@ -36,16 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# bench_overhead is a sibling script (sys.path[0] is scripts/ when this runs as a file): its
-# fake backend and raw HTTP helpers, so the soak and the benchmark use the same fake.
+# Sibling scripts (sys.path[0] is scripts/ when this runs as a file): bench_overhead's fake
+# backend, so the soak and the benchmark use the same fake, and bench_procs' process and raw
+# HTTP helpers.
 import bench_overhead as bench
+import bench_procs as procs
 import psutil
 
 EPILOG = """\
 exit codes: 0 every check passed; 1 a check failed (the reasons are printed);
             2 the soak could not run (a process did not start); 130 interrupted"""
 
-HOST = bench.HOST
+HOST = procs.HOST
 MODEL = "soak-model"
 BACKEND_NAMES = ("baseline", "speculative")
 SAMPLE_EVERY_S = 1.0  # RSS sampling; progress is printed less often
@@ -146,7 +148,7 @@ async def one_request(
     """Send one streaming request, read the whole answer: (x-backend, connection reusable)."""
     reader, writer = conn
     writer.write(request)
-    status, headers = await bench.read_head(reader)
+    status, headers = await procs.read_head(reader)
     if status != 200:
         raise Failed(f"status {status}", await read_error_body(reader, headers))
     if headers.get("transfer-encoding", "").lower() != "chunked":
@@ -180,7 +182,7 @@ def classify(exc: BaseException, timeout: float) -> tuple[str, str]:
 
 
 async def client(
-    target: bench.Target,
+    target: procs.Target,
     template: tuple[bytes, bytes],
     prefix: str,
     run: Run,
@@ -204,7 +206,7 @@ async def client(
             tally.passed(backend, time.perf_counter() - t0)
         except (
             Failed,
-            bench.ProtocolError,
+            procs.ProtocolError,
             OSError,  # TimeoutError too
             ValueError,
             EOFError,
@@ -214,9 +216,9 @@ async def client(
             reusable = False
             await asyncio.sleep(ERROR_PAUSE_S)
         if not reusable and conn is not None:
-            await bench.close_writer(conn[1])
+            await procs.close_writer(conn[1])
             conn = None
-    await bench.close_writer(conn[1] if conn else None)
+    await procs.close_writer(conn[1] if conn else None)
 
 
 # ---------------------------------------------------------------- the proxy's memory
@@ -384,7 +386,7 @@ async def start_backends(
     ports = {}
     for name in backend_names(args.backends):
         proc, port = await bench.start_fake(args.tokens, args.token_delay_ms, tmp / f"{name}.log")
-        stack.push_async_callback(bench.stop, proc)
+        stack.push_async_callback(procs.stop, proc)
         ports[name] = port
     return ports
 
@@ -397,16 +399,16 @@ async def start_proxy(
         proc = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "proxy", "serve", "--config", str(config)),
             *("--host", HOST, "--port", str(port)),
-            cwd=bench.REPO_ROOT,
+            cwd=procs.REPO_ROOT,
             stdout=sink,
             stderr=sink,
         )
-    stack.push_async_callback(bench.stop, proc)
-    if not await bench.wait_healthy((HOST, port), "/healthz", proc):
+    stack.push_async_callback(procs.stop, proc)
+    if not await procs.wait_healthy((HOST, port), "/healthz", proc):
         why = (
             f"exited with code {proc.returncode}"
             if proc.returncode is not None
-            else (f"did not answer GET /healthz within {bench.STARTUP_TIMEOUT_S:.0f} s")
+            else (f"did not answer GET /healthz within {procs.STARTUP_TIMEOUT_S:.0f} s")
         )
         tail = "\n".join(out.read_text(errors="replace").splitlines()[-20:])
         raise SoakError(f"the proxy {why}; the end of its output:\n{tail}")
@@ -436,7 +438,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         log = RequestLog(tmp / "requests.jsonl")
         async with contextlib.AsyncExitStack() as stack:
             ports = await start_backends(args, tmp, stack)
-            port = bench.free_port()
+            port = procs.free_port()
             write_config(tmp / "routes.yaml", ports, log.path, port)
             proxy = await start_proxy(tmp / "routes.yaml", port, tmp / "proxy.out", stack)
             announce(args, ports, proxy, port)
@@ -625,7 +627,7 @@ def main() -> None:
     args = parse_args()
     try:
         summary = run_loop(args)
-    except (SoakError, bench.BenchError) as exc:
+    except (SoakError, procs.BenchError) as exc:
         print(f"soak: cannot run: {exc}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, asyncio.CancelledError):  # children are already stopped
