@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from proxy import report_verdict, stats
 from proxy.logread import Bools, Floats, LogData, Requests, Shadows, UsageError, load_logs
-from proxy.render import MISMATCH, figures, render_html, render_text
+from proxy.render import MISMATCH, figures, forest, render_html, render_text
 from proxy.report_routing import (
     config_versions,
     failover,
@@ -394,7 +394,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m proxy report"
     )  # fmt: skip
     if args.html:
         plots = figures(selected, _order(selected, baseline))
-        page = render_html(report, plots, min_bucket_samples=MIN_BUCKET_SAMPLES)
+        page = render_html(
+            report, plots, min_bucket_samples=MIN_BUCKET_SAMPLES, forest=forest(report)
+        )
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"specproxy: wrote {args.html}", file=sys.stderr)
     if args.json:
