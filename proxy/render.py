@@ -140,11 +140,12 @@ def figures(req: Requests, names: Sequence[str]) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
-def forest(report: dict[str, Any]) -> str:
-    """The page's forest plot of every ratio in the report."""
+def forest(report: dict[str, Any]) -> str | None:
+    """The page's forest plot of every ratio in the report (None: no ratio has one)."""
     from proxy import plots
 
-    return plots.forest_svg(render_verdict.forest_rows(report))
+    rows = render_verdict.forest_rows(report)
+    return plots.forest_svg(rows) if rows else None
 
 
 def sections(report: dict[str, Any], *, min_bucket_samples: int) -> list[Section]:
