@@ -387,21 +387,21 @@ def session_runs(rng: np.random.Generator, sessions: int = 40, per: int = 20) ->
 
 
 def test_cluster_bootstrap_a_a_with_sessions_at_most_5_percent_false() -> None:
-    """40 sessions x 20 requests an arm, per-session log-sd 0.5, 300 seeded A/A runs: the
-    cluster bootstrap's 95% interval excludes 1 in about 5% of them (at most 6.5%, the Monte
+    """40 sessions x 20 requests an arm, per-session log-sd 0.5, 200 seeded A/A runs: the
+    cluster bootstrap's 95% interval excludes 1 in about 5% of them (at most 7%, the Monte
     Carlo margin); resampling requests instead excludes it in far more (the control)."""
     rng = np.random.default_rng(21)
-    runs = 300
+    runs = 200
     clustered = plain = 0
     for _ in range(runs):
         a, b, ca, cb = session_runs(rng)
-        ratio, p = cluster_median_ratio(a, b, ca, cb, rng=rng, n_boot=400)
+        ratio, p = cluster_median_ratio(a, b, ca, cb, rng=rng, n_boot=300)
         assert ratio.low is not None and ratio.high is not None and p is not None
         clustered += not ratio.low <= 1.0 <= ratio.high
-        naive = median_ratio(a, b, rng=rng, n_boot=400)
+        naive = median_ratio(a, b, rng=rng, n_boot=300)
         assert naive.low is not None and naive.high is not None
         plain += not naive.low <= 1.0 <= naive.high
-    assert clustered / runs <= 0.065, clustered
+    assert clustered / runs <= 0.07, clustered
     assert plain / runs >= 0.25, plain
 
 

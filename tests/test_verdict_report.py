@@ -176,9 +176,9 @@ def requests_of(
 def test_peeking_at_an_a_a_log_with_sessions_rarely_calls_a_difference() -> None:
     """40 sessions of 20 requests an arm (per-session log-sd 0.5), the report's verdict
     read after every 40 requests: called better or worse (or a guardrail harm) in at most
-    about 5% of 200 seeded runs. The control, the same data with the sessions dropped (as
+    about 5% of 120 seeded runs. The control, the same data with the sessions dropped (as
     if requests were independent), calls one far more often: the check can fail."""
-    runs, sessions, per = 200, 40, 20
+    runs, sessions, per = 120, 40, 20
     called = {"sessions": 0, "no sessions": 0}
     rng = np.random.default_rng(11)
     for _ in range(runs):
