@@ -4,7 +4,8 @@ LOG is a file or a glob (several proxy processes may each write one); `-` or no 
 stdin. The request line's fields and their types are `RequestRecord`'s (accesslog.py), and
 which lines are A/B data is `Reason.is_experiment`'s to say (routing.py): neither is
 restated here. DuckDB's JSON reader parses each line once: `event == "request"` lines are requests,
-`shadow` and `shadow_dropped` lines the shadow check, other events are counted and ignored;
+`shadow` and `shadow_dropped` lines the shadow check, `backend_memory` lines each
+backend's resident memory, other events are counted and ignored;
 a line that is not JSON, or JSON without an `event`, is counted as `skipped`, never fatal.
 A field of the wrong type reads as missing (so does a timestamp outside years 1-9999);
 blank lines are not counted. Logs written before failover, concurrency limits and hot
