@@ -83,6 +83,7 @@ def rolling_median(
 
 # Ratios near 1 on a log axis: plain numbers, symmetric around 1 (1.25 and 0.8 are as far).
 FOREST_TICKS = (0.1, 0.2, 0.33, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+FOREST_TICKS_WIDE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 FOREST_COLOURS = {"always-valid": "C0", "fixed-horizon": "C1", "bucket": "C2"}
 
 
@@ -105,7 +106,8 @@ def forest_svg(rows: list[tuple[str, float, float, float, str]]) -> str:
     if rows and min(row[2] for row in rows) > 0:
         ax.set_xscale("log")
         low, high = ax.get_xlim()
-        ticks = [t for t in FOREST_TICKS if low <= t <= high]
+        ladder = FOREST_TICKS if high / low < 4 else FOREST_TICKS_WIDE  # never crowded
+        ticks = [t for t in ladder if low <= t <= high]
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.xaxis.set_minor_locator(NullLocator())

@@ -96,7 +96,7 @@ _PAGE = """<!doctype html>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 80em; }}
 table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; }}
 th, td {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; text-align: right; }}
-th:first-child, td:first-child, .text td {{ text-align: left; }}
+th:first-child, td:first-child, .text td, .text th {{ text-align: left; }}
 .alarm {{ color: #b00; font-weight: bold; }}
 figure {{ margin: 1em 0; }} svg {{ max-width: 100%; height: auto; }}
 .cards {{ display: flex; flex-wrap: wrap; gap: 1em; }}

@@ -192,10 +192,12 @@ def primary_phrase(primary: sequential.PrimaryVerdict, alpha: float) -> str:
     else:
         what = f"{value:.2f}x, {'shorter' if value < 1 else 'longer'}"
     level = f"{100 * (1 - alpha):.3g}%"
+    digits = 2 if interval.high - interval.low >= 0.02 else 3  # a narrow one shows its width
     outcome = {
         Primary.BETTER: "",
         Primary.NOT_WORSE: f"; not worse by more than {primary.margin:.0%}",
         Primary.WORSE: "",
         Primary.INCONCLUSIVE: "; inconclusive so far",
     }[primary.outcome]
-    return f"{label} {what} ({level} CI {interval.low:.2f}-{interval.high:.2f}{outcome})"
+    ci = f"{interval.low:.{digits}f}-{interval.high:.{digits}f}"
+    return f"{label} {what} ({level} CI {ci}{outcome})"

@@ -15,6 +15,7 @@ the error rate). Nulls where there is too little data. A pure function of the ve
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from proxy.sequential import Interval, Metric, Verdict
@@ -46,11 +47,11 @@ def _interval(interval: Interval, outcome: str) -> dict[str, Any]:
     return {
         "metric": interval.metric.value,
         "verdict": outcome,
-        "ratio": interval.value,
-        "low": interval.low,
-        "high": interval.high,
+        "ratio": _finite(interval.value),
+        "low": _finite(interval.low),
+        "high": _finite(interval.high),
         "alpha": interval.alpha,
-        "p_value": interval.p_value,
+        "p_value": _finite(interval.p_value),
         "n": interval.n,
         "n_baseline": interval.n_baseline,
         "units": interval.units,
@@ -58,3 +59,8 @@ def _interval(interval: Interval, outcome: str) -> dict[str, Any]:
         "clustered": interval.clustered,
         "unit": "difference" if interval.metric is Metric.ERROR_RATE else "ratio",
     }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: an unbounded figure is null."""
+    return value if value is not None and math.isfinite(value) else None
