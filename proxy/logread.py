@@ -145,12 +145,6 @@ class Memory:
     rss_mb: Floats
     timestamp: Floats
 
-    def of(self, name: str) -> Floats:
-        """This backend's readings (finite ones only)."""
-        mine = np.array([b == name for b in self.backend], dtype=bool)
-        values: Floats = self.rss_mb[mine] if mine.size else np.array([])
-        return values[np.isfinite(values)]
-
 
 @dataclass(frozen=True)
 class LogData:

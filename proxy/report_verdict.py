@@ -59,7 +59,7 @@ def arm_states(req: Requests, names: Sequence[str]) -> dict[str, ArmState]:
 def _state(req: Requests, rows: np.ndarray) -> ArmState:
     session = req.session[rows]
     error = req.error[rows]
-    ok = req.ok[rows] & ~error
+    ok = req.ok[rows]  # answered whole, so no error either
     streams = {Metric.ERROR_RATE: MeanStream.of(error.astype(np.float64), session)}
     for metric in sequential.TIMES:
         values = getattr(req, metric.value)[rows]
