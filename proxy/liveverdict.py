@@ -26,7 +26,7 @@ from typing import Any
 from proxy.accesslog import RequestRecord
 from proxy.config import Config
 from proxy.sequential import SESSION_CAP, ArmState, Observation, Verdict, decide
-from proxy.verdict_json import verdict_json
+from proxy.verdict_json import experiment_json
 
 ALPHA = 0.05  # for the whole family: every arm, the primary metric and each guardrail
 MARGIN = 0.05  # not_worse: decode speed at most 5% below the baseline's
@@ -111,7 +111,7 @@ class LiveVerdict:
     def document(self) -> dict[str, Any]:
         """`GET /verdict`: the verdict as the report gives it (verdict_json.py), and since
         when and why."""
-        body = verdict_json(self.snapshot(), self.states, self.experiment.expected_pct)
+        body = experiment_json(self.snapshot(), self.states, self.experiment.expected_pct)
         return {
             "schema": body.pop("schema"),
             "since": self.since.isoformat(timespec="milliseconds").replace("+00:00", "Z"),

@@ -4,7 +4,8 @@ LOG is a file or a glob (several proxy processes may each write one); `-` or no 
 stdin. The request line's fields and their types are `RequestRecord`'s (accesslog.py), and
 which lines are A/B data is `Reason.is_experiment`'s to say (routing.py): neither is
 restated here. DuckDB's JSON reader parses each line once: `event == "request"` lines are requests,
-`shadow` and `shadow_dropped` lines the shadow check, other events are counted and ignored;
+`shadow` and `shadow_dropped` lines the shadow check, `backend_memory` lines each
+backend's resident memory, other events are counted and ignored;
 a line that is not JSON, or JSON without an `event`, is counted as `skipped`, never fatal.
 A field of the wrong type reads as missing (so does a timestamp outside years 1-9999);
 blank lines are not counted. Logs written before failover, concurrency limits and hot
@@ -74,10 +75,14 @@ class Requests:
     ttft_ms: Floats
     latency_ms: Floats
     decode_tps: Floats
+    prompt_tokens: Floats
     completion_tokens: Floats
     in_flight: Floats
     queue_ms: Floats  # wait for a concurrency slot
     timestamp: Floats  # seconds since the epoch
+    # The sticky session, numbered 0.. in no meaningful order (-1: none). Only which lines
+    # share a session matters to the statistics, never its value.
+    session: Ints
 
     def of(self, name: str) -> Bools:
         mask: Bools = self.backend == self.names.index(name)
@@ -133,12 +138,24 @@ class Shadows:
 
 
 @dataclass(frozen=True)
+class Memory:
+    """The `backend_memory` lines: one backend's resident memory, every 10 s (launch.py)."""
+
+    backend: list[str]
+    rss_mb: Floats
+    timestamp: Floats
+
+
+@dataclass(frozen=True)
 class LogData:
     files: list[str]
     counts: dict[str, int]  # lines (blank ones aside), skipped (not JSON, or no event)
     events: dict[str, int]  # every event name -> lines
     requests: Requests
     shadows: Shadows
+    memory: Memory = dataclasses.field(
+        default_factory=lambda: Memory([], np.array([]), np.array([]))
+    )
 
 
 def load_logs(patterns: Sequence[str]) -> LogData:
@@ -211,11 +228,13 @@ _SHADOW_FIELDS = {
     "from_latency_ms": "DOUBLE",
     "to_latency_ms": "DOUBLE",
 }
+_MEMORY_FIELDS = {"rss_mb": "DOUBLE"}  # with `backend` (launch.py's `backend_memory`)
 _FIELDS = {
     "event": "VARCHAR",
     "timestamp": "VARCHAR",
     **REQUEST_FIELDS,
     **_SHADOW_FIELDS,
+    **_MEMORY_FIELDS,
     # Shadow lines' `error` is not always text: read as JSON, both kinds of line.
     "error": "JSON",
 }
@@ -244,11 +263,12 @@ SELECT coalesce(list_position($names, backend), 0)::INT - 1 AS backend,
        coalesce(stream, false) AS stream,
        coalesce(behind_shadow, false) AS behind_shadow,
        {numbers},
+       CASE WHEN session IS NULL THEN NULL ELSE hash(session) END AS session,
        coalesce(epoch(CASE WHEN ts BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'
                       THEN ts END), 'nan') AS timestamp
 FROM (SELECT *, try_cast(timestamp AS TIMESTAMPTZ) AS ts FROM log WHERE event = 'request')
 """
-# The numbers of the request line that the report reads (all of them but prompt_tokens).
+# The numbers of the request line that the report reads.
 _REQUEST_NUMBERS = tuple(
     name
     for name, kind in REQUEST_FIELDS.items()
@@ -273,6 +293,11 @@ SELECT coalesce("from", '') AS "from", coalesce("to", '') AS "to",
        {numbers}
 FROM log WHERE event IN ('shadow', 'shadow_dropped')
 """
+_MEMORY = """
+SELECT coalesce(backend, '') AS backend, coalesce(rss_mb, 'nan') AS rss_mb,
+       coalesce(epoch(try_cast(timestamp AS TIMESTAMPTZ)), 'nan') AS timestamp
+FROM log WHERE event = 'backend_memory'
+"""
 _SHADOW_NUMBERS = ("similarity", "common_prefix_chars", "from_latency_ms", "to_latency_ms")
 _EVENTS = "SELECT event, count(*) FROM log WHERE event IS NOT NULL GROUP BY 1 ORDER BY 1"
 
@@ -290,7 +315,7 @@ def read_logs(files: Sequence[str]) -> LogData:
         ).fetchone() or (0, 0)
         events = dict(con.execute(_EVENTS).fetchall())
         counts = {"lines": lines, "skipped": skipped}
-        return LogData(list(files), counts, events, _requests(con), _shadows(con))
+        return LogData(list(files), counts, events, _requests(con), _shadows(con), _memory(con))
     except duckdb.Error as exc:
         raise UsageError(f"cannot read the logs: {exc}") from None
     finally:
@@ -313,16 +338,34 @@ def _requests(con: Any) -> Requests:
         experiment=", ".join(f"'{reason}'" for reason in Reason if reason.is_experiment),
     )
     params = {"names": list(names), "causes": list(causes), "versions": list(versions)}
-    arrays: dict[str, Any] = {
-        k: np.asarray(v) for k, v in con.execute(sql, params).fetchnumpy().items()
-    }
+    columns = con.execute(sql, params).fetchnumpy()
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in columns.items() if k != "session"}
+    arrays["session"] = _session_codes(columns["session"])
     return Requests(names=names, causes=causes, versions=versions, **arrays)
+
+
+def _session_codes(hashes: Any) -> Ints:
+    """DuckDB's 64-bit hashes of the session (masked where there is none) -> 0, 1, ... per
+    distinct session, -1 for none: numbering a million hashes takes numpy milliseconds,
+    where numbering a million strings would take a second."""
+    missing = np.ma.getmaskarray(hashes)
+    values = np.ma.getdata(hashes).astype(np.uint64)
+    codes = np.full(values.size, -1, dtype=np.int32)
+    if (~missing).any():
+        _, inverse = np.unique(values[~missing], return_inverse=True)
+        codes[~missing] = inverse.astype(np.int32)
+    return codes
 
 
 def _distinct(con: Any, *columns: str) -> tuple[str, ...]:
     """The distinct values of these columns over the request lines, sorted."""
     sql = " UNION ".join(_DISTINCT.format(column=column) for column in columns)
     return tuple(sorted(row[0] for row in con.execute(sql).fetchall()))
+
+
+def _memory(con: Any) -> Memory:
+    arrays = {k: np.asarray(v) for k, v in con.execute(_MEMORY).fetchnumpy().items()}
+    return Memory(arrays["backend"].tolist(), arrays["rss_mb"], arrays["timestamp"])
 
 
 def _shadows(con: Any) -> Shadows:

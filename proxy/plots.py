@@ -12,6 +12,7 @@ import io
 import numpy as np
 from matplotlib import rc_context
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 CDF_POINTS = 500
 TIMELINE_WINDOWS = 200
@@ -78,6 +79,44 @@ def rolling_median(
     chunks = zip(np.array_split(times, count), np.array_split(values, count), strict=True)
     pairs = [(np.median(t) * 1000, np.median(v)) for t, v in chunks]
     return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+# Ratios near 1 on a log axis: plain numbers, symmetric around 1 (1.25 and 0.8 are as far).
+FOREST_TICKS = (0.1, 0.2, 0.33, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+FOREST_TICKS_WIDE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+FOREST_COLOURS = {"always-valid": "C0", "fixed-horizon": "C1", "bucket": "C2"}
+
+
+def forest_svg(rows: list[tuple[str, float, float, float, str]]) -> str:
+    """One line per ratio, top to bottom: its interval as a bar, its value as a dot, on a
+    log axis with 1 (no difference) marked. `rows` are (label, value, low, high, kind)."""
+    fig = Figure(figsize=(7, 0.9 + 0.28 * max(len(rows), 1)))
+    ax = fig.add_subplot()
+    positions = np.arange(len(rows))[::-1]
+    seen = set()
+    for y, (_, value, low, high, kind) in zip(positions, rows, strict=True):
+        colour = FOREST_COLOURS.get(kind, "C3")
+        label = kind if kind not in seen else None
+        seen.add(kind)
+        ax.plot([low, high], [y, y], color=colour, linewidth=2.5, solid_capstyle="butt")
+        ax.plot([value], [y], "o", color=colour, markersize=4, label=label)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(positions, [row[0] for row in rows])
+    ax.set_ylim(-0.7, max(len(rows), 1) - 0.3)
+    if rows and min(row[2] for row in rows) > 0:
+        ax.set_xscale("log")
+        low, high = ax.get_xlim()
+        ladder = FOREST_TICKS if high / low < 4 else FOREST_TICKS_WIDE  # never crowded
+        ticks = [t for t in ladder if low <= t <= high]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("ratio arm / baseline (decode: above 1 is faster; times: below 1 is faster)")
+    ax.grid(alpha=0.3, axis="x")
+    if seen:
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize="small",
+                  frameon=False)  # fmt: skip
+    return _svg(fig)
 
 
 def _svg(fig: Figure) -> str:

@@ -8,14 +8,14 @@ config versions, failover, queueing) are left out when they did not.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from proxy import render_verdict
 from proxy.logread import Requests
 from proxy.report_routing import CAUSES
+from proxy.tables import Section, align, fmt, percent
 
 # The schema's metrics (in the report's order) and how a table labels them.
 _UNITS = {"decode_tps": "decode tokens/s", "ttft_ms": "TTFT ms", "latency_ms": "latency ms"}
@@ -33,35 +33,43 @@ MIXED_VERSIONS = (
 )
 
 
-@dataclass(frozen=True)
-class Section:
-    """One table of the report, the same for the terminal and the HTML page."""
-
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    notes: list[str] = dataclasses.field(default_factory=list)
-    alarm: str | None = None  # shouted, in red on a terminal
-    numeric: bool = True  # right-align every column but the first
-
-
 def render_text(report: dict[str, Any], *, min_bucket_samples: int, colour: bool = False) -> str:
-    """The report as aligned plain-text tables."""
+    """The report as aligned plain-text tables, the answer first."""
     out = [f"specproxy report (baseline: {report['baseline']})"]
-    for section in sections(report, min_bucket_samples=min_bucket_samples):
+    answer = [render_verdict.answer_section(report)]
+    for section in answer + sections(report, min_bucket_samples=min_bucket_samples):
         out += ["", section.title, "-" * len(section.title)]
         if section.alarm:
             out.append(f"\033[1;31m!! {section.alarm}\033[0m" if colour else f"!! {section.alarm}")
-        out += _align(section.headers, section.rows, numeric=section.numeric)
+        out += align(section.headers, section.rows, numeric=section.numeric)
         out += [f"  {note}" for note in section.notes]
     return "\n".join(out) + "\n"
 
 
 def render_html(
-    report: dict[str, Any], figures: list[tuple[str, str]], *, min_bucket_samples: int
+    report: dict[str, Any],
+    figures: list[tuple[str, str]],
+    *,
+    min_bucket_samples: int,
+    forest: str | None = None,
 ) -> str:
-    """One self-contained page: the tables, then the figures as inline SVG."""
-    body = [f"<h1>specproxy report (baseline: {escape(report['baseline'])})</h1>"]
+    """One self-contained page that leads with the answer: a card per arm, the cost lines,
+    the forest plot of every ratio (`forest`, SVG), then the tables and the other figures."""
+    body = [
+        f"<h1>specproxy report (baseline: {escape(report['baseline'])})</h1>",
+        render_verdict.cards_html(report),
+        *(f'<p class="cost">{escape(note)}</p>' for note in
+          render_verdict.answer_section(report).notes),
+    ]  # fmt: skip
+    if forest is not None:
+        caption = (
+            "Every ratio with its interval, arm / baseline (log scale; 1 = no difference):"
+            " always-valid (the verdict), fixed-horizon medians (valid at one look), and"
+            " like-for-like buckets (fixed-horizon)"
+        )
+        body.append(f'<figure class="forest">{forest}<figcaption>{escape(caption)}'
+                    "</figcaption></figure>")  # fmt: skip
+    body.append('<h2 class="details">Details</h2>')
     for section in sections(report, min_bucket_samples=min_bucket_samples):
         body.append(f"<h2>{escape(section.title)}</h2>")
         if section.alarm:
@@ -76,6 +84,7 @@ def render_html(
             kind = "" if section.numeric else ' class="text"'
             body.append(f"<table{kind}>{head}{rows}</table>")
         body += [f"<p>{escape(note)}</p>" for note in section.notes]
+    body.append("<h2>Distributions</h2>")
     for caption, svg in figures:
         body.append(f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>")
     return _PAGE.format(body="\n".join(body))
@@ -87,9 +96,22 @@ _PAGE = """<!doctype html>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 80em; }}
 table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; }}
 th, td {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; text-align: right; }}
-th:first-child, td:first-child, .text td {{ text-align: left; }}
+th:first-child, td:first-child, .text td, .text th {{ text-align: left; }}
 .alarm {{ color: #b00; font-weight: bold; }}
 figure {{ margin: 1em 0; }} svg {{ max-width: 100%; height: auto; }}
+.cards {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+.card {{ border: 2px solid #999; border-radius: 8px; padding: 0.8em 1.2em; min-width: 22em;
+         max-width: 36em; flex: 1; }}
+.card h2 {{ margin: 0; }} .card h3 {{ margin: 0.6em 0 0.2em; font-size: 1em; color: #555; }}
+.card p {{ margin: 0.2em 0; }} .card ul {{ margin: 0; padding-left: 1.2em; }}
+.card .outcome {{ font-size: 1.6em; font-weight: bold; text-transform: uppercase; }}
+.card .big {{ font-size: 1.3em; }} .card .small {{ color: #555; font-size: 0.9em; }}
+.card li span {{ color: #555; }}
+.good {{ border-color: #2a7; }} .card.good .outcome, li.good {{ color: #176; }}
+.bad {{ border-color: #c33; }} .card.bad .outcome, li.bad {{ color: #b00; }}
+.wait {{ border-color: #d90; }} .card.wait .outcome {{ color: #a60; }}
+.cost {{ font-family: ui-monospace, monospace; }}
+h2.details {{ border-top: 1px solid #999; padding-top: 1em; }}
 </style></head>
 <body>
 {body}
@@ -118,9 +140,19 @@ def figures(req: Requests, names: Sequence[str]) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
+def forest(report: dict[str, Any]) -> str | None:
+    """The page's forest plot of every ratio in the report (None: no ratio has one)."""
+    from proxy import plots
+
+    rows = render_verdict.forest_rows(report)
+    return plots.forest_svg(rows) if rows else None
+
+
 def sections(report: dict[str, Any], *, min_bucket_samples: int) -> list[Section]:
     """The report's tables, in order; `min_bucket_samples` is only quoted in a note."""
     optional = [
+        render_verdict.verdict_section(report),
+        render_verdict.memory_section(report),
         _input_section(report["input"], report["notes"]),
         _versions_section(report["config_versions"]),
         _backends_section(report["backends"]),
@@ -129,11 +161,19 @@ def sections(report: dict[str, Any], *, min_bucket_samples: int) -> list[Section
         *(_percentile_section(report["backends"], metric) for metric in _UNITS),
         _comparison_section(report),
         _forced_section(report["forced"]),
+        _like_for_like_section("By prompt length (tokens)", report, "prompt_tokens"),
+        _like_for_like_section("Stream or not", report, "stream"),
         _breakdown_section(
-            "By load (in flight at dispatch)", report, "in_flight", min_bucket_samples
+            "By load (in flight at dispatch; descriptive)",
+            report,
+            "in_flight",
+            min_bucket_samples,
         ),
         _breakdown_section(
-            "By completion length (tokens)", report, "completion_tokens", min_bucket_samples
+            "By completion length (tokens; descriptive)",
+            report,
+            "completion_tokens",
+            min_bucket_samples,
         ),
         _sample_ratio_section(report["sample_ratio"]),
         _shadow_section(report["shadow"]),
@@ -178,19 +218,25 @@ def _versions_section(versions: dict[str, Any]) -> Section | None:
 def _split(observed: dict[str, int], shares: dict[str, float]) -> str:
     if not observed:
         return "- (no split-routed requests)"
-    return " / ".join(f"{name} {_percent(shares[name])}" for name in observed) + (
+    return " / ".join(f"{name} {percent(shares[name])}" for name in observed) + (
         f" (n={sum(observed.values()):,})"
     )
 
 
 def _backends_section(backends: dict[str, Any]) -> Section:
     rows = [
-        [name, f"{b['requests']:,}", f"{b['ok']:,}", f"{b['errors']:,}",
-         _percent(b["error_rate"]), f"{b['client_disconnected']:,}"]
+        [name, f"{b['requests']:,}", f"{b['traffic']['ab']:,}", f"{b['traffic']['header']:,}",
+         f"{b['traffic']['moved']:,}", f"{b['ok']:,}", f"{b['errors']:,}",
+         percent(b["error_rate"]), f"{b['client_disconnected']:,}"]
         for name, b in backends.items()
     ]  # fmt: skip
-    headers = ["backend", "requests", "ok", "errors", "error rate", "disconnected"]
-    return Section("Backends (all requests)", headers, rows)
+    headers = ["backend", "requests", "A/B", "header-forced", "moved", "ok", "errors",
+               "error rate", "disconnected"]  # fmt: skip
+    note = (
+        "A/B: split or sticky, served where routed; header-forced: the client chose;"
+        " moved: failover sent it here. The percentile tables below mix all three"
+    )
+    return Section("Backends (all requests)", headers, rows, [note])
 
 
 def _failover_section(failover: dict[str, Any], baseline: str) -> Section | None:
@@ -227,7 +273,7 @@ def _queue_section(backends: dict[str, Any]) -> Section | None:
         return None
     waits = {name: b["queue_ms"] for name, b in backends.items()}
     rows = [
-        [name, f"{q['n']:,}", f"{q['waited']:,}", _fmt(q["p50"]), _fmt(q["p95"])]
+        [name, f"{q['n']:,}", f"{q['waited']:,}", fmt(q["p50"]), fmt(q["p95"])]
         for name, q in waits.items()
     ]
     headers = ["backend", "n", "waited", "p50 ms", "p95 ms"]
@@ -241,7 +287,9 @@ def _percentile_section(backends: dict[str, Any], metric: str) -> Section:
         for name, b in backends.items()
     ]
     headers = ["backend", "n", *(f"p{q} [95% CI]" for q in _PERCENTILES)]
-    return Section(f"{_UNITS[metric]} (status 200, no error)", headers, rows)
+    which = "streams answered whole" if metric == "ttft_ms" else "answered whole"
+    title = f"{_UNITS[metric]} per backend ({which}; A/B, header-forced and moved together)"
+    return Section(title, headers, rows)
 
 
 def _comparison_section(report: dict[str, Any]) -> Section:
@@ -257,7 +305,15 @@ def _comparison_section(report: dict[str, Any]) -> Section:
     headers = ["backends", "metric", "n (smaller)", "median ratio [95% CI]", "p", "n needed"]
     if not comparison:
         verdicts.append("no backend to compare with the baseline")
-    title = "A/B comparison (split or sticky routing, not moved, status 200, no error)"
+    if any(m["clustered"] for c in comparison.values() for m in c.values() if isinstance(m, dict)):
+        verdicts.append(
+            "sessions: intervals and p-values resample whole sessions (cluster bootstrap);"
+            " n (smaller) counts sessions"
+        )
+    title = (
+        "A/B comparison, fixed-horizon (valid at one look: for repeated looks read the verdict"
+        " above); split or sticky routing, not moved, answered whole"
+    )
     alarm = (
         MISMATCH if report["sample_ratio"]["mismatch"]
         else MIXED_VERSIONS if report["config_versions"]["mixed"]
@@ -269,7 +325,7 @@ def _comparison_section(report: dict[str, Any]) -> Section:
 def _forced_section(forced: dict[str, Any]) -> Section:
     rows = [
         [name, f"{f['requests']:,}", f"{f['ok']:,}",
-         *(_fmt(f[f"median_{metric}"]) for metric in _UNITS)]
+         *(fmt(f[f"median_{metric}"]) for metric in _UNITS)]
         for name, f in forced.items()
     ]  # fmt: skip
     headers = ["backend", "requests", "ok", *(f"median {_UNITS[m]}" for m in _UNITS)]
@@ -293,53 +349,78 @@ def _breakdown_section(
         row = [bucket["bucket"]]
         for name in names:
             b = bucket["backends"][name]
-            row += [f"{b['n']:,}", _fmt(b["median_decode_tps"]), _fmt(b["median_latency_ms"])]
-        row += [_fmt(bucket["decode_ratio"].get(name), "x") for name in others]
+            row += [f"{b['n']:,}", fmt(b["median_decode_tps"]), fmt(b["median_latency_ms"])]
+        row += [fmt(bucket["decode_ratio"].get(name), "x") for name in others]
         rows.append(row)
-    note = f"medians of the comparison sample; ratios need {min_bucket_samples}+ samples each"
+    note = (
+        f"medians of the comparison sample; ratios need {min_bucket_samples}+ samples each;"
+        " descriptive: the arm changes this key itself (a slower arm has more in flight),"
+        " so its buckets are not like for like and have no interval"
+    )
     return Section(title, headers, rows, [note])
 
 
+def _like_for_like_section(title: str, report: dict[str, Any], key: str) -> Section:
+    """A breakdown by what the arm cannot change: each bucket's ratios with intervals."""
+    baseline = report["baseline"]
+    rows = []
+    for bucket in report["breakdowns"][key]:
+        counts = bucket["backends"]
+        for name, ratios in bucket.get("ratios", {}).items():
+            n = f"{counts[name]['n']:,} / {counts[baseline]['n']:,}"
+            cells = [
+                _est(r, "x") if r else "-" for r in (ratios["decode_tps"], ratios["latency_ms"])
+            ]
+            rows.append([bucket["bucket"], f"{name} / {baseline}", n, *cells])
+    headers = ["bucket", "backends", "n", "decode median ratio [95% CI]", "latency ratio [95% CI]"]
+    note = (
+        "like for like: the arm cannot change this key; fixed-horizon intervals (valid at one"
+        " look), sessions resampled when present; - where a side has fewer than 5"
+    )
+    return Section(f"{title}, like for like", headers, rows, [note])
+
+
 def _sample_ratio_section(check: dict[str, Any]) -> Section:
-    title = "Sample ratio (split-routed requests vs the configured split)"
-    if check["note"]:
-        return Section(title, [], [], [check["note"]])
-    rows = [
-        [name, _percent(share), f"{check['observed'].get(name, 0):,}",
-         _percent(check["observed_share"].get(name))]
-        for name, share in check["expected_share"].items()
-    ]  # fmt: skip
-    rows += [
-        [name, "-", f"{check['observed'][name]:,}", _percent(check["observed_share"][name])]
-        for name in check["unexpected"]
-    ]
-    version = check["config_version"]
-    of = f", config version {version}" if version else ""
-    notes = [f"split from {check['source']}{of}; test p = {_p(check['p_value'])}"]
+    """Split-routed requests, then sticky sessions, each against the configured split."""
+    title = "Sample ratio (split requests and sticky sessions vs the configured split)"
+    rows: list[list[str]] = []
+    notes = []
+    for unit, part in (("split requests", check), ("sticky sessions", check["sessions"])):
+        if part["note"]:
+            notes.append(f"{unit}: {part['note']}")
+            continue
+        rows += [
+            [unit, name, percent(share), f"{part['observed'].get(name, 0):,}",
+             percent(part["observed_share"].get(name))]
+            for name, share in part["expected_share"].items()
+        ]  # fmt: skip
+        rows += [
+            [unit, name, "-", f"{part['observed'][name]:,}", percent(part["observed_share"][name])]
+            for name in part["unexpected"]
+        ]
+        flag = " MISMATCH" if part["mismatch"] else ""
+        notes.append(f"{unit}: test p = {_p(part['p_value'])}{flag}")
+    if rows:
+        version = check["config_version"]
+        of = f", config version {version}" if version else ""
+        notes.insert(0, f"split from {check['source']}{of}")
     alarm = MISMATCH if check["mismatch"] else None
-    return Section(title, ["backend", "expected", "observed", "observed share"], rows, notes, alarm)
+    headers = ["unit", "backend", "expected", "observed", "observed share"]
+    return Section(title, headers, rows, notes, alarm, numeric=True)
 
 
 def _shadow_section(shadow: list[dict[str, Any]]) -> Section:
     rows = [
         [f"{s['from']} -> {s['to']}", f"{s['n']:,}", f"{s['errors']:,}", f"{s['dropped']:,}",
-         _percent(s["exact_match_rate"]), _fmt(s["similarity_p50"]),
-         " / ".join(_fmt(s["mismatch_prefix_chars"][f"p{q}"]) for q in _PREFIX_PERCENTILES),
-         _fmt(s["latency_ratio_median"], "x")]
+         percent(s["exact_match_rate"]), fmt(s["similarity_p50"]),
+         " / ".join(fmt(s["mismatch_prefix_chars"][f"p{q}"]) for q in _PREFIX_PERCENTILES),
+         fmt(s["latency_ratio_median"], "x")]
         for s in shadow
     ]  # fmt: skip
     headers = ["pair", "n", "errors", "dropped", "exact match", "similarity p50",
                "mismatch prefix chars p10/p50/p90", "latency to/from"]  # fmt: skip
     notes = [] if shadow else ["no shadow checks in the logs"]
     return Section("Shadow checks", headers, rows, notes)
-
-
-def _fmt(value: float | None, suffix: str = "") -> str:
-    if value is None:
-        return "-"
-    size = abs(value)
-    digits = 0 if size >= 100 else 1 if size >= 10 else 2 if size >= 1 or size == 0 else 3
-    return f"{value:,.{digits}f}{suffix}"
 
 
 def _count(value: int | None) -> str:
@@ -349,31 +430,11 @@ def _count(value: int | None) -> str:
 def _est(estimate: dict[str, Any], suffix: str = "") -> str:
     if estimate["value"] is None:
         return "-"
-    value = _fmt(estimate["value"], suffix)
+    value = fmt(estimate["value"], suffix)
     if estimate["low"] is None or estimate["high"] is None:
         return value
-    return f"{value} [{_fmt(estimate['low'])}, {_fmt(estimate['high'])}]"
+    return f"{value} [{fmt(estimate['low'])}, {fmt(estimate['high'])}]"
 
 
 def _p(p: float | None) -> str:
     return "-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _percent(share: float | None) -> str:
-    return "-" if share is None else f"{100 * share:.1f}%"
-
-
-def _align(headers: list[str], rows: list[list[str]], *, numeric: bool) -> list[str]:
-    if not rows:
-        return []
-    table = ([headers] if any(headers) else []) + rows
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-
-    def line(row: list[str]) -> str:
-        cells = [row[0].ljust(widths[0])] + [
-            cell.rjust(width) if numeric else cell.ljust(width)
-            for cell, width in zip(row[1:], widths[1:], strict=True)
-        ]
-        return "  " + "  ".join(cells).rstrip()
-
-    return [line(row) for row in table]

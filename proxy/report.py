@@ -2,8 +2,10 @@
 
 Reading the logs is `proxy.logread`; drawing the tables and the page is `proxy.render`.
 This module computes the figures as one JSON document (`--json`), with
-`proxy.report_routing` for the parts about routing itself (config versions, failover,
-queueing, the sample ratio check) and `proxy.stats` for the statistics.
+`proxy.report_verdict` for the answer (the always-valid verdict per arm, memory, the cost
+line), `proxy.report_routing` for the parts about routing itself (config versions,
+failover, queueing, the sample ratio check) and `proxy.stats` for the fixed-horizon
+statistics beside the verdict.
 
 docs/report.md is the reference: the options, which requests count where, the statistics,
 how to read a verdict, and the JSON schema (`"schema": 1`: keys are only ever added).
@@ -21,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from proxy import stats
-from proxy.logread import Floats, LogData, Requests, Shadows, UsageError, load_logs
-from proxy.render import MISMATCH, figures, render_html, render_text
+from proxy import report_verdict, stats
+from proxy.logread import Bools, Floats, LogData, Requests, Shadows, UsageError, load_logs
+from proxy.render import MISMATCH, figures, forest, render_html, render_text
 from proxy.report_routing import (
     config_versions,
     failover,
@@ -35,6 +38,7 @@ from proxy.report_routing import (
     select_versions,
 )
 from proxy.report_values import estimate, finite, median, number, time_span
+from proxy.report_verdict import DEFAULT_ALPHA, DEFAULT_MARGIN, PRIMARY_CHOICES
 
 SCHEMA = 1
 EXIT_NO_REQUESTS = 1
@@ -45,7 +49,12 @@ METRICS = (("decode_tps", True), ("ttft_ms", False), ("latency_ms", False))  # h
 STREAMS_ONLY = frozenset({"ttft_ms"})
 LOAD_BUCKETS = (("0", 0, 0), ("1", 1, 1), ("2-3", 2, 3), ("4+", 4, math.inf))
 LENGTH_BUCKETS = (("1-16", 1, 16), ("17-64", 17, 64), ("65-256", 65, 256), ("257+", 257, math.inf))
-MIN_BUCKET_SAMPLES = 5  # per backend, before a bucket's decode ratio means anything
+PROMPT_BUCKETS = (
+    ("1-64", 1, 64), ("65-256", 65, 256), ("257-1024", 257, 1024), ("1025+", 1025, math.inf),
+)  # fmt: skip
+STREAM_BUCKETS = (("stream", 1, 1), ("not stream", 0, 0))
+MIN_BUCKET_SAMPLES = 5  # per backend, before a bucket's ratio is given
+FIXED_HORIZON = "fixed-horizon (valid at one look)"
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -60,6 +69,9 @@ def build_report(
     rng: np.random.Generator,
     n_boot: int,
     versions: Sequence[str] | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    primary: str = "decode_tps",
+    margin: float = DEFAULT_MARGIN,
 ) -> dict[str, Any]:
     """Every figure of the report, as the JSON document `--json` prints; `versions` keeps
     only the request lines of those config versions."""
@@ -68,8 +80,16 @@ def build_report(
     notes = [mixed_versions_note(versions_seen)] if versions_seen["mixed"] else []
     if baseline not in req.served:
         notes.append(f"baseline {baseline!r} served no request: no comparison (--baseline)")
+    names = _order(req, baseline)
+    states = report_verdict.arm_states(req, names)
+    verdict = report_verdict.decide(states, baseline, alpha=alpha, primary=primary, margin=margin)
+    memory = report_verdict.memory_summary(data.memory, _order(req, baseline, every=True))
+    shadow = shadow_summary(data.shadows)
     return {
         "schema": SCHEMA,
+        "verdict": report_verdict.verdict_section(verdict, alpha=alpha, margin=margin),
+        "cost": report_verdict.cost(verdict, memory, shadow, baseline),
+        "memory": memory,
         "input": _input_summary(data),
         "baseline": baseline,
         "config_versions": versions_seen,
@@ -83,10 +103,21 @@ def build_report(
         "breakdowns": {
             "in_flight": _breakdown(req, baseline, req.in_flight, LOAD_BUCKETS),
             "completion_tokens": _breakdown(req, baseline, req.completion_tokens, LENGTH_BUCKETS),
+            "prompt_tokens": _breakdown(
+                req, baseline, req.prompt_tokens, PROMPT_BUCKETS, rng=rng, n_boot=n_boot
+            ),
+            "stream": _breakdown(
+                req,
+                baseline,
+                req.stream.astype(np.float64),
+                STREAM_BUCKETS,
+                rng=rng,
+                n_boot=n_boot,
+            ),
         },
         "failover": failover(req, _order(req, baseline, every=True)),
         "sample_ratio": sample_ratio_check(req, split, split_source, versions_seen),
-        "shadow": shadow_summary(data.shadows),
+        "shadow": shadow,
         "notes": notes,
     }
 
@@ -125,8 +156,15 @@ def _backend(req: Requests, name: str, rng: np.random.Generator, n_boot: int) ->
         "client_disconnected": int((mine & req.client_disconnected).sum()),
         "ok": int(ok.sum()),
     }
+    figures["traffic"] = {
+        "ab": int((mine & req.experiment).sum()),
+        "header": int((mine & req.header).sum()),
+        "moved": int((mine & req.moved).sum()),
+        "other": int((mine & ~req.experiment & ~req.header & ~req.moved).sum()),
+    }
     for metric, _ in METRICS:
-        samples = finite(getattr(req, metric)[ok])
+        kind = req.stream if metric in STREAMS_ONLY else True
+        samples = finite(getattr(req, metric)[ok & kind])
         figures[metric] = {
             f"p{q}": estimate(stats.percentile(samples, q, rng=rng, n_boot=n_boot))
             for q in PERCENTILES
@@ -149,12 +187,11 @@ def _comparison(
             continue
         result[name] = {"n": int(mine.sum()), "n_baseline": int(base.sum())}
         for metric, higher_is_better in METRICS:
-            values = getattr(req, metric)
             kind = req.stream if metric in STREAMS_ONLY else np.ones_like(mine)
-            a, b = finite(values[mine & kind]), finite(values[base & kind])
             result[name][metric] = _compare(
-                metric, name, baseline, a, b, higher_is_better, rng, n_boot
-            )
+                metric, name, baseline, req, mine & kind, base & kind, higher_is_better,
+                rng, n_boot,
+            )  # fmt: skip
     return result
 
 
@@ -162,14 +199,16 @@ def _compare(
     metric: str,
     name: str,
     baseline: str,
-    a: Floats,
-    b: Floats,
+    req: Requests,
+    mine: Bools,
+    base: Bools,
     higher_is_better: bool,
     rng: np.random.Generator,
     n_boot: int,
 ) -> dict[str, Any]:
-    ratio = stats.median_ratio(a, b, rng=rng, n_boot=n_boot)
-    p = stats.mann_whitney_p(a, b)
+    values = getattr(req, metric)
+    ratio, p, clustered = _median_ratio(values, req.session, mine, base, rng, n_boot)
+    a, b = finite(values[mine]), finite(values[base])
     needed = stats.samples_needed(a, b)
     line = stats.verdict(
         metric, name, baseline, ratio, p, a.size, b.size,
@@ -181,7 +220,29 @@ def _compare(
         "higher_is_better": higher_is_better,
         "samples_needed": needed,
         "verdict": line,
+        "kind": FIXED_HORIZON,
+        "clustered": clustered,
     }
+
+
+def _median_ratio(
+    values: Floats,
+    session: npt.NDArray[np.int32],
+    mine: Bools,
+    base: Bools,
+    rng: np.random.Generator,
+    n_boot: int,
+) -> tuple[stats.Estimate, float | None, bool]:
+    """The median ratio with its interval and p-value: resampling sessions (and a bootstrap
+    p) when any request of either side has one, else requests (and Mann-Whitney)."""
+    a, b = values[mine], values[base]
+    if (session[mine | base] >= 0).any():
+        ratio, p = stats.cluster_median_ratio(
+            a, b, session[mine], session[base], rng=rng, n_boot=n_boot
+        )
+        return ratio, p, True
+    a, b = finite(a), finite(b)
+    return stats.median_ratio(a, b, rng=rng, n_boot=n_boot), stats.mann_whitney_p(a, b), False
 
 
 def _forced(req: Requests, name: str) -> dict[str, Any]:
@@ -195,10 +256,20 @@ def _forced(req: Requests, name: str) -> dict[str, Any]:
 
 
 def _breakdown(
-    req: Requests, baseline: str, key: Floats, buckets: Sequence[tuple[str, float, float]]
+    req: Requests,
+    baseline: str,
+    key: Floats,
+    buckets: Sequence[tuple[str, float, float]],
+    *,
+    rng: np.random.Generator | None = None,
+    n_boot: int = 0,
 ) -> list[dict[str, Any]]:
-    """Per bucket of `key` (load or length), each backend's medians on the fair sample, and
-    the decode ratio to the baseline where both have enough samples to mean anything."""
+    """Per bucket of `key`, each backend's medians on the fair sample, and the decode ratio
+    to the baseline where both have enough samples to mean anything. With `rng`, the key is
+    one the arm cannot change (prompt length, stream or not), so buckets are like for like:
+    each bucket also gets the decode and latency ratios with fixed-horizon intervals
+    (`ratios`). Without, the key is an outcome of the arm (load, completion length): the
+    medians are descriptive only."""
     fair = req.comparable
     names = _order(req, baseline)
     rows = []
@@ -214,9 +285,38 @@ def _breakdown(
                 "median_decode_tps": median(decode[name]),
                 "median_latency_ms": median(req.latency_ms[mine]),
             }
-        rows.append({"bucket": label, "backends": per_backend,
-                     "decode_ratio": _decode_ratios(decode, baseline)})  # fmt: skip
+        row = {"bucket": label, "backends": per_backend,
+               "decode_ratio": _decode_ratios(decode, baseline)}  # fmt: skip
+        if rng is not None and baseline in names:
+            row["ratios"] = _bucket_ratios(req, inside, names, baseline, rng, n_boot)
+        rows.append(row)
     return rows
+
+
+def _bucket_ratios(
+    req: Requests,
+    inside: Bools,
+    names: Sequence[str],
+    baseline: str,
+    rng: np.random.Generator,
+    n_boot: int,
+) -> dict[str, dict[str, Any]]:
+    """Per arm in the bucket: decode and latency median ratios with their intervals, null
+    where a side has fewer than MIN_BUCKET_SAMPLES."""
+    base = inside & req.of(baseline)
+    result: dict[str, dict[str, Any]] = {}
+    for name in names[1:]:
+        mine = inside & req.of(name)
+        result[name] = {}
+        for metric in ("decode_tps", "latency_ms"):
+            values = getattr(req, metric)
+            a, b = mine & np.isfinite(values), base & np.isfinite(values)
+            if min(a.sum(), b.sum()) < MIN_BUCKET_SAMPLES:
+                result[name][metric] = None
+                continue
+            ratio, _, _ = _median_ratio(values, req.session, a, b, rng, n_boot)
+            result[name][metric] = estimate(ratio)
+    return result
 
 
 def _decode_ratios(decode: dict[str, Floats], baseline: str) -> dict[str, float | None]:
@@ -249,6 +349,8 @@ def shadow_summary(shadows: Shadows) -> list[dict[str, Any]]:
             "errors": int((mine & shadows.error).sum()),
             "dropped": int((in_pair & shadows.dropped).sum()),
             "exact_match_rate": float(shadows.match[good].mean()) if good.any() else None,
+            "compared": int(good.sum()),
+            "identical": int((good & shadows.match).sum()),
             "similarity_p50": median(shadows.similarity[good]),
             "mismatch_prefix_chars": {
                 f"p{q}": number(np.percentile(prefix, q)) if prefix.size else None
@@ -288,10 +390,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m proxy report"
     report = build_report(
         data, baseline=baseline, split=split, split_source=split_source,
         rng=rng, n_boot=args.boot, versions=versions,
+        alpha=args.alpha, primary=args.primary, margin=args.margin,
     )  # fmt: skip
     if args.html:
         plots = figures(selected, _order(selected, baseline))
-        page = render_html(report, plots, min_bucket_samples=MIN_BUCKET_SAMPLES)
+        page = render_html(
+            report, plots, min_bucket_samples=MIN_BUCKET_SAMPLES, forest=forest(report)
+        )
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"specproxy: wrote {args.html}", file=sys.stderr)
     if args.json:
@@ -359,6 +464,25 @@ def _whole(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _fraction(low: float, high: float, *, closed_low: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in (low, high), or [low, high) when `closed_low`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (low <= value if closed_low else low < value) and value < high
+        if not inside:
+            bracket = "[" if closed_low else "("
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number in {bracket}{low:g}, {high:g})"
+            )
+        return value
+
+    return parse
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -378,6 +502,18 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
+    parser.add_argument(
+        "--primary", choices=PRIMARY_CHOICES, default="decode_tps",
+        help="the metric the verdict is about; the others are guardrails (decode_tps)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--margin", type=_fraction(0.0, 1.0, closed_low=True), default=DEFAULT_MARGIN,
+        help="how much worse the primary may be and still read not_worse (0.05: 5%%)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--alpha", type=_fraction(0.0, 1.0), default=DEFAULT_ALPHA,
+        help="chance of any false verdict, over every arm, metric and look (0.05)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=_whole(0), default=0, help="bootstrap random seed (0)")
     parser.add_argument("--boot", type=_whole(1), default=2000, help="bootstrap resamples")
     return parser

@@ -153,30 +153,55 @@ def sample_ratio_check(
     source: str | None,
     versions: dict[str, Any],
 ) -> dict[str, Any]:
-    """Did the split-routed traffic land in the configured proportions? If not, something
-    between client and backends (retries, errors before logging, failover, a stale routes
-    file on one proxy) biases the comparison. Only ever on one config version's lines."""
+    """Did the traffic land in the configured proportions? If not, something between
+    client and backends (retries, errors before logging, failover, a stale routes file on
+    one proxy, a sticky key too coarse) biases the comparison. Counted by unit of
+    assignment: split-routed requests (the top-level keys), and the distinct sessions of
+    sticky-routed requests (`sessions`, the same keys): sticky routing assigns sessions, so
+    720 against 180 requests from 20 and 20 sessions is no mismatch, and 36 against 9
+    sessions is one whatever their requests. `mismatch` is either. Only ever on one config
+    version's lines."""
     analysed = [row["version"] for row in versions["versions"] if row["selected"]]
-    empty: dict[str, Any] = {
-        "source": source, "note": None, "config_version": None, "expected_share": {},
+    empty = _empty_check()
+    if versions["mixed"]:
+        note = _mixed_skip_note(analysed, versions["selected"])
+        return {**empty, "source": source, "note": note, "sessions": {**empty, "note": note}}
+    empty["config_version"] = analysed[0] if analysed else None
+    empty["source"] = source
+    if split is None:
+        note = "no split given (--split, --config or ./routes.yaml): skipped"
+        return {**empty, "note": note, "sessions": {**empty, "note": note}}
+    requests = {name: int((req.of(name) & req.split).sum()) for name in req.names}
+    sessions = {
+        name: int(np.unique(req.session[req.of(name) & req.sticky & (req.session >= 0)]).size)
+        for name in req.names
+    }
+    by_requests = _check(requests, split, empty, "no split-routed requests: skipped")
+    by_sessions = _check(sessions, split, empty, "no sticky sessions: skipped")
+    mismatch = by_requests["mismatch"] or by_sessions["mismatch"]
+    return {**by_requests, "mismatch": mismatch, "sessions": by_sessions}
+
+
+def _empty_check() -> dict[str, Any]:
+    return {
+        "source": None, "note": None, "config_version": None, "expected_share": {},
         "observed_share": {}, "observed": {}, "unexpected": [], "p_value": None,
         "mismatch": False,
     }  # fmt: skip
-    if versions["mixed"]:
-        return {**empty, "note": _mixed_skip_note(analysed, versions["selected"])}
-    empty["config_version"] = analysed[0] if analysed else None
-    if split is None:
-        return {**empty, "note": "no split given (--split, --config or ./routes.yaml): skipped"}
-    observed = {name: int((req.of(name) & req.split).sum()) for name in req.names}
+
+
+def _check(
+    observed: dict[str, int], split: dict[str, float], empty: dict[str, Any], none: str
+) -> dict[str, Any]:
     if not sum(observed.values()):
-        return {**empty, "note": "no split-routed requests: skipped"}
+        return {**empty, "note": none}
     result = stats.sample_ratio(observed, split)
     return {
         **empty,
         "expected_share": result.expected_share,
         "observed_share": result.observed_share,
         "observed": result.observed,
-        # Split traffic to a backend the split leaves out is a routing bug, not chance.
+        # Traffic to a backend the split leaves out is a routing bug, not chance.
         "unexpected": sorted(n for n, c in observed.items() if c and not split.get(n)),
         "p_value": number(result.p_value),
         "mismatch": result.mismatch,

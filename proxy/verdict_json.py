@@ -1,39 +1,33 @@
-"""A sequential verdict as JSON: the one shape of `GET /verdict` and of the report's part.
+"""A sequential verdict as JSON: the one shape of a verdict, in the report and `GET /verdict`.
 
-Both build `sequential.ArmState`s (the proxy as requests finish, the report from the log),
-ask `sequential.decide` for the `Verdict`, and turn it into this document here, so a
-reader sees the same keys with the same meaning in both:
+`verdict_json(verdict)` is a pure function of a `sequential.Verdict`; the report's
+`verdict.result` is exactly that. `GET /verdict` is the same document with what the live
+state knows besides (`experiment_json`): counts, each arm's error rates, the sample ratio
+check and notes. So both show the same keys with the same meaning:
 
-    {"schema": 1, "baseline": "baseline", "primary": "decode_tps", "alpha": 0.05,
-     "margin": 0.05,
-     "counts": {"baseline": COUNTS, "speculative": COUNTS},
+    {"baseline": "baseline", "alpha": 0.05, "primary": "decode_tps",
      "arms": {"speculative": {
-         "error_rate": {"arm": 0.0, "baseline": 0.0012},
-         "primary": {"metric": "decode_tps", "verdict": "better", "margin": 0.05,
-                     "interval": INTERVAL},
-         "guardrails": {"ttft_ms": {"verdict": "no_harm_detected", "interval": INTERVAL},
-                        "latency_ms": {...}, "error_rate": {...}},
-         "harm": false}},
-     "sample_ratio": {"sessions": {"observed": {...}, "expected_share": {...},
-                                   "observed_share": {...}, "p_value": 0.61,
-                                   "mismatch": false}},
-     "notes": ["..."]}
+         "primary": {**INTERVAL, "margin": 0.05},
+         "guardrails": {"ttft_ms": INTERVAL, "latency_ms": INTERVAL, "error_rate": INTERVAL},
+         "harm": false}}}
 
-    COUNTS = {"requests": 812, "sessions": 64, "split_requests": 0, "evicted": 0}
-    INTERVAL = {"effect": "ratio", "value": 1.42, "low": 1.21, "high": 1.66,
-                "alpha": 0.025, "p_value": 0.0001,
-                "n": {"arm": 812, "baseline": 790}, "units": {"arm": 64, "baseline": 61},
-                "unit": "sessions"}
+    INTERVAL = {"metric": "decode_tps", "verdict": "better", "ratio": 1.42, "low": 1.21,
+                "high": 1.66, "alpha": 0.025, "p_value": 0.0001, "n": 812,
+                "n_baseline": 790, "units": 64, "units_baseline": 61, "clustered": true,
+                "unit": "ratio"}
 
-`counts` are of every backend compared, the baseline's included: requests (errors too),
-distinct sessions, requests without a session, and sessions forgotten past the cap of
-tracked ones (see sequential.py). `effect` is "ratio" (arm / baseline of geometric means)
-for times, "difference" (arm - baseline) for the error rate; `value`, `low`, `high` and
-`p_value` are null while a side has fewer than `proxy.stats.MIN_VERDICT_SAMPLES` units.
-`unit` is "sessions" when either side's requests carried sessions, else "requests".
-`margin` is null when nothing is compared. `sample_ratio` has an entry per unit of
-assignment present ("sessions" for sticky traffic, "requests" for split traffic).
-Non-finite numbers are null.
+`verdict` is a `Primary` or `Guardrail` value. `unit` says what `ratio`, `low` and `high`
+are: "ratio" (arm / baseline of geometric means, for times) or "difference" (arm -
+baseline, for the error rate). `units` count sessions when `clustered` (the requests
+carried sessions), else requests. Figures are null while a side has fewer than
+`proxy.stats.MIN_VERDICT_SAMPLES` units; non-finite numbers are null.
+
+`experiment_json` adds: `schema`; `margin` (null when nothing is compared); `counts` per
+backend compared, the baseline's included (`requests`, errors too; distinct `sessions`;
+`split_requests`, those without a session; `evicted`, sessions forgotten past the cap of
+tracked ones, see sequential.py); per arm `error_rate` {`arm`, `baseline`}; `sample_ratio`
+per unit of assignment present (`sessions` for sticky traffic, `requests` for split
+traffic); and `notes`.
 """
 
 from __future__ import annotations
@@ -43,60 +37,74 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from proxy.sequential import (
-    ArmState,
-    ArmVerdict,
-    Interval,
-    Metric,
-    Verdict,
-    sample_ratios,
-)
+from proxy.sequential import ArmState, Interval, Metric, Verdict, sample_ratios
 from proxy.stats import MIN_VERDICT_SAMPLES, SampleRatio
 
 SCHEMA = 1
 
 
-def verdict_json(
+def verdict_json(verdict: Verdict) -> dict[str, Any]:
+    return {
+        "baseline": verdict.baseline,
+        "alpha": verdict.alpha,
+        "primary": verdict.primary.value,
+        "arms": {
+            name: {
+                "primary": {
+                    **_interval(arm.primary.interval, arm.primary.outcome.value),
+                    "margin": arm.primary.margin,
+                },
+                "guardrails": {
+                    metric.value: _interval(g.interval, g.outcome.value)
+                    for metric, g in arm.guardrails.items()
+                },
+                "harm": arm.harm,
+            }
+            for name, arm in verdict.arms.items()
+        },
+    }
+
+
+def experiment_json(
     verdict: Verdict,
     states: Mapping[str, ArmState],
     expected_pct: Mapping[str, float],
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The document for `verdict`, decided from `states` (one per backend, the baseline's
-    included) under a split of `expected_pct` (percent by backend); `notes` are the
-    caller's, after those this function draws from the data."""
+    """`verdict_json`, and what `states` (one per backend, the baseline's included) under a
+    split of `expected_pct` (percent by backend) tell besides; `notes` are the caller's,
+    after those drawn from the data."""
+    document = verdict_json(verdict)
     base = states[verdict.baseline]
-    arms = {name: _arm(arm, states[name], base) for name, arm in verdict.arms.items()}
+    for name, arm in document["arms"].items():
+        arm["error_rate"] = {"arm": _error_rate(states[name]), "baseline": _error_rate(base)}
     ratios = sample_ratios(states, expected_pct)
     margins = [arm.primary.margin for arm in verdict.arms.values()]
-    return {
-        "schema": SCHEMA,
-        "baseline": verdict.baseline,
-        "primary": verdict.primary.value,
-        "alpha": verdict.alpha,
-        "margin": margins[0] if margins else None,
-        "counts": {name: _counts(state) for name, state in states.items()},
-        "arms": arms,
-        "sample_ratio": {unit: _ratio(check) for unit, check in ratios.items()},
-        "notes": [*_notes(verdict, states, ratios), *notes],
-    }
+    document.update(
+        schema=SCHEMA,
+        margin=margins[0] if margins else None,
+        counts={name: _counts(state) for name, state in states.items()},
+        sample_ratio={unit: _ratio(check) for unit, check in ratios.items()},
+        notes=[*_notes(verdict, states, ratios), *notes],
+    )
+    return document
 
 
-def _arm(verdict: ArmVerdict, state: ArmState, base: ArmState) -> dict[str, Any]:
-    primary = verdict.primary
+def _interval(interval: Interval, outcome: str) -> dict[str, Any]:
     return {
-        "error_rate": {"arm": _error_rate(state), "baseline": _error_rate(base)},
-        "primary": {
-            "metric": primary.interval.metric.value,
-            "verdict": primary.outcome.value,
-            "margin": primary.margin,
-            "interval": interval_json(primary.interval),
-        },
-        "guardrails": {
-            metric.value: {"verdict": g.outcome.value, "interval": interval_json(g.interval)}
-            for metric, g in verdict.guardrails.items()
-        },
-        "harm": verdict.harm,
+        "metric": interval.metric.value,
+        "verdict": outcome,
+        "ratio": _number(interval.value),
+        "low": _number(interval.low),
+        "high": _number(interval.high),
+        "alpha": interval.alpha,
+        "p_value": _number(interval.p_value),
+        "n": interval.n,
+        "n_baseline": interval.n_baseline,
+        "units": interval.units,
+        "units_baseline": interval.units_baseline,
+        "clustered": interval.clustered,
+        "unit": "difference" if interval.metric is Metric.ERROR_RATE else "ratio",
     }
 
 
@@ -106,20 +114,6 @@ def _counts(state: ArmState) -> dict[str, int]:
         "sessions": state.sessions,
         "split_requests": state.split_requests,
         "evicted": state.evicted,
-    }
-
-
-def interval_json(interval: Interval) -> dict[str, Any]:
-    return {
-        "effect": "difference" if interval.metric is Metric.ERROR_RATE else "ratio",
-        "value": _number(interval.value),
-        "low": _number(interval.low),
-        "high": _number(interval.high),
-        "alpha": interval.alpha,
-        "p_value": _number(interval.p_value),
-        "n": {"arm": interval.n, "baseline": interval.n_baseline},
-        "units": {"arm": interval.units, "baseline": interval.units_baseline},
-        "unit": "sessions" if interval.clustered else "requests",
     }
 
 

@@ -229,7 +229,7 @@ def test_json_schema_keys_are_pinned(tmp_path: Path, capsys: Any) -> None:
     assert result["schema"] == 1
     assert set(result) == {
         "schema", "input", "baseline", "config_versions", "backends", "comparison", "forced",
-        "breakdowns", "failover", "sample_ratio", "shadow", "notes",
+        "breakdowns", "failover", "sample_ratio", "shadow", "notes", "verdict", "cost", "memory",
     }  # fmt: skip
     assert set(result["input"]) == {
         "files", "lines", "skipped", "requests", "unrouted", "shadow", "other_events", "first",
@@ -238,8 +238,9 @@ def test_json_schema_keys_are_pinned(tmp_path: Path, capsys: Any) -> None:
     backend = result["backends"]["speculative"]
     assert set(backend) == {
         "requests", "errors", "error_rate", "client_disconnected", "ok", "ttft_ms",
-        "latency_ms", "decode_tps", "queue_ms",
+        "latency_ms", "decode_tps", "queue_ms", "traffic",
     }  # fmt: skip
+    assert set(backend["traffic"]) == {"ab", "header", "moved", "other"}
     assert set(backend["queue_ms"]) == {"n", "waited", "p50", "p95"}
     assert set(backend["ttft_ms"]) == {"p50", "p90", "p99"}
     estimate_keys = {"value", "low", "high", "n"}
@@ -247,20 +248,27 @@ def test_json_schema_keys_are_pinned(tmp_path: Path, capsys: Any) -> None:
     comparison = result["comparison"]["speculative"]
     assert set(comparison) == {"n", "n_baseline", "decode_tps", "ttft_ms", "latency_ms"}
     assert set(comparison["latency_ms"]) == {
-        "ratio", "p_value", "higher_is_better", "samples_needed", "verdict",
+        "ratio", "p_value", "higher_is_better", "samples_needed", "verdict", "kind", "clustered",
     }  # fmt: skip
     assert set(comparison["latency_ms"]["ratio"]) == estimate_keys
     assert set(result["forced"]["speculative"]) == {
         "requests", "ok", "median_decode_tps", "median_ttft_ms", "median_latency_ms",
     }  # fmt: skip
-    assert set(result["breakdowns"]) == {"in_flight", "completion_tokens"}
+    assert set(result["breakdowns"]) == {
+        "in_flight", "completion_tokens", "prompt_tokens", "stream",
+    }  # fmt: skip
     bucket = result["breakdowns"]["in_flight"][0]
     assert set(bucket) == {"bucket", "backends", "decode_ratio"}
+    like = result["breakdowns"]["prompt_tokens"][0]
+    assert set(like) == {"bucket", "backends", "decode_ratio", "ratios"}
+    assert set(like["ratios"]["speculative"]) == {"decode_tps", "latency_ms"}
+    assert set(like["ratios"]["speculative"]["decode_tps"]) == estimate_keys
     assert set(bucket["backends"]["baseline"]) == {"n", "median_decode_tps", "median_latency_ms"}
     assert set(result["sample_ratio"]) == {
         "source", "note", "config_version", "expected_share", "observed_share", "observed",
-        "unexpected", "p_value", "mismatch",
+        "unexpected", "p_value", "mismatch", "sessions",
     }  # fmt: skip
+    assert set(result["sample_ratio"]["sessions"]) == set(result["sample_ratio"]) - {"sessions"}
     assert set(result["config_versions"]) == {"mixed", "selected", "requests", "versions"}
     assert set(result["config_versions"]["versions"][0]) == {
         "version", "requests", "selected", "first", "last", "split_observed", "split_share",
@@ -271,7 +279,7 @@ def test_json_schema_keys_are_pinned(tmp_path: Path, capsys: Any) -> None:
     }  # fmt: skip
     assert set(result["shadow"][0]) == {
         "from", "to", "n", "errors", "dropped", "exact_match_rate", "similarity_p50",
-        "mismatch_prefix_chars", "latency_ratio_median",
+        "mismatch_prefix_chars", "latency_ratio_median", "compared", "identical",
     }  # fmt: skip
     assert set(result["shadow"][0]["mismatch_prefix_chars"]) == {"p10", "p50", "p90"}
 
@@ -281,7 +289,7 @@ def test_html_page_is_self_contained_with_svg_plots(tmp_path: Path, capsys: Any)
     page = tmp_path / "report.html"
     assert report.main([str(log), "--html", str(page), *BOOT]) == 0
     html = page.read_text()
-    assert html.count("<svg") == 4
+    assert html.count("<svg") == 5  # the forest plot, then the CDFs and timelines
     assert "<table>" in html
     assert "faster" in html  # the verdict
     assert "<script" not in html

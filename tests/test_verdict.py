@@ -206,13 +206,14 @@ def test_the_document_has_the_shared_shape_and_is_strict_json() -> None:
     arm = document["arms"]["speculative"]
     assert set(arm) == {"error_rate", "primary", "guardrails", "harm"}
     assert set(arm["guardrails"]) == {"ttft_ms", "latency_ms", "error_rate"}
-    interval = arm["primary"]["interval"]
-    assert set(interval) == {
-        "effect", "value", "low", "high", "alpha", "p_value", "n", "units", "unit",
+    primary = arm["primary"]
+    assert set(primary) == {
+        "metric", "verdict", "ratio", "low", "high", "alpha", "p_value", "n", "n_baseline",
+        "units", "units_baseline", "clustered", "unit", "margin",
     }  # fmt: skip
-    assert interval["effect"] == "ratio" and interval["unit"] == "requests"
-    assert interval["low"] < interval["value"] < interval["high"]
-    assert arm["guardrails"]["error_rate"]["interval"]["effect"] == "difference"
+    assert primary["unit"] == "ratio" and primary["clustered"] is False
+    assert primary["low"] < primary["ratio"] < primary["high"]
+    assert arm["guardrails"]["error_rate"]["unit"] == "difference"
     assert set(document["sample_ratio"]) == {"requests"}
 
 
@@ -221,7 +222,7 @@ def test_too_few_requests_say_so_in_the_notes() -> None:
     live.observe(record())
     document = live.document()
     assert document["arms"]["speculative"]["primary"]["verdict"] == "inconclusive"
-    assert document["arms"]["speculative"]["primary"]["interval"]["low"] is None
+    assert document["arms"]["speculative"]["primary"]["low"] is None
     assert any("fewer than 10 requests on a side" in note for note in document["notes"])
 
 
@@ -265,8 +266,8 @@ def verdict(proxy: RunningProxy) -> dict[str, Any]:
 
 
 def fewest_units(document: dict[str, Any]) -> int:
-    units = document["arms"]["speculative"]["primary"]["interval"]["units"]
-    return min(units.values())
+    primary = document["arms"]["speculative"]["primary"]
+    return min(primary["units"], primary["units_baseline"])
 
 
 def test_identical_backends_get_no_verdict_either_way(
@@ -301,7 +302,7 @@ def test_a_backend_twice_as_slow_to_decode_is_found_worse(
             break
     assert outcome == "worse", primary
     # 7 tokens in 28 ms against 56 ms, plus each sleep's overshoot on a busy machine
-    assert primary["interval"]["high"] < 1 and 0.3 < primary["interval"]["value"] < 0.8
+    assert primary["high"] < 1 and 0.3 < primary["ratio"] < 0.8
     scraped = httpx.get(proxy.url + "/metrics").text
     high = 'specproxy_verdict_ratio{arm="speculative",bound="high",metric="decode_tps"}'
     [line] = [line for line in scraped.splitlines() if line.startswith(high)]

@@ -1,0 +1,203 @@
+"""The report's answer: the always-valid verdict per arm, memory, and the cost line.
+
+The verdict is `proxy.sequential`'s, fed from the log's arrays: the A/B requests (split or
+sticky, served where routed, not behind a shadow check) of each backend, in time order.
+Each counts in the error rate (`error` set); the answered-whole ones give decode tokens/s
+and latency; TTFT only from streams, since a non-stream answer's "TTFT" is all of it.
+Requests of one sticky session are one unit (`session`). A million requests go through
+numpy in a few passes (`sequential.MeanStream.of`), not one Python call each.
+
+Memory is the `backend_memory` lines (launch.py, every 10 s per launched backend): per
+backend, the median and maximum resident set over the log's span. The cost line puts
+speed, memory and outputs side by side for each arm, for example
+
+    speculative: decode 1.42x faster (95% CI 1.31-1.55), +128 MB resident (+51%),
+    outputs identical in 204 of 212 shadow checks
+
+Each function returns its piece of the report's JSON document (`proxy.report`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from proxy import sequential
+from proxy.logread import Bools, Memory, Requests
+from proxy.report_values import median, number, time_span
+from proxy.sequential import ArmState, MeanStream, Metric, Primary, Verdict
+from proxy.verdict_json import verdict_json
+
+PRIMARY_CHOICES = tuple(metric.value for metric in sequential.TIMES)
+DEFAULT_MARGIN = 0.05
+DEFAULT_ALPHA = 0.05
+
+
+def verdict_population(req: Requests) -> Bools:
+    """The requests the verdict sees: A/B traffic, not queued behind a shadow check."""
+    mask: Bools = req.experiment & ~req.behind_shadow
+    return mask
+
+
+def arm_states(req: Requests, names: Sequence[str]) -> dict[str, ArmState]:
+    """Each backend's `ArmState`, as observing its A/B requests in time order would leave
+    it (but with every session remembered: the log is all there). Backends without A/B
+    requests are left out."""
+    population = verdict_population(req)
+    states = {}
+    for name in names:
+        mine = np.flatnonzero(population & req.of(name))
+        if not mine.size:
+            continue
+        mine = mine[np.argsort(req.timestamp[mine], kind="stable")]
+        states[name] = _state(req, mine)
+    return states
+
+
+def _state(req: Requests, rows: np.ndarray) -> ArmState:
+    session = req.session[rows]
+    error = req.error[rows]
+    ok = req.ok[rows]  # answered whole, so no error either
+    streams = {Metric.ERROR_RATE: MeanStream.of(error.astype(np.float64), session)}
+    for metric in sequential.TIMES:
+        values = getattr(req, metric.value)[rows]
+        usable = ok & np.isfinite(values) & (values > 0)
+        if metric is Metric.TTFT_MS:
+            usable &= req.stream[rows]
+        streams[metric] = MeanStream.of(np.log(values[usable]), session[usable])
+    grouped = session >= 0
+    return ArmState(
+        requests=int(rows.size),
+        split_requests=int((~grouped).sum()),
+        sessions=int(np.unique(session[grouped]).size),
+        streams=streams,
+    )
+
+
+def decide(
+    states: dict[str, ArmState], baseline: str, *, alpha: float, primary: str, margin: float
+) -> Verdict | None:
+    """`sequential.decide`, or None when the baseline or every other arm has no A/B data."""
+    if baseline not in states or len(states) < 2:
+        return None
+    return sequential.decide(states, baseline, alpha=alpha, primary=Metric(primary), margin=margin)
+
+
+def verdict_section(verdict: Verdict | None, *, alpha: float, margin: float) -> dict[str, Any]:
+    """The `verdict` key of the report: the options, then `verdict_json`'s shape."""
+    body = verdict_json(verdict) if verdict is not None else None
+    return {"kind": "always-valid", "alpha": alpha, "margin": margin, "result": body}
+
+
+# --- memory and the cost line ----------------------------------------------------------------
+
+
+def memory_summary(memory: Memory, names: Sequence[str]) -> dict[str, Any]:
+    """Per backend with readings: how many, the median and maximum rss_mb, and when."""
+    result = {}
+    for name in names:
+        mine = np.array([b == name for b in memory.backend], dtype=bool)
+        rss = memory.rss_mb[mine] if mine.size else np.array([])
+        rss = rss[np.isfinite(rss)]
+        if not rss.size:
+            continue
+        first, last = time_span(memory.timestamp[mine])
+        result[name] = {
+            "readings": int(rss.size),
+            "median_mb": median(rss),
+            "max_mb": number(rss.max()),
+            "first": first,
+            "last": last,
+        }
+    return result
+
+
+def cost(
+    verdict: Verdict | None,
+    memory: dict[str, Any],
+    shadow: list[dict[str, Any]],
+    baseline: str,
+) -> dict[str, Any]:
+    """Per arm: the primary result, the memory it costs over the baseline, how often its
+    outputs matched the baseline's, and the three as one line."""
+    result: dict[str, Any] = {}
+    if verdict is None:
+        return result
+    base_mb = (memory.get(baseline) or {}).get("median_mb")
+    for name, arm in verdict.arms.items():
+        mb = (memory.get(name) or {}).get("median_mb")
+        extra = mb - base_mb if mb is not None and base_mb is not None else None
+        matches = _shadow_matches(shadow, baseline, name)
+        entry: dict[str, Any] = {
+            "primary": arm.primary.outcome.value,
+            "memory_mb": mb,
+            "memory_extra_mb": extra,
+            "memory_extra_share": extra / base_mb if extra is not None and base_mb else None,
+            "shadow_checks": matches[1] if matches else None,
+            "shadow_identical": matches[0] if matches else None,
+            "guardrail_harm": sorted(m.value for m, g in arm.guardrails.items()
+                                     if g.outcome is sequential.Guardrail.HARM),
+        }  # fmt: skip
+        entry["line"] = cost_line(name, arm, entry, alpha=arm.primary.interval.alpha)
+        result[name] = entry
+    return result
+
+
+def _shadow_matches(shadow: list[dict[str, Any]], a: str, b: str) -> tuple[int, int] | None:
+    """(identical, compared) over the shadow checks between the two, either way round."""
+    identical = compared = 0
+    for row in shadow:
+        if {row["from"], row["to"]} == {a, b} and row["exact_match_rate"] is not None:
+            compared += row["compared"]
+            identical += row["identical"]
+    return (identical, compared) if compared else None
+
+
+_LABELS = {Metric.DECODE_TPS: "decode", Metric.TTFT_MS: "TTFT", Metric.LATENCY_MS: "latency"}
+
+
+def cost_line(name: str, arm: sequential.ArmVerdict, entry: dict[str, Any], *, alpha: float) -> str:
+    """`speculative: decode 1.42x faster (97.5% CI 1.31-1.55, always-valid), +128 MB
+    resident (+51%), outputs identical in 204 of 212 shadow checks`."""
+    parts = [f"{name}: {primary_phrase(arm.primary, alpha)}"]
+    extra, share = entry["memory_extra_mb"], entry["memory_extra_share"]
+    if extra is None:
+        parts.append("memory not logged")
+    else:
+        of = f" ({share:+.0%})" if share is not None else ""
+        parts.append(f"{extra:+,.0f} MB resident{of}")
+    if entry["shadow_checks"]:
+        parts.append(
+            f"outputs identical in {entry['shadow_identical']:,} of"
+            f" {entry['shadow_checks']:,} shadow checks"
+        )
+    else:
+        parts.append("outputs not compared (no shadow checks)")
+    if entry["guardrail_harm"]:
+        parts.append("HARM on " + ", ".join(entry["guardrail_harm"]))
+    return ", ".join(parts)
+
+
+def primary_phrase(primary: sequential.PrimaryVerdict, alpha: float) -> str:
+    """`decode 1.42x faster (97.5% CI 1.31-1.55)`, `latency 2.16x, longer (...)`."""
+    interval = primary.interval
+    label = _LABELS[interval.metric]
+    if interval.value is None or interval.low is None or interval.high is None:
+        return f"{label}: not enough data yet (n={interval.units}/{interval.units_baseline})"
+    value = interval.value
+    if interval.metric is Metric.DECODE_TPS:
+        what = f"{value:.2f}x faster" if value >= 1 else f"{value:.2f}x as fast, slower"
+    else:
+        what = f"{value:.2f}x, {'shorter' if value < 1 else 'longer'}"
+    level = f"{100 * (1 - alpha):.3g}%"
+    digits = 2 if interval.high - interval.low >= 0.02 else 3  # a narrow one shows its width
+    outcome = {
+        Primary.BETTER: "",
+        Primary.NOT_WORSE: f"; not worse by more than {primary.margin:.0%}",
+        Primary.WORSE: "",
+        Primary.INCONCLUSIVE: "; inconclusive so far",
+    }[primary.outcome]
+    ci = f"{interval.low:.{digits}f}-{interval.high:.{digits}f}"
+    return f"{label} {what} ({level} CI {ci}{outcome})"
