@@ -37,9 +37,10 @@ _TPS_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500)
 
 @dataclass(frozen=True, slots=True)
 class BackendGauges:
-    """One backend's state at scrape time."""
+    """One replica's state at scrape time (a backend of one server has one)."""
 
     name: str
+    replica: str  # its URL
     in_flight: int
     queued: int
     healthy: bool
@@ -68,16 +69,47 @@ class _StateCollector(Collector):
             "Times the backend was ejected as unhealthy",
             labels=["backend"],
         )
+        per_replica = _replica_families()
+        arms: dict[str, list[BackendGauges]] = {}
         for b in backends:
-            in_flight.add_metric([b.name], b.in_flight)
-            queued.add_metric([b.name], b.queued)
-            healthy.add_metric([b.name], 1 if b.healthy else 0)
-            ejections.add_metric([b.name], b.ejections)
+            arms.setdefault(b.name, []).append(b)
+            labels = [b.name, b.replica]
+            per_replica[0].add_metric(labels, b.in_flight)
+            per_replica[1].add_metric(labels, b.queued)
+            per_replica[2].add_metric(labels, 1 if b.healthy else 0)
+            per_replica[3].add_metric(labels, b.ejections)
+        for name, replicas in arms.items():  # an arm: the sum of its replicas; healthy if any
+            in_flight.add_metric([name], sum(b.in_flight for b in replicas))
+            queued.add_metric([name], sum(b.queued for b in replicas))
+            healthy.add_metric([name], 1 if any(b.healthy for b in replicas) else 0)
+            ejections.add_metric([name], sum(b.ejections for b in replicas))
         config = GaugeMetricFamily(
             "specproxy_config_info", "The effective routes config", labels=["config_version"]
         )
         config.add_metric([version], 1)
-        yield from (in_flight, queued, healthy, ejections, config)
+        yield from (in_flight, queued, healthy, ejections, *per_replica, config)
+
+
+def _replica_families() -> tuple[
+    GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily
+]:
+    labels = ["backend", "replica"]
+    return (
+        GaugeMetricFamily(
+            "specproxy_replica_in_flight", "Requests being answered by the replica", labels=labels
+        ),
+        GaugeMetricFamily(
+            "specproxy_replica_queued", "Requests waiting for one of its slots", labels=labels
+        ),
+        GaugeMetricFamily(
+            "specproxy_replica_healthy",
+            "1 if the replica takes traffic, 0 if ejected",
+            labels=labels,
+        ),
+        CounterMetricFamily(
+            "specproxy_replica_ejections", "Times the replica was ejected", labels=labels
+        ),
+    )
 
 
 class _VerdictCollector(Collector):

@@ -208,7 +208,7 @@ def _bench_log(requests: int, rounds: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         log = AccessLog(Path(tmp) / "bench.jsonl", stdout=False)
         log.bind(config_version="abc")
-        record = RequestRecord("0" * 32, "abc", MODEL, True, "baseline", "split", status=200)
+        record = RequestRecord("0" * 32, "abc", MODEL, True, "baseline", reason="split", status=200)
         record.ttft_ms, record.latency_ms, record.completion_tokens = 12.5, 80.25, 16
 
         def chain() -> None:
