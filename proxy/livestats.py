@@ -1,4 +1,5 @@
-"""Per-backend figures since the proxy started, for `GET /stats`, in bounded memory.
+"""Per-backend figures since the proxy started, for `GET /stats`, in bounded memory; and
+the same for each replica of a backend (`replicas`, by URL).
 
 Counts are exact. Percentiles come from a uniform reservoir sample of each metric (Vitter's
 algorithm R, 2048 values per metric and backend): every request since start has the same
@@ -53,6 +54,8 @@ class BackendStats:
     )
     shadow_checks: int = 0
     shadow_matches: int = 0
+    # Each replica's own figures (the same, less the shadow checks), by URL.
+    replicas: dict[str, BackendStats] = field(default_factory=dict)
 
 
 class LiveStats:
@@ -64,6 +67,14 @@ class LiveStats:
         if record.backend is None:
             return
         stats = self._stats(record.backend)
+        self._count(stats, record)
+        if record.replica is not None:
+            replica = stats.replicas.get(record.replica)
+            if replica is None:
+                replica = stats.replicas[record.replica] = BackendStats()
+            self._count(replica, record)
+
+    def _count(self, stats: BackendStats, record: RequestRecord) -> None:
         stats.requests += 1
         stats.errors += record.error is not None
         stats.client_disconnects += record.client_disconnected
@@ -107,6 +118,8 @@ def _summary(stats: BackendStats) -> dict[str, Any]:
             "checks": stats.shadow_checks,
             "match_rate": round(stats.shadow_matches / stats.shadow_checks, 4),
         }
+    if stats.replicas:
+        summary["replicas"] = {url: _summary(r) for url, r in sorted(stats.replicas.items())}
     return summary
 
 

@@ -191,6 +191,10 @@ class _Figures(Collector):
         self.latency: dict[tuple[str, ...], _Histogram] = {}
         self.decode: dict[tuple[str, ...], _Histogram] = {}
         self.queue: dict[tuple[str, ...], _Histogram] = {}
+        # Per replica (backend, URL): enough to see one slow or failing server in a fleet.
+        self.replica_requests: dict[tuple[str, str, int | None], int] = {}
+        self.replica_ttft: dict[tuple[str, ...], _Histogram] = {}
+        self.replica_decode: dict[tuple[str, ...], _Histogram] = {}
 
     def collect(self) -> Iterator[Metric]:
         requests: _Counts = {}
@@ -236,6 +240,24 @@ class _Figures(Collector):
                 self.queue,
             ),
             _counter(
+                "specproxy_replica_requests",
+                "Finished requests, by the replica that served them last",
+                ["backend", "replica", "status"],
+                {(b, r, str(status)): n for (b, r, status), n in self.replica_requests.items()},
+            ),
+            _histogram(
+                "specproxy_replica_ttft_seconds",
+                "Time to first token, by replica",
+                ["backend", "replica"],
+                self.replica_ttft,
+            ),
+            _histogram(
+                "specproxy_replica_decode_tokens_per_second",
+                "Decode speed of streamed answers, by replica",
+                ["backend", "replica"],
+                self.replica_decode,
+            ),
+            _counter(
                 "specproxy_shadow_checks", "Shadow checks by outcome", ["outcome"], self.shadow
             ),
             _counter(
@@ -258,6 +280,7 @@ class Metrics:
             self.registry.register(_VerdictCollector(read_verdict))
         self._requests = self._figures.requests  # one attribute less on every request
         self._timings: dict[tuple[str, bool], tuple[_Histogram, ...]] = {}
+        self._replica_timings: dict[tuple[str, str], tuple[_Histogram, _Histogram]] = {}
 
     def observe(self, record: RequestRecord) -> None:
         backend = record.backend or "none"  # rejected before routing: bad body, auth
@@ -280,6 +303,27 @@ class Metrics:
             decode.observe(record.decode_tps)
         if record.queue_ms is not None:
             queue.observe(record.queue_ms / 1000)
+        if record.replica is not None:
+            self._observe_replica(record, backend, record.replica)
+
+    def _observe_replica(self, record: RequestRecord, backend: str, replica: str) -> None:
+        counts = self._figures.replica_requests
+        key = (backend, replica, record.status)
+        counts[key] = counts.get(key, 0) + 1
+        timings = self._replica_timings.get((backend, replica))
+        if timings is None:
+            timings = self._replica_timings[backend, replica] = (
+                self._figures.replica_ttft.setdefault(
+                    (backend, replica), _Histogram(_TIME_BUCKETS)
+                ),
+                self._figures.replica_decode.setdefault(
+                    (backend, replica), _Histogram(_TPS_BUCKETS)
+                ),
+            )
+        if record.ttft_ms is not None:
+            timings[0].observe(record.ttft_ms / 1000)
+        if record.decode_tps is not None:
+            timings[1].observe(record.decode_tps)
 
     def _add_timings(self, backend: str, stream: bool) -> tuple[_Histogram, ...]:
         """A backend's histograms, made on its first request (so, as before, a backend's

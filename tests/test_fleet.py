@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.config import Backend, Config, Health, parse_config
+from proxy.config import Backend, Config, Health, load_config, parse_config
 from proxy.errors import ConfigError
 from proxy.health import BackendHealth
 from proxy.limits import Limiter
@@ -281,3 +281,52 @@ def test_max_in_flight_is_per_replica(
     lines = proxy.wait_for_log(4)
     full = next(line for line in lines if line["fallback_cause"] == "full")
     assert (full["backend"], full["fallback_from"]) == ("baseline", "speculative")
+
+
+def test_healthz_stats_and_metrics_show_each_replica(
+    tmp_path: Path, fakes: Callable[..., FakeBackend], serve_proxy: Any, dead_url: str
+) -> None:
+    baseline, alive = fakes(), fakes()
+    proxy = serve_proxy(fleet_config(tmp_path, baseline.url, [alive.url, dead_url]))
+    for _ in range(3):
+        assert post(proxy).status_code == 200
+    proxy.wait_for_log(3)
+    state = healthz(proxy)["backends"]["speculative"]
+    assert list(state["replicas"]) == [alive.url, dead_url]
+    assert state["replicas"][alive.url]["reachable"] is True
+    assert state["replicas"][dead_url]["reachable"] is False
+    assert state["detail"] == "1 of 2 replicas reachable" and state["url"] is None
+    stats = httpx.get(proxy.url + "/stats", timeout=5).json()["backends"]["speculative"]
+    assert stats["requests"] == 3
+    assert {url: r["requests"] for url, r in stats["replicas"].items()} == {alive.url: 3}
+    text = httpx.get(proxy.url + "/metrics", timeout=5).text
+    labels = f'backend="speculative",replica="{alive.url}"'
+    assert f'specproxy_replica_requests_total{{{labels},status="200"}} 3.0' in text
+    assert f"specproxy_replica_ttft_seconds_count{{{labels}}} 3.0" in text
+    assert f'specproxy_replica_healthy{{backend="speculative",replica="{dead_url}"}} 0.0' in text
+    assert f"specproxy_replica_healthy{{{labels}}} 1.0" in text
+    assert 'specproxy_backend_healthy{backend="speculative"} 1.0' in text  # the arm: any
+
+
+def test_a_reload_adds_and_removes_replicas_keeping_the_health_of_those_that_stay(
+    tmp_path: Path, fakes: Callable[..., FakeBackend], serve_proxy: Any, dead_url: str
+) -> None:
+    baseline, first, added = fakes(), fakes(), fakes()
+    path = tmp_path / "routes.yaml"
+
+    def write(replicas: list[str]) -> None:
+        config = fleet_config(tmp_path, baseline.url, replicas)
+        path.write_text(config.model_dump_json(by_alias=True, exclude_none=True))
+
+    write([first.url, dead_url])
+    proxy = serve_proxy(load_config(path), config_path=path)
+    assert wait_until(lambda: proxy.events("backend_ejected"), 3)  # the dead one, probed
+    write([dead_url, added.url])  # `first` goes, `added` comes, the dead one stays
+    assert httpx.post(proxy.url + "/admin/reload", timeout=5).status_code == 200
+    replicas = healthz(proxy)["backends"]["speculative"]["replicas"]
+    assert list(replicas) == [dead_url, added.url]
+    assert replicas[dead_url]["healthy"] is False  # still ejected: its health was kept
+    served = len(first.requests)
+    assert all(post(proxy).status_code == 200 for _ in range(3))
+    assert len(added.requests) == 3 and len(first.requests) == served
+    assert len(proxy.events("backend_ejected")) == 1  # the dead one was not tried again
