@@ -47,32 +47,46 @@ class Replica:
         return self.in_flight + self.limiter.queued
 
 
-def least_loaded(loads: Sequence[int], rng: random.Random) -> int:
-    """The index of the smallest load; among equals, one at random."""
-    best = min(loads)
-    ties = [index for index, load in enumerate(loads) if load == best]
-    if len(ties) == 1:
-        return ties[0]
-    return ties[int(rng.random() * len(ties))]
-
-
 def choose(
     replicas: Sequence[Replica], rng: random.Random, tried: Collection[Replica] = ()
 ) -> Replica | None:
-    """The replica for a request, or None when every one has been tried.
+    """The replica for a request: the least loaded, ties at random; None when every one
+    has been tried.
 
-    Healthy replicas first; when none is (the arm is ejected, yet the request stays: it
+    Healthy replicas only; when none is (the arm is ejected, yet the request stays: it
     was forced by the header, or its fallback is down too), any: the health table may be
     stale. A retry (`tried` not empty) goes to a healthy replica only, else to the fallback.
     """
     if len(replicas) == 1 and not tried:
         return replicas[0]
-    untried = [replica for replica in replicas if replica not in tried]
-    healthy = [replica for replica in untried if replica.health.healthy]
-    candidates = healthy or ([] if tried else untried)
-    if not candidates:
-        return None
-    return candidates[least_loaded([replica.load for replica in candidates], rng)]
+    chosen = _least_loaded(replicas, rng, tried, healthy_only=True)
+    if chosen is None and not tried:
+        chosen = _least_loaded(replicas, rng, tried, healthy_only=False)
+    return chosen
+
+
+def _least_loaded(
+    replicas: Sequence[Replica],
+    rng: random.Random,
+    tried: Collection[Replica],
+    *,
+    healthy_only: bool,
+) -> Replica | None:
+    """One pass (this runs on every request): the fewest requests, among equals one at
+    random."""
+    ties: list[Replica] = []
+    least = 0
+    for replica in replicas:
+        if (healthy_only and not replica.health.healthy) or replica in tried:
+            continue
+        load = replica.in_flight + replica.limiter.queued  # its `load`, one call less
+        if not ties or load < least:
+            ties, least = [replica], load
+        elif load == least:
+            ties.append(replica)
+    if len(ties) < 2:
+        return ties[0] if ties else None
+    return ties[int(rng.random() * len(ties))]
 
 
 class Fleet:

@@ -17,7 +17,7 @@ from proxy.config import Backend, Config, Health, load_config, parse_config
 from proxy.errors import ConfigError
 from proxy.health import BackendHealth
 from proxy.limits import Limiter
-from proxy.replicas import Replica, choose, least_loaded
+from proxy.replicas import Replica, choose
 from tests.conftest import Background, RunningProxy, make_config, stream_lines
 from tests.fakebackend import FakeBackend, wait_until
 
@@ -99,11 +99,11 @@ def replica(url: str, in_flight: int = 0, healthy: bool = True) -> Replica:
     return Replica("spec", url, Limiter(backend), health, in_flight)
 
 
-def test_least_loaded_breaks_ties_at_random() -> None:
+def test_ties_are_broken_at_random() -> None:
+    replicas = [replica(f"http://a:{i}", load) for i, load in enumerate([1, 0, 0, 5, 0])]
     rng = random.Random(1)
-    assert least_loaded([3, 1, 2], rng) == 1
-    picks = Counter(least_loaded([1, 0, 0, 5, 0], rng) for _ in range(3000))
-    assert set(picks) == {1, 2, 4}
+    picks = Counter(choose(replicas, rng) for _ in range(3000))
+    assert set(picks) == {replicas[1], replicas[2], replicas[4]}
     assert all(900 < count < 1100 for count in picks.values()), picks
 
 
