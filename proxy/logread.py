@@ -78,6 +78,10 @@ class Requests:
     in_flight: Floats
     queue_ms: Floats  # wait for a concurrency slot
     timestamp: Floats  # seconds since the epoch
+    # The server of its backend it went to last: an index into `replicas` (-1: none, as in
+    # logs written before fleets). Read by report_replicas only.
+    replica: Ints
+    replicas: tuple[str, ...]
 
     def of(self, name: str) -> Bools:
         mask: Bools = self.backend == self.names.index(name)
@@ -245,7 +249,8 @@ SELECT coalesce(list_position($names, backend), 0)::INT - 1 AS backend,
        coalesce(behind_shadow, false) AS behind_shadow,
        {numbers},
        coalesce(epoch(CASE WHEN ts BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'
-                      THEN ts END), 'nan') AS timestamp
+                      THEN ts END), 'nan') AS timestamp,
+       coalesce(list_position($replicas, replica), 0)::INT - 1 AS replica
 FROM (SELECT *, try_cast(timestamp AS TIMESTAMPTZ) AS ts FROM log WHERE event = 'request')
 """
 # The numbers of the request line that the report reads (all of them but prompt_tokens).
@@ -305,6 +310,7 @@ def _requests(con: Any) -> Requests:
     names = _distinct(con, "backend", "fallback_from")
     causes = _distinct(con, "fallback_cause")
     versions = _distinct(con, _VERSION)
+    replicas = _distinct(con, "replica")
     sql = _REQUESTS.format(
         numbers=_numbers(_REQUEST_NUMBERS),
         version=_VERSION,
@@ -312,11 +318,16 @@ def _requests(con: Any) -> Requests:
         fallback=Reason.FALLBACK,
         experiment=", ".join(f"'{reason}'" for reason in Reason if reason.is_experiment),
     )
-    params = {"names": list(names), "causes": list(causes), "versions": list(versions)}
+    params = {
+        "names": list(names),
+        "causes": list(causes),
+        "versions": list(versions),
+        "replicas": list(replicas),
+    }
     arrays: dict[str, Any] = {
         k: np.asarray(v) for k, v in con.execute(sql, params).fetchnumpy().items()
     }
-    return Requests(names=names, causes=causes, versions=versions, **arrays)
+    return Requests(names=names, causes=causes, versions=versions, replicas=replicas, **arrays)
 
 
 def _distinct(con: Any, *columns: str) -> tuple[str, ...]:

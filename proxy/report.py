@@ -25,6 +25,7 @@ import numpy as np
 from proxy import stats
 from proxy.logread import Floats, LogData, Requests, Shadows, UsageError, load_logs
 from proxy.render import MISMATCH, figures, render_html, render_text
+from proxy.report_replicas import replica_table
 from proxy.report_routing import (
     config_versions,
     failover,
@@ -87,6 +88,7 @@ def build_report(
         "failover": failover(req, _order(req, baseline, every=True)),
         "sample_ratio": sample_ratio_check(req, split, split_source, versions_seen),
         "shadow": shadow_summary(data.shadows),
+        "replicas": replica_table(req, _order(req, baseline), rng, n_boot),
         "notes": notes,
     }
 
