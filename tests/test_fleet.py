@@ -330,3 +330,28 @@ def test_a_reload_adds_and_removes_replicas_keeping_the_health_of_those_that_sta
     assert all(post(proxy).status_code == 200 for _ in range(3))
     assert len(added.requests) == 3 and len(first.requests) == served
     assert len(proxy.events("backend_ejected")) == 1  # the dead one was not tried again
+
+
+def test_a_forced_request_moves_within_its_arm_never_out_of_it(
+    tmp_path: Path, fakes: Callable[..., FakeBackend], serve_proxy: Any
+) -> None:
+    """The client chose the arm, not the server: another replica of it may answer; when
+    none can, the client gets the failure, not the baseline."""
+    baseline, good, broken = fakes(), fakes(), fakes("status=500")
+    proxy = serve_proxy(fleet_config(tmp_path, baseline.url, [good.url, broken.url]))
+    held = slow_stream(proxy)  # ends on the good one: the broken one is now the idle one
+    assert wait_until(lambda: len(good.requests) == 1, 3)
+    tried = len(broken.requests)
+    forced = {"X-Backend": "speculative", "X-Request-Id": "forced"}
+    answer = post(proxy, forced)
+    assert answer.status_code == 200 and answer.headers["x-backend"] == "speculative"
+    held.join()
+    (line,) = [x for x in proxy.wait_for_log(2) if x["request_id"] == "forced"]
+    assert (line["replica"], line["reason"], line["error"]) == (good.url, "header", None)
+    assert len(broken.requests) == tried + 1
+    good.stop()
+    failed = post(proxy, forced)
+    # The last replica tried answers: the broken one's 500, or the stopped one's refusal.
+    assert failed.status_code in (500, 502) and failed.headers["x-backend"] == "speculative"
+    assert set(failed.json()["error"]) == {"message", "type", "param", "code"}
+    assert not baseline.requests
