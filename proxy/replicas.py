@@ -41,11 +41,6 @@ class Replica:
     health: BackendHealth  # the health board's entry for it
     in_flight: int = 0  # requests being answered by it
 
-    @property
-    def load(self) -> int:
-        """What the choice compares: requests on it, answered or waiting for a slot."""
-        return self.in_flight + self.limiter.queued
-
 
 def choose(
     replicas: Sequence[Replica], rng: random.Random, tried: Collection[Replica] = ()
@@ -79,7 +74,7 @@ def _least_loaded(
     for replica in replicas:
         if (healthy_only and not replica.health.healthy) or replica in tried:
             continue
-        load = replica.in_flight + replica.limiter.queued  # its `load`, one call less
+        load = replica.in_flight + replica.limiter.queued  # answered, or waiting for a slot
         if not ties or load < least:
             ties, least = [replica], load
         elif load == least:
@@ -111,11 +106,3 @@ class Fleet:
                 replica.health = health[url]
             replicas.append(replica)
         self.replicas = tuple(replicas)
-
-    @property
-    def in_flight(self) -> int:
-        return sum(replica.in_flight for replica in self.replicas)
-
-    @property
-    def queued(self) -> int:
-        return sum(replica.limiter.queued for replica in self.replicas)
