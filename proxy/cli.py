@@ -296,6 +296,8 @@ def describe(config: Config) -> str:
                 lines.append(f"    launched: {' '.join(command)}")
         limit = backend.max_in_flight
         slots = "no limit" if limit is None else f"{limit} at a time, {backend.max_queue} may wait"
+        if limit is not None and len(backend.urls) > 1:
+            slots += ", per replica"
         lines.append(f"    fallback {config.fallback_of(name) or '(none)'}; {slots}")
     routing = config.routing
     lines.append(f"  force with header {routing.header}")
