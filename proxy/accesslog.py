@@ -65,6 +65,7 @@ class RequestRecord:
     model: str | None = None  # as the client named it; null: rejected before the body parsed
     stream: bool = False
     backend: str | None = None  # where it went last; null: rejected before routing
+    replica: str | None = None  # the URL of the backend's server it went to last (replicas.py)
     reason: Reason | None = None  # why it went there
     fallback_from: str | None = None  # the backend first chosen, when it went elsewhere
     fallback_cause: FallbackCause | None = None  # why it was moved
@@ -75,7 +76,7 @@ class RequestRecord:
     prompt_tokens: int | None = None  # the backend's usage
     completion_tokens: int | None = None
     decode_tps: float | None = None  # streams only
-    in_flight: int | None = None  # other requests on its backend when it was sent
+    in_flight: int | None = None  # other requests on its replica when it was sent
     error: str | None = None  # what went wrong, by its short name (an error's `kind`)
     client_disconnected: bool = False  # the client left (or stopped reading) before the end
     # A shadow was running on this backend when the request was sent: a speculative

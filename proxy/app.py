@@ -89,7 +89,7 @@ def create_app(
                 runtime.health,
                 upstream,
                 lambda: _probed(runtime.config),
-                supervisor.loading if supervisor is not None else lambda name: False,
+                supervisor.loading if supervisor is not None else lambda name, url: False,
             )
         )
         try:
@@ -168,7 +168,8 @@ def create_server(app: ProxyApp, grace_seconds: float, limits: Limits | None = N
 
 def _probed(config: Config) -> Iterator[tuple[str, str, Health]]:
     for name, backend in config.backends.items():
-        yield name, backend.url, backend.health
+        for url in backend.urls:
+            yield name, url, backend.health
 
 
 async def reload_config(app: Starlette, source: str) -> None:
@@ -255,18 +256,17 @@ async def get_model(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> JSONResponse:
-    """The proxy is up (200); each backend's reachability is probed on its `/health`."""
+    """The proxy is up (200); each replica's reachability is probed on its `/health`."""
     runtime: Runtime = request.state.runtime
     active = runtime.active  # once: a reload meanwhile changes nothing here
-    names = list(active.config.backends)
-    probes = [
-        probe(runtime.transport, b.url, _HEALTH_TIMEOUT) for b in active.config.backends.values()
-    ]
-    results = await asyncio.gather(*probes)
-    backends = {
-        name: _backend_health(runtime, active, name, reachable, detail)
-        for name, (reachable, detail) in zip(names, results, strict=True)
-    }
+    replicas = [(n, url) for n, b in active.config.backends.items() for url in b.urls]
+    results = await asyncio.gather(
+        *(probe(runtime.transport, url, _HEALTH_TIMEOUT) for _, url in replicas)
+    )
+    probed: dict[str, dict[str, tuple[bool, str]]] = {}
+    for (name, url), result in zip(replicas, results, strict=True):
+        probed.setdefault(name, {})[url] = result
+    backends = {name: _backend_health(runtime, active, name, probed[name]) for name in probed}
     ok = all(b["reachable"] and b["healthy"] for b in backends.values())
     body = {
         "status": "ok" if ok else "degraded",
@@ -278,33 +278,65 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 def _backend_health(
-    runtime: Runtime, active: ActiveConfig, name: str, reachable: bool, detail: str
+    runtime: Runtime, active: ActiveConfig, name: str, probed: dict[str, tuple[bool, str]]
 ) -> dict[str, Any]:
-    state = {
-        "url": active.config.backends[name].url,
-        "reachable": reachable,
-        "detail": detail,
+    """A backend's state: with one replica, that replica's; with several, the arm's
+    (reachable and healthy if any replica is, counts summed), each replica's under
+    `replicas`."""
+    each = {url: _replica_health(runtime, name, url, *result) for url, result in probed.items()}
+    state: dict[str, Any] = {
+        "url": None,  # a fleet's are under `replicas`
+        **_routing_state(runtime, active, name),
         "in_flight": runtime.in_flight[name],
         "split": active.config.routing.split.get(name, 0.0),
-        **_routing_state(runtime, active, name),
     }
-    if runtime.supervisor is not None and name in runtime.supervisor.backends:
-        state["process"] = runtime.supervisor.backends[name].status()
+    if len(each) == 1:
+        (only,) = each.values()
+        return {**state, **{k: v for k, v in only.items() if k != "in_flight"}}
+    reachable = sum(r["reachable"] for r in each.values())
+    state |= {
+        "reachable": reachable > 0,
+        "detail": f"{reachable} of {len(each)} replicas reachable",
+        "healthy": any(r["healthy"] for r in each.values()),
+        "consecutive_failures": min(r["consecutive_failures"] for r in each.values()),
+        "last_error": None,
+        "ejections": sum(r["ejections"] for r in each.values()),
+        "queued": sum(r["queued"] for r in each.values()),
+        "replicas": each,
+    }
+    return state
+
+
+def _replica_health(
+    runtime: Runtime, name: str, url: str, reachable: bool, detail: str
+) -> dict[str, Any]:
+    """What the proxy thinks of one replica, and what its probe just saw."""
+    fleet = runtime.fleets.get(name)
+    replica = next((r for r in fleet.replicas if r.url == url), None) if fleet else None
+    health = runtime.health.backends.get(name, {}).get(url)  # absent only while a reload lands
+    state: dict[str, Any] = {
+        "url": url,
+        "reachable": reachable,
+        "detail": detail,
+        "healthy": health is None or health.healthy,
+        "consecutive_failures": health.failures if health else 0,
+        "last_error": health.last_error if health else None,
+        "ejections": health.ejections if health else 0,
+        "in_flight": replica.in_flight if replica else 0,
+        "queued": replica.limiter.queued if replica else 0,
+    }
+    if runtime.supervisor is not None:
+        managed = runtime.supervisor.replicas.get((name, url))
+        if managed is not None:
+            state["process"] = managed.status()
     return state
 
 
 def _routing_state(runtime: Runtime, active: ActiveConfig, name: str) -> dict[str, Any]:
-    """What the proxy itself thinks of a backend: health, fallback, slots."""
-    state = runtime.health.backends.get(name)  # absent only while a reload lands
-    limiter = runtime.limiters.get(name)
+    """What the proxy itself decides for a backend: its fallback, its slots per replica."""
     return {
-        "healthy": state is None or state.healthy,
-        "consecutive_failures": state.failures if state else 0,
-        "last_error": state.last_error if state else None,
-        "ejections": state.ejections if state else 0,
         "fallback": active.config.fallback_of(name),
-        "max_in_flight": limiter.limit if limiter else None,
-        "queued": limiter.queued if limiter else 0,
+        "max_in_flight": active.config.backends[name].max_in_flight,
     }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import Scope
 
-from proxy import failover
+from proxy import failover, replicas
 from proxy.accesslog import RequestRecord
 from proxy.errors import (
     BadRequestError,
@@ -27,7 +27,7 @@ from proxy.errors import (
     TooBusyError,
 )
 from proxy.health import failure_kind
-from proxy.limits import Full, Limiter
+from proxy.limits import Full
 from proxy.payload import (
     ChatRequest,
     model_rewriter,
@@ -76,8 +76,9 @@ class _Call:
     state: RequestState = field(default_factory=RequestState)
     request: ChatRequest | None = None  # once the body is read and valid
     decision: Decision | None = None  # the latest: where the request is (or was) going
+    replica: str | None = None  # the URL of the decision's replica, once one was tried
     collect: list[str] | None = None  # the generated text, when the request is shadowed
-    in_flight: int | None = None  # other requests on its backend when it was sent
+    in_flight: int | None = None  # other requests on its replica when it was sent
     behind_shadow: bool = False
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
@@ -183,6 +184,7 @@ def _record(call: _Call) -> RequestRecord:
         request.model if request is not None else None,
         stream,
         decision.backend if decision is not None else None,
+        call.replica,
         decision.reason if decision is not None else None,
         decision.fallback_from if decision is not None else None,
         decision.fallback_cause if decision is not None else None,
@@ -231,27 +233,52 @@ async def _dispatch(call: _Call, decision: Decision, receive: Receive, send: Sen
 
 
 async def _serve(call: _Call, decision: Decision, send: Send) -> None:
-    """One attempt, and one retry on the fallback if the backend failed before answering."""
-    active, health = call.active, call.runtime.health
-    decision, limiter = await _admit(call, decision)
-    try:
-        await _attempt(call, decision, limiter, send)
-        return
-    except ProxyError as error:
-        again = failover.retry(decision, error, health.healthy, active.config.fallback_of)
-        if again is None or call.state.answered:
-            raise
-    await _attempt(call, *await _admit(call, again), send)
+    """An attempt; if its replica failed before answering, one more on another replica of
+    the same backend (replicas.py), then one on the backend's fallback."""
+    decision, replica = await _admit(call, decision)
+    tried = [replica]
+    while True:
+        try:
+            await _attempt(call, decision, replica, send)
+            return
+        except ProxyError as error:
+            if call.state.answered or not failover.backend_failed(error):
+                raise
+            again = _again(call, decision, error, tried)
+            if again is None:
+                raise
+        decision, replica = await _admit(call, *again)
+        tried.append(replica)
 
 
-async def _admit(call: _Call, decision: Decision) -> tuple[Decision, Limiter]:
-    """Take a concurrency slot on the decision's backend, or on its fallback when it is full
-    (then the returned decision says so). The caller's `_attempt` gives the slot back to
-    the limiter returned. Every wait counts in `queue_ms`, one that timed out too."""
-    clock, limiters = call.clock, call.runtime.limiters
-    limiter = limiters[decision.backend]
+def _again(
+    call: _Call, decision: Decision, error: ProxyError, tried: list[replicas.Replica]
+) -> tuple[Decision, replicas.Replica | None] | None:
+    """Where a request whose replica failed before answering goes next: another healthy
+    replica of its backend, while it has tried fewer than `ATTEMPTS_PER_ARM` there; else
+    the backend's fallback (any replica of it); else nowhere (None)."""
+    runtime, active = call.runtime, call.active
+    fleet = runtime.fleets[decision.backend]
+    on_this_arm = [replica for replica in tried if replica.backend == decision.backend]
+    if len(on_this_arm) < replicas.ATTEMPTS_PER_ARM:
+        other = replicas.choose(fleet.replicas, runtime.rng, on_this_arm)
+        if other is not None:
+            return decision, other
+    moved = failover.retry(decision, error, runtime.health.healthy, active.config.fallback_of)
+    return None if moved is None else (moved, None)
+
+
+async def _admit(
+    call: _Call, decision: Decision, replica: replicas.Replica | None = None
+) -> tuple[Decision, replicas.Replica]:
+    """Take a concurrency slot on a replica of the decision's backend (`replica`, or the
+    least loaded), or on one of its fallback's when it is full (then the returned decision
+    says so). The caller's `_attempt` gives the slot back to the replica returned. Every
+    wait counts in `queue_ms`, one that timed out too."""
+    clock = call.clock
+    replica = replica or _replica(call, decision.backend)
     try:
-        waited = await limiter.acquire()
+        waited = await replica.limiter.acquire()
     except Full as full:
         clock.queued(full.waited)
         moved = failover.overflow(decision, call.active.config.fallback_of)
@@ -260,9 +287,9 @@ async def _admit(call: _Call, decision: Decision) -> tuple[Decision, Limiter]:
                 f"backend {decision.backend!r} is busy: {full}", full.retry_after
             ) from None
         call.decision = moved
-        limiter = limiters[moved.backend]
+        replica = _replica(call, moved.backend)
         try:
-            waited = await limiter.acquire()
+            waited = await replica.limiter.acquire()
         except Full as also:
             clock.queued(also.waited)
             raise TooBusyError(
@@ -271,31 +298,38 @@ async def _admit(call: _Call, decision: Decision) -> tuple[Decision, Limiter]:
             ) from None
         decision = moved
     clock.queued(waited)
-    return decision, limiter
+    return decision, replica
 
 
-async def _attempt(call: _Call, decision: Decision, limiter: Limiter, send: Send) -> None:
-    """Send the request to the decision's backend (whose slot in `limiter` is taken) and
-    relay the answer; what happened counts for or against the backend's health."""
+def _replica(call: _Call, backend: str) -> replicas.Replica:
+    chosen = replicas.choose(call.runtime.fleets[backend].replicas, call.runtime.rng)
+    assert chosen is not None  # nothing tried yet: there is always one
+    return chosen
+
+
+async def _attempt(call: _Call, decision: Decision, replica: replicas.Replica, send: Send) -> None:
+    """Send the request to the decision's replica (whose slot is taken) and relay the
+    answer; what happened counts for or against the replica's health."""
     runtime = call.runtime
-    backend = decision.backend
-    url = call.active.config.backends[backend].url  # health is kept per URL: see health.py
-    call.decision = decision
+    backend, url = decision.backend, replica.url
+    call.decision, call.replica = decision, url
     runtime.in_flight[backend] += 1
+    replica.in_flight += 1
     try:
-        attempt = _aim(call, backend)
-        call.in_flight = runtime.in_flight[backend] - 1
+        attempt = _aim(call, backend, url)
+        call.in_flight = replica.in_flight - 1
         call.behind_shadow = runtime.shadower.running[backend] > 0
         broken = await _relay(runtime.transport, attempt, send)
     except ProxyError as error:
         if failover.backend_failed(error):
             runtime.health.failure(backend, url, failure_kind(error))
-        else:  # a 4xx: the request's fault, and the backend is alive
+        else:  # a 4xx: the request's fault, and the replica is alive
             runtime.health.success(backend, url)
         raise
     finally:
         runtime.in_flight[backend] -= 1
-        limiter.release()
+        replica.in_flight -= 1
+        replica.limiter.release()
     if broken is not None:  # a stream that broke after it started
         call.state.failure = broken
         runtime.health.failure(backend, url, broken)
@@ -303,14 +337,15 @@ async def _attempt(call: _Call, decision: Decision, limiter: Limiter, send: Send
         runtime.health.success(backend, url)
 
 
-def _aim(call: _Call, backend: str) -> Attempt:
-    """The attempt on `backend`: the request as that backend takes it (its model name)."""
+def _aim(call: _Call, backend: str, url: str) -> Attempt:
+    """The attempt on `backend`'s replica at `url`: the request as that backend takes it
+    (its model name)."""
     active, request = call.active, call.request
     assert request is not None
     config = active.config.backends[backend]
     return Attempt(  # by position, as the record is (see `_record`)
         backend,
-        _upstream_request(active, call.scope, request, backend, call.request_id),
+        _upstream_request(active, call.scope, request, backend, url, call.request_id),
         call.state,
         call.clock,
         config.timeouts,
@@ -346,8 +381,9 @@ def _start_shadow(call: _Call, record: RequestRecord) -> None:
     if record.fallback_from is not None or not call.runtime.health.healthy(shadow.target):
         return
     assert call.collect is not None and call.request is not None
+    target = _replica(call, shadow.target).url
     upstream = _upstream_request(
-        call.active, call.scope, call.request, shadow.target, record.request_id
+        call.active, call.scope, call.request, shadow.target, target, record.request_id
     )
     text = "".join(call.collect)
     call.runtime.shadower.submit(
@@ -356,9 +392,14 @@ def _start_shadow(call: _Call, record: RequestRecord) -> None:
 
 
 def _upstream_request(
-    active: ActiveConfig, scope: Scope, request: ChatRequest, backend: str, request_id: str
+    active: ActiveConfig,
+    scope: Scope,
+    request: ChatRequest,
+    backend: str,
+    replica: str,
+    request_id: str,
 ) -> UpstreamRequest:
-    endpoint = active.endpoint(backend, scope["path"])
+    endpoint = active.endpoint(replica, scope["path"])
     body = upstream_body(request, active.config.backends[backend].model)
     headers = upstream_headers(scope["headers"], active.not_forwarded)
     headers += [

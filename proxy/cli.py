@@ -151,7 +151,7 @@ async def serve(
 async def run_backends(config: Config, log: AccessLog, stop: _Stop) -> int:
     """Only the launched backends, in the foreground, until a signal."""
     supervisor = stop.supervisor = Supervisor(config, log)
-    if not supervisor.backends:
+    if not supervisor.replicas:
         print("error: no backend in the config has a `launch` block", file=sys.stderr)
         return EXIT_CONFIG
     try:
@@ -289,11 +289,15 @@ def describe(config: Config) -> str:
     lines = [f"  model {config.model!r}  (config_version {config.version()})"]
     for name, weight in config.weights():
         backend = config.backends[name]
-        lines.append(f"  backend {name:<12} {weight:>5g}%  {backend.url}")
+        lines.append(f"  backend {name:<12} {weight:>5g}%  {', '.join(backend.urls)}")
         if backend.launch is not None:
-            lines.append(f"    launched: {' '.join(build_command(name, backend, 'python'))}")
+            for url in backend.urls:
+                command = build_command(name, backend, "python", url)
+                lines.append(f"    launched: {' '.join(command)}")
         limit = backend.max_in_flight
         slots = "no limit" if limit is None else f"{limit} at a time, {backend.max_queue} may wait"
+        if limit is not None and len(backend.urls) > 1:
+            slots += ", per replica"
         lines.append(f"    fallback {config.fallback_of(name) or '(none)'}; {slots}")
     routing = config.routing
     lines.append(f"  force with header {routing.header}")

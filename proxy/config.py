@@ -72,7 +72,9 @@ class Launch(_Frozen):
     env: dict[str, str] = {}
     # CPU loading of a large model can take minutes; a tiny one, seconds.
     startup_timeout: float = Field(default=600.0, gt=0)
-    log: Path | None = None  # default: logs/backends/<name>.log
+    log: Path | None = None  # default: logs/backends/<name>.log (<name>-<i>.log for replicas)
+    # Servers to start, on consecutive ports from the backend's `url`: its replicas.
+    replicas: int = Field(default=1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _one_way_to_start(self) -> Launch:
@@ -87,8 +89,35 @@ class Launch(_Frozen):
         return self
 
 
-class Backend(_Frozen):
+def _check_url(url: str) -> str:
+    parts = urlsplit(url)
+    # Backends are local servers: the pool speaks plain HTTP only.
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"must be an http:// URL like http://127.0.0.1:8080, not {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        # The proxy appends the client's path (/v1/chat/completions) itself.
+        raise ValueError(f"must be just scheme, host and port, not {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {url!r}") from exc
+    return url.rstrip("/")
+
+
+class Replica(_Frozen):
+    """One server of a backend's fleet: see replicas.py."""
+
     url: str
+
+    _check_url = field_validator("url")(_check_url)
+
+
+class Backend(_Frozen):
+    """One arm of the experiment: one server (`url`), or a fleet of them (`replicas`, or
+    `launch.replicas` started on consecutive ports from `url`)."""
+
+    url: str | None = None
+    replicas: list[Replica] | None = Field(default=None, min_length=1)
     # What goes in the upstream body's `model` field. mlx_lm.server tries to load any model
     # name it does not know, so by default we send the name of the model it was started with.
     model: str = "default_model"
@@ -105,27 +134,61 @@ class Backend(_Frozen):
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        # Backends are local servers: the pool speaks plain HTTP only.
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"must be an http:// URL like http://127.0.0.1:8080, not {url!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            # The proxy appends the client's path (/v1/chat/completions) itself.
-            raise ValueError(f"must be just scheme, host and port, not {url!r}")
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise ValueError(f"bad port in {url!r}") from exc
-        return url.rstrip("/")
+    def _check_url(cls, url: str | None) -> str | None:
+        return None if url is None else _check_url(url)
+
+    @model_validator(mode="after")
+    def _one_way_to_address(self) -> Backend:
+        if self.url is None and self.replicas is None:
+            raise ValueError("needs `url` (one server) or `replicas` (a list of `url:`)")
+        if self.url is not None and self.replicas is not None:
+            raise ValueError("give either `url` or `replicas`, not both")
+        if self.launch is not None and self.replicas is not None:
+            raise ValueError(
+                "a launched backend gives `url` and `launch.replicas` (started on consecutive"
+                " ports from `url`), not a `replicas` list"
+            )
+        urls = self.urls
+        if len(set(urls)) != len(urls):
+            twice = next(url for url in urls if urls.count(url) > 1)
+            raise ValueError(f"replicas: {twice} is listed twice")
+        if self.launch is not None and self.launch.replicas > 1:
+            last = port_of(self.urls[0]) + self.launch.replicas - 1
+            if last > 65535:
+                raise ValueError(f"launch.replicas: the last one's port would be {last}")
+        return self
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
+        """The first replica's host (the only one's, for a backend of one server)."""
+        return host_of(self.urls[0])
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or 80
+        """The first replica's port."""
+        return port_of(self.urls[0])
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every replica's URL, in config order (a launched backend's: consecutive ports)."""
+        if self.replicas is not None:
+            return tuple(replica.url for replica in self.replicas)
+        assert self.url is not None
+        count = self.launch.replicas if self.launch is not None else 1
+        if count == 1:
+            return (self.url,)
+        netloc = urlsplit(self.url).netloc
+        host = netloc.rsplit(":", 1)[0] if netloc.endswith(f":{port_of(self.url)}") else netloc
+        first = port_of(self.url)
+        return tuple(f"http://{host}:{first + i}" for i in range(count))
+
+
+def host_of(url: str) -> str:
+    return urlsplit(url).hostname or "127.0.0.1"
+
+
+def port_of(url: str) -> int:
+    return urlsplit(url).port or 80
 
 
 # Headers the proxy needs for itself or must forward untouched: not usable for routing.

@@ -1,5 +1,8 @@
 """Which backends are healthy: outlier ejection from request outcomes, readmission by probes.
 
+All of it is per replica (a backend of one server is a fleet of one): a backend is
+unhealthy only when every one of its replicas is ejected.
+
 A backend is ejected after `health.eject_after` consecutive failures (a refused connection
 counts as all of them at once: nothing listens there). Failures are connection errors,
 timeouts, 5xx answers and broken streams, from real requests or from the active probe of
@@ -64,10 +67,12 @@ class BackendHealth:
 
 
 class HealthBoard:
-    """Every backend's health, kept across config reloads for backends whose URL stays."""
+    """Every replica's health, by backend and URL (a backend of one server has one). Kept
+    across config reloads for replicas whose URL stays; a backend is healthy while any of
+    its replicas is."""
 
     def __init__(self, config: Config, on_change: Callable[[str, BackendHealth], None]):
-        self.backends: dict[str, BackendHealth] = {}
+        self.backends: dict[str, dict[str, BackendHealth]] = {}
         self._on_change = on_change
         self.update(config)
 
@@ -75,16 +80,23 @@ class HealthBoard:
         old = self.backends
         self.backends = {}
         for name, backend in config.backends.items():
-            kept = old.get(name)
-            if kept is not None and kept.url == backend.url:
-                kept.rules = backend.health
-                self.backends[name] = kept
-            else:
-                self.backends[name] = BackendHealth(backend.url, backend.health)
+            kept, states = old.get(name, {}), {}
+            for url in backend.urls:
+                state = kept.get(url)
+                if state is None:
+                    state = BackendHealth(url, backend.health)
+                state.rules = backend.health
+                states[url] = state
+            self.backends[name] = states
 
     def healthy(self, name: str) -> bool:
-        state = self.backends.get(name)  # gone after a reload: no news is good news
-        return state is None or state.healthy
+        states = self.backends.get(name)  # gone after a reload: no news is good news
+        if states is None:
+            return True
+        for state in states.values():  # noqa: SIM110 - any() and its generator cost more
+            if state.healthy:
+                return True
+        return False
 
     def failure(self, name: str, url: str, kind: str) -> None:
         state = self._state(name, url)
@@ -97,10 +109,9 @@ class HealthBoard:
             self._on_change(name, state)
 
     def _state(self, name: str, url: str) -> BackendHealth | None:
-        """The health of `name`, if `url` is still its address. A request routed before a
-        reload moved the backend (or removed it) says nothing about the new address."""
-        state = self.backends.get(name)
-        return state if state is not None and state.url == url else None
+        """The health of `name`'s replica at `url`, if it is still one. A request routed
+        before a reload moved the backend (or removed it) says nothing about the new one."""
+        return self.backends.get(name, {}).get(url)
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -118,17 +129,17 @@ async def probe_forever(
     board: HealthBoard,
     transport: Transport,
     backends: Callable[[], Iterable[tuple[str, str, Health]]],
-    loading: Callable[[str], bool] = lambda name: False,
+    loading: Callable[[str, str], bool] = lambda name, url: False,
 ) -> None:
-    """Probe every backend's `/health` on its interval, until cancelled. A backend the
+    """Probe every replica's `/health` on its interval, until cancelled. A replica the
     proxy launched and is (re)starting fails its probe without one: mlx_lm.server answers
     /health before its model is loaded, and requests sent then would wait for the load."""
-    next_at: dict[str, float] = {}
+    next_at: dict[tuple[str, str], float] = {}
     while True:
         now = time.monotonic()
-        due = [b for b in backends() if next_at.get(b[0], 0.0) <= now]
-        for name, _, rules in due:
-            next_at[name] = now + rules.probe_interval
+        due = [b for b in backends() if next_at.get((b[0], b[1]), 0.0) <= now]
+        for name, url, rules in due:
+            next_at[name, url] = now + rules.probe_interval
         await asyncio.gather(*(_probe(board, transport, *b, loading) for b in due))
         await asyncio.sleep(0.1)  # a tick: intervals are seconds, so 100 ms is exact enough
 
@@ -139,9 +150,9 @@ async def _probe(
     name: str,
     url: str,
     rules: Health,
-    loading: Callable[[str], bool],
+    loading: Callable[[str, str], bool],
 ) -> None:
-    if loading(name):
+    if loading(name, url):
         board.failure(name, url, "loading")
         return
     ok, detail = await probe(transport, url, rules.probe_timeout)

@@ -26,7 +26,7 @@ import httpx
 import psutil
 
 from proxy.accesslog import AccessLog
-from proxy.config import Backend, Config
+from proxy.config import Backend, Config, host_of, port_of
 
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this
 PROGRESS_EVERY_S = 5.0
@@ -39,18 +39,23 @@ class LaunchError(Exception):
     """A launched backend could not be brought up; the message says which and why."""
 
 
-def build_command(name: str, backend: Backend, python: str = sys.executable) -> list[str]:
-    """The command line that starts `backend` (pure: no I/O)."""
+def build_command(
+    name: str, backend: Backend, python: str = sys.executable, url: str | None = None
+) -> list[str]:
+    """The command line that starts `backend`'s replica at `url` (default: its first),
+    pure: no I/O."""
     launch = backend.launch
     if launch is None:
         raise ValueError(f"backend {name!r} has no launch block")
+    url = url or backend.urls[0]
+    host, port = host_of(url), str(port_of(url))
     if launch.command is not None:
         # Plain replacement, not str.format: arguments may hold JSON braces of their own.
-        values = {"{host}": backend.host, "{port}": str(backend.port), "{python}": python}
+        values = {"{host}": host, "{port}": port, "{python}": python}
         return [_fill(part, values) for part in launch.command]
     assert launch.model is not None
     command = [python, "-m", "mlx_lm.server", "--model", launch.model]
-    command += ["--host", backend.host, "--port", str(backend.port)]
+    command += ["--host", host, "--port", port]
     if launch.draft_model is not None:
         command += ["--draft-model", launch.draft_model]
         if launch.num_draft_tokens is not None:
@@ -64,16 +69,22 @@ def _fill(part: str, values: dict[str, str]) -> str:
     return part
 
 
-def log_path(name: str, backend: Backend, log_dir: Path) -> Path:
+def log_path(name: str, backend: Backend, log_dir: Path, index: int = 0) -> Path:
+    """Where a launched replica's output goes: one file per replica (`-<index>` added
+    when the backend has several)."""
     assert backend.launch is not None
-    return backend.launch.log or log_dir / f"{name}.log"
+    path = backend.launch.log or log_dir / f"{name}.log"
+    if backend.launch.replicas == 1:
+        return path
+    return path.with_name(f"{path.stem}-{index}{path.suffix}")
 
 
 @dataclass
 class Managed:
-    """One launched backend and what is known about it."""
+    """One launched server (a backend's replica) and what is known about it."""
 
-    name: str
+    name: str  # its backend
+    url: str  # its replica's
     backend: Backend
     command: list[str]
     log_path: Path
@@ -103,29 +114,36 @@ class Supervisor:
         self._progress = progress
         self._stopping = False
         self._sampler: asyncio.Task[None] | None = None
-        self.backends = {
-            name: Managed(
-                name, backend, build_command(name, backend), log_path(name, backend, log_dir)
+        # Every launched server, by backend name and replica URL.
+        self.replicas = {
+            (name, url): Managed(
+                name,
+                url,
+                backend,
+                build_command(name, backend, url=url),
+                log_path(name, backend, log_dir, index),
             )
             for name, backend in config.backends.items()
             if backend.launch is not None
+            for index, url in enumerate(backend.urls)
         }
 
-    def status(self) -> dict[str, dict[str, Any]]:
-        return {name: managed.status() for name, managed in self.backends.items()}
+    def managed(self, name: str) -> list[Managed]:
+        """The servers launched for backend `name`, in replica order."""
+        return [managed for (backend, _), managed in self.replicas.items() if backend == name]
 
-    def loading(self, name: str) -> bool:
-        """Whether `name` is a launched backend that is not serving yet (or again)."""
-        managed = self.backends.get(name)
+    def loading(self, name: str, url: str) -> bool:
+        """Whether `name`'s replica at `url` is launched and not serving yet (or again)."""
+        managed = self.replicas.get((name, url))
         return managed is not None and not managed.ready
 
     async def start(self) -> None:
         """Start every backend in parallel and wait until all of them serve."""
-        if not self.backends:
+        if not self.replicas:
             return
         started = time.perf_counter()
-        self._say(f"starting {', '.join(self.backends)} (logs in {self._log_dirs()})")
-        waits = [asyncio.ensure_future(self._bring_up(m)) for m in self.backends.values()]
+        self._say(f"starting {', '.join(self._names())} (logs in {self._log_dirs()})")
+        waits = [asyncio.ensure_future(self._bring_up(m)) for m in self.replicas.values()]
         progress = asyncio.ensure_future(self._report_progress(started))
         try:
             await asyncio.gather(*waits)
@@ -138,7 +156,7 @@ class Supervisor:
         finally:
             progress.cancel()
         self._say(f"all backends ready in {time.perf_counter() - started:.1f} s")
-        for managed in self.backends.values():
+        for managed in self.replicas.values():
             managed.watcher = asyncio.ensure_future(self._watch(managed))
             managed.watcher.add_done_callback(self._watcher_ended)
         self._sample_memory()  # at once, so that /healthz has a figure from the start
@@ -148,15 +166,15 @@ class Supervisor:
         """No more restarts: the proxy is shutting down (called from the signal handler,
         as backends may get the same signal and must not be brought back meanwhile)."""
         self._stopping = True
-        for task in [m.watcher for m in self.backends.values()] + [self._sampler]:
+        for task in [m.watcher for m in self.replicas.values()] + [self._sampler]:
             if task is not None:
                 task.cancel()
 
     async def stop(self) -> None:
         """Stop every backend: SIGTERM to its process group, SIGKILL after a grace period."""
         self.begin_stop()
-        await asyncio.gather(*(_terminate(m.process) for m in self.backends.values()))
-        for managed in self.backends.values():
+        await asyncio.gather(*(_terminate(m.process) for m in self.replicas.values()))
+        for managed in self.replicas.values():
             managed.ready = False
 
     async def _bring_up(self, managed: Managed) -> None:
@@ -188,11 +206,12 @@ class Supervisor:
         managed.ready = True
         managed.ready_at = time.perf_counter()
         startup_s = managed.ready_at - managed.started_at
-        pid, url = managed.process.pid, managed.backend.url
+        pid, url = managed.process.pid, managed.url
         self._say(f"{managed.name} ready in {startup_s:.1f} s (pid {pid}, {url})")
         self._log.event(
             "backend_ready",
             backend=managed.name,
+            replica=managed.url,
             pid=managed.process.pid,
             startup_s=round(startup_s, 3),
         )
@@ -219,7 +238,7 @@ class Supervisor:
                     )
                 try:
                     response = await client.post(
-                        managed.backend.url + "/v1/chat/completions",
+                        managed.url + "/v1/chat/completions",
                         json=body,
                         timeout=httpx.Timeout(remaining, connect=1.0),
                     )
@@ -252,6 +271,7 @@ class Supervisor:
             self._log.event(
                 "backend_exit",
                 backend=managed.name,
+                replica=managed.url,
                 returncode=code,
                 restart_in_s=backoff,
                 log=str(managed.log_path),
@@ -269,12 +289,16 @@ class Supervisor:
                     self._log.event(
                         "backend_restart_failed",
                         backend=managed.name,
+                        replica=managed.url,
                         error=str(exc).splitlines()[0],
                         retry_in_s=backoff,
                     )
                     continue
                 self._log.event(
-                    "backend_restarted", backend=managed.name, restarts=managed.restarts
+                    "backend_restarted",
+                    backend=managed.name,
+                    replica=managed.url,
+                    restarts=managed.restarts,
                 )
                 break
 
@@ -283,10 +307,15 @@ class Supervisor:
             self._log.event("supervisor_error", error=repr(task.exception()))
 
     def _sample_memory(self) -> None:
-        for managed in self.backends.values():
+        for managed in self.replicas.values():
             managed.rss_mb = _rss_mb(managed.process)
             if managed.rss_mb is not None:
-                self._log.event("backend_memory", backend=managed.name, rss_mb=managed.rss_mb)
+                self._log.event(
+                    "backend_memory",
+                    backend=managed.name,
+                    replica=managed.url,
+                    rss_mb=managed.rss_mb,
+                )
 
     async def _sample_memory_every(self, seconds: float) -> None:
         while True:
@@ -296,16 +325,22 @@ class Supervisor:
     async def _report_progress(self, started: float) -> None:
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
-            waiting = [name for name, m in self.backends.items() if not m.ready]
+            waiting = [_label(m) for m in self.replicas.values() if not m.ready]
             elapsed = time.perf_counter() - started
             self._say(f"loading {', '.join(waiting)} ... {elapsed:.0f} s")
 
     def _failure(self, managed: Managed, what: str) -> str:
         tail = _tail(managed.log_path)
-        return f"backend {managed.name!r} {what}; last lines of {managed.log_path}:\n{tail}"
+        who = f"backend {managed.name!r}"
+        if managed.backend.launch is not None and managed.backend.launch.replicas > 1:
+            who += f" (replica {managed.url})"
+        return f"{who} {what}; last lines of {managed.log_path}:\n{tail}"
+
+    def _names(self) -> list[str]:
+        return [_label(managed) for managed in self.replicas.values()]
 
     def _log_dirs(self) -> str:
-        return ", ".join(sorted({str(m.log_path.parent) for m in self.backends.values()}))
+        return ", ".join(sorted({str(m.log_path.parent) for m in self.replicas.values()}))
 
     def _say(self, line: str) -> None:
         print(f"specproxy: {line}", file=self._progress, flush=True)
@@ -335,9 +370,16 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def _label(managed: Managed) -> str:
+    """A launched server in progress messages: its backend, and its port if one of several."""
+    launch = managed.backend.launch
+    several = launch is not None and launch.replicas > 1
+    return f"{managed.name}:{port_of(managed.url)}" if several else managed.name
+
+
 def _check_port_free(managed: Managed) -> None:
     """Another server on the port would answer the readiness probe in our backend's place."""
-    host, port = managed.backend.host, managed.backend.port
+    host, port = host_of(managed.url), port_of(managed.url)
     try:
         with socket.create_server((host, port)):
             pass

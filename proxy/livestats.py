@@ -1,4 +1,5 @@
-"""Per-backend figures since the proxy started, for `GET /stats`, in bounded memory.
+"""Per-backend figures since the proxy started, for `GET /stats`, in bounded memory; and
+the same for each replica of a backend (`replicas`, by URL).
 
 Counts are exact. Percentiles come from a uniform reservoir sample of each metric (Vitter's
 algorithm R, 2048 values per metric and backend): every request since start has the same
@@ -17,6 +18,8 @@ from proxy.accesslog import RequestRecord
 
 RESERVOIR_SIZE = 2048
 METRICS = ("ttft_ms", "latency_ms", "decode_tps")
+# A replica's: what tells one slow server from the rest of its arm, at half the cost.
+REPLICA_METRICS = ("ttft_ms", "decode_tps")
 
 
 @dataclass
@@ -53,6 +56,8 @@ class BackendStats:
     )
     shadow_checks: int = 0
     shadow_matches: int = 0
+    # Each replica's own figures (the same, less the shadow checks), by URL.
+    replicas: dict[str, BackendStats] = field(default_factory=dict)
 
 
 class LiveStats:
@@ -64,6 +69,15 @@ class LiveStats:
         if record.backend is None:
             return
         stats = self._stats(record.backend)
+        self._count(stats, record)
+        if record.replica is not None:
+            replica = stats.replicas.get(record.replica)
+            if replica is None:
+                reservoirs = {metric: Reservoir() for metric in REPLICA_METRICS}
+                replica = stats.replicas[record.replica] = BackendStats(reservoirs=reservoirs)
+            self._count(replica, record)
+
+    def _count(self, stats: BackendStats, record: RequestRecord) -> None:
         stats.requests += 1
         stats.errors += record.error is not None
         stats.client_disconnects += record.client_disconnected
@@ -71,10 +85,10 @@ class LiveStats:
             stats.by_reason[record.reason] = stats.by_reason.get(record.reason, 0) + 1
             stats.experiment += record.reason.is_experiment
         if record.error is None and record.status == 200:
-            for metric in METRICS:
+            for metric, reservoir in stats.reservoirs.items():
                 value = getattr(record, metric)
                 if value is not None:
-                    stats.reservoirs[metric].add(value, self._rng)
+                    reservoir.add(value, self._rng)
 
     def observe_shadow(self, source: str, match: bool) -> None:
         stats = self._stats(source)
@@ -107,6 +121,8 @@ def _summary(stats: BackendStats) -> dict[str, Any]:
             "checks": stats.shadow_checks,
             "match_rate": round(stats.shadow_matches / stats.shadow_checks, 4),
         }
+    if stats.replicas:
+        summary["replicas"] = {url: _summary(r) for url, r in sorted(stats.replicas.items())}
     return summary
 
 

@@ -83,6 +83,10 @@ class Requests:
     # The sticky session, numbered 0.. in no meaningful order (-1: none). Only which lines
     # share a session matters to the statistics, never its value.
     session: Ints
+    # The server of its backend it went to last: an index into `replicas` (-1: none, as in
+    # logs written before fleets). Read by report_replicas only.
+    replica: Ints
+    replicas: tuple[str, ...]
 
     def of(self, name: str) -> Bools:
         mask: Bools = self.backend == self.names.index(name)
@@ -265,7 +269,8 @@ SELECT coalesce(list_position($names, backend), 0)::INT - 1 AS backend,
        {numbers},
        CASE WHEN session IS NULL THEN NULL ELSE hash(session) END AS session,
        coalesce(epoch(CASE WHEN ts BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'
-                      THEN ts END), 'nan') AS timestamp
+                      THEN ts END), 'nan') AS timestamp,
+       coalesce(list_position($replicas, replica), 0)::INT - 1 AS replica
 FROM (SELECT *, try_cast(timestamp AS TIMESTAMPTZ) AS ts FROM log WHERE event = 'request')
 """
 # The numbers of the request line that the report reads.
@@ -330,6 +335,7 @@ def _requests(con: Any) -> Requests:
     names = _distinct(con, "backend", "fallback_from")
     causes = _distinct(con, "fallback_cause")
     versions = _distinct(con, _VERSION)
+    replicas = _distinct(con, "replica")
     sql = _REQUESTS.format(
         numbers=_numbers(_REQUEST_NUMBERS),
         version=_VERSION,
@@ -337,11 +343,16 @@ def _requests(con: Any) -> Requests:
         fallback=Reason.FALLBACK,
         experiment=", ".join(f"'{reason}'" for reason in Reason if reason.is_experiment),
     )
-    params = {"names": list(names), "causes": list(causes), "versions": list(versions)}
+    params = {
+        "names": list(names),
+        "causes": list(causes),
+        "versions": list(versions),
+        "replicas": list(replicas),
+    }
     columns = con.execute(sql, params).fetchnumpy()
     arrays: dict[str, Any] = {k: np.asarray(v) for k, v in columns.items() if k != "session"}
     arrays["session"] = _session_codes(columns["session"])
-    return Requests(names=names, causes=causes, versions=versions, **arrays)
+    return Requests(names=names, causes=causes, versions=versions, replicas=replicas, **arrays)
 
 
 def _session_codes(hashes: Any) -> Ints:

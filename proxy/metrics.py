@@ -37,9 +37,10 @@ _TPS_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500)
 
 @dataclass(frozen=True, slots=True)
 class BackendGauges:
-    """One backend's state at scrape time."""
+    """One replica's state at scrape time (a backend of one server has one)."""
 
     name: str
+    replica: str  # its URL
     in_flight: int
     queued: int
     healthy: bool
@@ -68,16 +69,47 @@ class _StateCollector(Collector):
             "Times the backend was ejected as unhealthy",
             labels=["backend"],
         )
+        per_replica = _replica_families()
+        arms: dict[str, list[BackendGauges]] = {}
         for b in backends:
-            in_flight.add_metric([b.name], b.in_flight)
-            queued.add_metric([b.name], b.queued)
-            healthy.add_metric([b.name], 1 if b.healthy else 0)
-            ejections.add_metric([b.name], b.ejections)
+            arms.setdefault(b.name, []).append(b)
+            labels = [b.name, b.replica]
+            per_replica[0].add_metric(labels, b.in_flight)
+            per_replica[1].add_metric(labels, b.queued)
+            per_replica[2].add_metric(labels, 1 if b.healthy else 0)
+            per_replica[3].add_metric(labels, b.ejections)
+        for name, replicas in arms.items():  # an arm: the sum of its replicas; healthy if any
+            in_flight.add_metric([name], sum(b.in_flight for b in replicas))
+            queued.add_metric([name], sum(b.queued for b in replicas))
+            healthy.add_metric([name], 1 if any(b.healthy for b in replicas) else 0)
+            ejections.add_metric([name], sum(b.ejections for b in replicas))
         config = GaugeMetricFamily(
             "specproxy_config_info", "The effective routes config", labels=["config_version"]
         )
         config.add_metric([version], 1)
-        yield from (in_flight, queued, healthy, ejections, config)
+        yield from (in_flight, queued, healthy, ejections, *per_replica, config)
+
+
+def _replica_families() -> tuple[
+    GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily
+]:
+    labels = ["backend", "replica"]
+    return (
+        GaugeMetricFamily(
+            "specproxy_replica_in_flight", "Requests being answered by the replica", labels=labels
+        ),
+        GaugeMetricFamily(
+            "specproxy_replica_queued", "Requests waiting for one of its slots", labels=labels
+        ),
+        GaugeMetricFamily(
+            "specproxy_replica_healthy",
+            "1 if the replica takes traffic, 0 if ejected",
+            labels=labels,
+        ),
+        CounterMetricFamily(
+            "specproxy_replica_ejections", "Times the replica was ejected", labels=labels
+        ),
+    )
 
 
 class _VerdictCollector(Collector):
@@ -159,6 +191,10 @@ class _Figures(Collector):
         self.latency: dict[tuple[str, ...], _Histogram] = {}
         self.decode: dict[tuple[str, ...], _Histogram] = {}
         self.queue: dict[tuple[str, ...], _Histogram] = {}
+        # Per replica (backend, URL): enough to see one slow or failing server in a fleet.
+        self.replica_requests: dict[tuple[str, str, int | None], int] = {}
+        self.replica_ttft: dict[tuple[str, ...], _Histogram] = {}
+        self.replica_decode: dict[tuple[str, ...], _Histogram] = {}
 
     def collect(self) -> Iterator[Metric]:
         requests: _Counts = {}
@@ -204,6 +240,24 @@ class _Figures(Collector):
                 self.queue,
             ),
             _counter(
+                "specproxy_replica_requests",
+                "Finished requests, by the replica that served them last",
+                ["backend", "replica", "status"],
+                {(b, r, str(status)): n for (b, r, status), n in self.replica_requests.items()},
+            ),
+            _histogram(
+                "specproxy_replica_ttft_seconds",
+                "Time to first token, by replica",
+                ["backend", "replica"],
+                self.replica_ttft,
+            ),
+            _histogram(
+                "specproxy_replica_decode_tokens_per_second",
+                "Decode speed of streamed answers, by replica",
+                ["backend", "replica"],
+                self.replica_decode,
+            ),
+            _counter(
                 "specproxy_shadow_checks", "Shadow checks by outcome", ["outcome"], self.shadow
             ),
             _counter(
@@ -226,6 +280,7 @@ class Metrics:
             self.registry.register(_VerdictCollector(read_verdict))
         self._requests = self._figures.requests  # one attribute less on every request
         self._timings: dict[tuple[str, bool], tuple[_Histogram, ...]] = {}
+        self._replica_timings: dict[tuple[str, str], tuple[_Histogram, _Histogram]] = {}
 
     def observe(self, record: RequestRecord) -> None:
         backend = record.backend or "none"  # rejected before routing: bad body, auth
@@ -248,6 +303,27 @@ class Metrics:
             decode.observe(record.decode_tps)
         if record.queue_ms is not None:
             queue.observe(record.queue_ms / 1000)
+        if record.replica is not None:
+            self._observe_replica(record, backend, record.replica)
+
+    def _observe_replica(self, record: RequestRecord, backend: str, replica: str) -> None:
+        counts = self._figures.replica_requests
+        key = (backend, replica, record.status)
+        counts[key] = counts.get(key, 0) + 1
+        timings = self._replica_timings.get((backend, replica))
+        if timings is None:
+            timings = self._replica_timings[backend, replica] = (
+                self._figures.replica_ttft.setdefault(
+                    (backend, replica), _Histogram(_TIME_BUCKETS)
+                ),
+                self._figures.replica_decode.setdefault(
+                    (backend, replica), _Histogram(_TPS_BUCKETS)
+                ),
+            )
+        if record.ttft_ms is not None:
+            timings[0].observe(record.ttft_ms / 1000)
+        if record.decode_tps is not None:
+            timings[1].observe(record.decode_tps)
 
     def _add_timings(self, backend: str, stream: bool) -> tuple[_Histogram, ...]:
         """A backend's histograms, made on its first request (so, as before, a backend's

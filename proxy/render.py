@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from proxy import render_verdict
+from proxy import render_verdict, report_replicas
 from proxy.logread import Requests
 from proxy.report_routing import CAUSES
 from proxy.tables import Section, align, fmt, percent
@@ -177,8 +177,14 @@ def sections(report: dict[str, Any], *, min_bucket_samples: int) -> list[Section
         ),
         _sample_ratio_section(report["sample_ratio"]),
         _shadow_section(report["shadow"]),
+        _replicas_section(report),
     ]
     return [section for section in optional if section is not None]
+
+
+def _replicas_section(report: dict[str, Any]) -> Section | None:
+    shown = report_replicas.rows(report.get("replicas"))  # absent from older documents
+    return None if shown is None else Section(*shown)
 
 
 def _input_section(data: dict[str, Any], notes: list[str]) -> Section:

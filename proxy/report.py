@@ -28,6 +28,7 @@ import numpy.typing as npt
 from proxy import report_verdict, stats
 from proxy.logread import Bools, Floats, LogData, Requests, Shadows, UsageError, load_logs
 from proxy.render import MISMATCH, figures, forest, render_html, render_text
+from proxy.report_replicas import replica_table
 from proxy.report_routing import (
     config_versions,
     failover,
@@ -118,6 +119,7 @@ def build_report(
         "failover": failover(req, _order(req, baseline, every=True)),
         "sample_ratio": sample_ratio_check(req, split, split_source, versions_seen),
         "shadow": shadow,
+        "replicas": replica_table(req, _order(req, baseline), rng, n_boot),
         "notes": notes,
     }
 

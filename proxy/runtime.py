@@ -27,12 +27,12 @@ from proxy.config import Timeouts as BackendTimeouts
 from proxy.errors import ConfigError
 from proxy.health import BackendHealth, HealthBoard
 from proxy.launch import Supervisor
-from proxy.limits import Limiter
 from proxy.livestats import LiveStats
 from proxy.liveverdict import LiveVerdict
 from proxy.metrics import BackendGauges, Metrics
 from proxy.payload import NOT_FORWARDED
 from proxy.relay import WriteWatch
+from proxy.replicas import Fleet
 from proxy.routing import Router
 from proxy.sessions import SessionHasher
 from proxy.shadow import Shadower
@@ -80,12 +80,11 @@ class ActiveConfig:
             | {b"content-length"},
         )
 
-    def endpoint(self, backend: str, path: str) -> Endpoint:
-        """The backend's URL for `path`, parsed once per path."""
-        endpoint = self._endpoints.get((backend, path))
+    def endpoint(self, replica: str, path: str) -> Endpoint:
+        """A replica's URL (see replicas.py) for `path`, parsed once per path."""
+        endpoint = self._endpoints.get((replica, path))
         if endpoint is None:
-            url = self.config.backends[backend].url + path
-            endpoint = self._endpoints[backend, path] = Endpoint.parse(url)
+            endpoint = self._endpoints[replica, path] = Endpoint.parse(replica + path)
         return endpoint
 
 
@@ -105,7 +104,7 @@ class Runtime:
     supervisor: Supervisor | None = None  # the backends this proxy launched, if any
     config_path: Path | None = None  # what a reload reads
     sessions: SessionHasher = field(default_factory=SessionHasher)  # default: a random key
-    in_flight: Counter[str] = field(default_factory=Counter)
+    in_flight: Counter[str] = field(default_factory=Counter)  # by backend, shadows too
     stats: LiveStats = field(default_factory=LiveStats)
     ids: RequestIds = field(default_factory=RequestIds)
     # The loop it serves on, created with it: `asyncio.current_task(loop)` then needs no
@@ -113,7 +112,7 @@ class Runtime:
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     writes: WriteWatch = field(default_factory=WriteWatch)  # clients that stopped reading
     health: HealthBoard = field(init=False)
-    limiters: dict[str, Limiter] = field(init=False)
+    fleets: dict[str, Fleet] = field(init=False)  # each backend's replicas: slots, load
     shadower: Shadower = field(init=False)
     metrics: Metrics = field(init=False)
     verdict: LiveVerdict = field(init=False)
@@ -124,7 +123,8 @@ class Runtime:
         self.log.bind(config_version=self.active.version)
         self.ids.max_length = config.limits.max_request_id_length
         self.health = HealthBoard(config, self._health_changed)
-        self.limiters = {name: Limiter(b) for name, b in config.backends.items()}
+        self.fleets = {}
+        self._update_fleets(config)
         self.verdict = LiveVerdict(config, self.active.version)
         self.metrics = Metrics(self._gauges, self.verdict.snapshot)
         self.shadower = Shadower(self.transport, self.in_flight, self.log, self.stats, self.metrics)
@@ -167,29 +167,38 @@ class Runtime:
             return active
 
     def _apply(self, config: Config) -> None:
-        """Carry health and slots over to the new config, by backend name. Limiters are
-        never dropped: requests in flight give their slots back to the one they took them
-        from, and a backend removed and added again finds its slots still counted."""
+        """Carry health and slots over to the new config, by backend name and replica URL.
+        Fleets are never dropped: requests in flight give their slots back to the limiter
+        they took them from, and a backend (or replica) removed and added again finds its
+        slots still counted."""
         self.ids.max_length = config.limits.max_request_id_length
         self.health.update(config)
+        self._update_fleets(config)
+
+    def _update_fleets(self, config: Config) -> None:
         for name, backend in config.backends.items():
-            limiter = self.limiters.get(name)
-            if limiter is None:
-                self.limiters[name] = Limiter(backend)
+            fleet = self.fleets.get(name)
+            if fleet is None:
+                self.fleets[name] = Fleet(name, backend, self.health.backends[name])
             else:
-                limiter.update(backend)
+                fleet.update(backend, self.health.backends[name])
 
     def _gauges(self) -> tuple[str, Iterator[BackendGauges]]:
+        """Each replica's state at scrape time (metrics.py sums a backend's)."""
+
         def each() -> Iterator[BackendGauges]:
-            for name, state in self.health.backends.items():
-                limiter = self.limiters.get(name)
-                yield BackendGauges(
-                    name,
-                    self.in_flight[name],
-                    limiter.queued if limiter is not None else 0,
-                    state.healthy,
-                    state.ejections,
-                )
+            for name in self.health.backends:
+                fleet = self.fleets.get(name)
+                for replica in fleet.replicas if fleet is not None else ():
+                    state = replica.health
+                    yield BackendGauges(
+                        name,
+                        replica.url,
+                        replica.in_flight,
+                        replica.limiter.queued,
+                        state.healthy,
+                        state.ejections,
+                    )
 
         return self.active.version, each()
 
@@ -197,6 +206,7 @@ class Runtime:
         self.log.event(
             "backend_healthy" if state.healthy else "backend_ejected",
             backend=name,
+            replica=state.url,
             last_error=state.last_error,
             ejections=state.ejections,
         )
@@ -228,7 +238,7 @@ def needs_restart(old: Config, new: Config) -> list[str]:
         before, after = old.backends.get(name), new.backends.get(name)
         launch_before = before.launch if before else None
         launch_after = after.launch if after else None
-        moved = before and after and before.launch and before.url != after.url
+        moved = before and after and before.launch and before.urls != after.urls
         if launch_before != launch_after or moved:
             changed.append(f"backends.{name}.launch")
     return changed

@@ -14,7 +14,7 @@ and, for the request line alone: `AccessLog.request` against structlog's bound l
 With `--sticky`, the config has a sticky header and each request carries one (1000
 sessions in turn), so the session's keyed hash is in what is timed.
 
-    python scripts/bench_app.py [--requests 2000] [--rounds 7] [--sticky]
+    python scripts/bench_app.py [--requests 2000] [--rounds 7] [--sticky] [--replicas 1]
 """
 
 from __future__ import annotations
@@ -164,15 +164,18 @@ async def _round(
 
 
 async def _bench_app(
-    requests: int, rounds: int, only: list[str] | None, sticky: bool
+    requests: int, rounds: int, only: list[str] | None, sticky: bool, replicas: int = 1
 ) -> dict[str, float]:
     routing: dict[str, Any] = {"split": {"baseline": 100}}
     if sticky:
         routing["sticky_header"] = "X-Session-Id"
+    # One server, or a fleet (each request then chooses among `replicas`: replicas.py).
+    urls = [f"http://127.0.0.1:{9 + i}" for i in range(replicas)]
+    backend = {"url": urls[0]} if replicas == 1 else {"replicas": [{"url": u} for u in urls]}
     config = parse_config(
         {
             "model": MODEL,
-            "backends": {"baseline": {"url": "http://127.0.0.1:9"}},
+            "backends": {"baseline": backend},
             "routing": routing,
             "logging": {"path": None, "stdout": False},
         }
@@ -208,7 +211,7 @@ def _bench_log(requests: int, rounds: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         log = AccessLog(Path(tmp) / "bench.jsonl", stdout=False)
         log.bind(config_version="abc")
-        record = RequestRecord("0" * 32, "abc", MODEL, True, "baseline", "split", status=200)
+        record = RequestRecord("0" * 32, "abc", MODEL, True, "baseline", reason="split", status=200)
         record.ttft_ms, record.latency_ms, record.completion_tokens = 12.5, 80.25, 16
 
         def chain() -> None:
@@ -239,6 +242,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="rounds; the fastest counts")
     parser.add_argument("--only", nargs="+", choices=("fast", "standard", "watcher"))
     parser.add_argument("--sticky", action="store_true", help="requests carry a session header")
+    parser.add_argument("--replicas", type=int, default=1, help="servers behind the backend")
     args = parser.parse_args()
     try:
         import uvloop
@@ -246,7 +250,9 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    results = asyncio.run(_bench_app(args.requests, args.rounds, args.only, args.sticky))
+    results = asyncio.run(
+        _bench_app(args.requests, args.rounds, args.only, args.sticky, args.replicas)
+    )
     if not args.only:
         results.update(_bench_log(args.requests * 5, args.rounds))
     for name, us in results.items():

@@ -33,6 +33,7 @@ import platform
 import tempfile
 import time
 from asyncio.subprocess import Process
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from bench_procs import (
     proxy_config,
     python,
     rss_bytes,
-    start_printing_port,
+    start_printing_ports,
     start_server,
     stop,
 )
@@ -97,7 +98,7 @@ class Window:
 
 
 async def start_arms(
-    tmp: Path, backend_port: int, wanted: list[str]
+    tmp: Path, backend_port: int, wanted: list[str], replicas: Sequence[int] = ()
 ) -> tuple[list[Arm], list[str]]:
     """The arms asked for, started and healthy; and notes on those that were skipped."""
     arms, notes = [], []
@@ -114,7 +115,7 @@ async def start_arms(
             proc = await start_server(command, port, tmp / "nginx.out", "nginx")
             arms.append(Arm(name, (HOST, port), proc))
             continue
-        config = proxy_config(tmp, name, port, backend_port, MODEL)
+        config = proxy_config(tmp, name, port, backend_port, MODEL, replicas)
         serve = ["serve", "--config", str(config), "--host", HOST, "--port", str(port)]
         if name == "proxy":
             command = [python(), "-m", "proxy", *serve]
@@ -296,6 +297,7 @@ def meta(args: argparse.Namespace, pace: Pace) -> dict[str, Any]:
         "ttft_ms": pace.ttft * 1000,
         "gap_ms": pace.gap * 1000,
         "arms": args.arms,
+        "replicas": args.replicas,
     }
 
 
@@ -309,11 +311,13 @@ async def bench_llm(args: argparse.Namespace) -> int:
         tmp = Path(tmpdir)
         try:
             command = [python(), str(SCRIPTS / "bench_paced.py"), "0", str(pace.tokens)]
-            command += [str(args.ttft_ms), str(args.gap_ms)]
-            backend, port = await start_printing_port(command, tmp / "paced.log", "paced backend")
+            command += [str(args.ttft_ms), str(args.gap_ms), str(args.replicas)]
+            backend, ports = await start_printing_ports(command, tmp / "paced.log", "paced backend")
             procs.append(backend)
+            port = ports[0]
             args.backend_target = (HOST, port)
-            arms, notes = await start_arms(tmp, port, args.arms)
+            # With --replicas N, the proxy arms see the backend as a fleet of N replicas.
+            arms, notes = await start_arms(tmp, port, args.arms, ports if len(ports) > 1 else ())
             procs += [arm.proc for arm in arms if arm.proc is not None]
             for note in notes:
                 print(note, flush=True)

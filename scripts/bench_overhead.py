@@ -587,13 +587,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     llm.add_argument("--ttft-ms", type=float, default=50.0, help="to the first token (50)")
     llm.add_argument("--gap-ms", type=float, default=25.0, help="between tokens (25)")
+    llm.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="the proxy arms see the backend as a fleet of this many replicas (1)",
+    )
     args = ap.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.llm else 3
     if args.tokens is None:
         args.tokens = 64 if args.llm else 16
-    if min(args.rounds, args.tokens, args.per_connection) < 1:
-        ap.error("--rounds, --tokens and --per-connection must be >= 1")
+    if min(args.rounds, args.tokens, args.per_connection, args.replicas) < 1:
+        ap.error("--rounds, --tokens, --per-connection and --replicas must be >= 1")
     return args
 
 

@@ -184,14 +184,22 @@ class PacedBackend(asyncio.Protocol):
         self.timer = self.loop.call_at(due + pace.gap, self.tick)
 
 
-async def serve_paced(port: int, pace: Pace) -> None:
-    """The paced backend on HOST:port (0: any); prints the port when it listens."""
+async def serve_paced(port: int, pace: Pace, listeners: int = 1) -> None:
+    """The paced backend on HOST:port (0: any); prints the port when it listens. With
+    `listeners` > 1 it also listens on as many more ports (any free ones), printed after the
+    first on the same line: one backend seen as a fleet of replicas by a proxy (the proxy's
+    cost of a fleet, with the backend's work unchanged)."""
     loop = asyncio.get_running_loop()
     paces: dict[str, list[float]] = {}
-    server = await loop.create_server(lambda: PacedBackend(pace, paces), HOST, port, backlog=4096)
-    print(server.sockets[0].getsockname()[1], flush=True)  # the parent waits for this line
-    async with server:
-        await server.serve_forever()
+    servers = [
+        await loop.create_server(
+            lambda: PacedBackend(pace, paces), HOST, port if i == 0 else 0, backlog=4096
+        )
+        for i in range(listeners)
+    ]
+    ports = [str(server.sockets[0].getsockname()[1]) for server in servers]
+    print(" ".join(ports), flush=True)  # the parent waits for this line
+    await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
 # ---------------------------------------------------------------- the streaming client
@@ -325,15 +333,17 @@ def chat_request(host: str, port: int, request_id: str, model: str, tokens: int)
 
 
 def main() -> None:
-    """`python scripts/bench_paced.py PORT [TOKENS TTFT_MS GAP_MS]`: only the backend."""
+    """`python scripts/bench_paced.py PORT [TOKENS TTFT_MS GAP_MS [LISTENERS]]`: only the
+    backend."""
     import sys
 
     import uvloop
 
     port, *rest = (float(arg) for arg in sys.argv[1:])
     pace = Pace(int(rest[0]), rest[1] / 1000, rest[2] / 1000) if rest else Pace()
+    listeners = int(rest[3]) if len(rest) > 3 else 1
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve_paced(int(port), pace))
+        uvloop.run(serve_paced(int(port), pace, listeners))
 
 
 if __name__ == "__main__":

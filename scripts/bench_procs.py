@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from asyncio.subprocess import Process
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +95,12 @@ async def wait_healthy(target: Target, path: str, proc: Process | None = None) -
 
 async def start_printing_port(args: list[str], log: Path, what: str) -> tuple[Process, int]:
     """Start a process that prints the port it listens on as its first line of stdout."""
+    proc, ports = await start_printing_ports(args, log, what)
+    return proc, ports[0]
+
+
+async def start_printing_ports(args: list[str], log: Path, what: str) -> tuple[Process, list[int]]:
+    """Start a process that prints the ports it listens on as its first line of stdout."""
     with log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=stderr
@@ -101,7 +108,10 @@ async def start_printing_port(args: list[str], log: Path, what: str) -> tuple[Pr
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT_S)
-        return proc, int(line)
+        ports = [int(port) for port in line.split()]
+        if not ports:
+            raise ValueError("no port")
+        return proc, ports
     except (TimeoutError, ValueError):
         await stop(proc)
         raise BenchError(f"{what} did not start:\n{log.read_text()}") from None
@@ -120,13 +130,18 @@ async def start_server(
     return proc
 
 
-def proxy_config(tmp: Path, name: str, port: int, backend_port: int, model: str) -> Path:
-    """A routes file for one proxy arm: everything to the one backend, its own log file."""
+def proxy_config(
+    tmp: Path, name: str, port: int, backend_port: int, model: str, replicas: Sequence[int] = ()
+) -> Path:
+    """A routes file for one proxy arm: everything to the one backend, its own log file.
+    With `replicas` (ports), the backend is a fleet of them instead (docs/fleet.md)."""
     config = tmp / f"{name}.yaml"
     log = tmp / f"{name}.jsonl"
+    servers = ", ".join(f"{{url: http://{HOST}:{p}}}" for p in replicas)
+    backend = f"{{replicas: [{servers}]}}" if replicas else f"{{url: http://{HOST}:{backend_port}}}"
     config.write_text(
         f"listen: {{host: {HOST}, port: {port}}}\nmodel: {model}\n"
-        f"backends:\n  baseline: {{url: http://{HOST}:{backend_port}}}\n"
+        f"backends:\n  baseline: {backend}\n"
         "routing:\n  split: {baseline: 100}\n"
         f'logging: {{path: "{log}", stdout: false}}\n'
     )

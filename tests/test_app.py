@@ -293,6 +293,7 @@ async def test_log_line_has_every_field(config: Config) -> None:
         "request_id",
         "config_version",
         "backend",
+        "replica",
         "reason",
         "fallback_from",
         "fallback_cause",
@@ -317,6 +318,7 @@ async def test_log_line_has_every_field(config: Config) -> None:
     assert (line["status"], line["error"], line["in_flight"], line["model"]) == (200, None, 0, "m")
     assert line["config_version"] == config.version() and line["queue_ms"] == 0
     assert line["fallback_from"] is None and line["fallback_cause"] is None
+    assert line["replica"] == config.backends[line["backend"]].url  # its one server
     assert 0 < line["ttft_ms"] <= line["latency_ms"]
     assert line["decode_tps"] is None  # unknowable without a stream
 

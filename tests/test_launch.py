@@ -152,7 +152,7 @@ async def test_backends_start_in_parallel_and_are_ready_only_when_serving(tmp_pa
         # a listens after 3 s; b at once, answering 503 "loading" for 3 s: neither is ready
         # before then, and they load side by side, not one after the other (6 s)
         assert 3 <= took < 5.5
-        for name, managed in supervisor.backends.items():
+        for (name, _), managed in supervisor.replicas.items():
             assert managed.ready
             answer = httpx.post(
                 config.backends[name].url + "/v1/chat/completions", json={"messages": []}, timeout=5
@@ -162,10 +162,10 @@ async def test_backends_start_in_parallel_and_are_ready_only_when_serving(tmp_pa
         events = [line["event"] for line in read_log(config.logging.path)]  # type: ignore[arg-type]
         assert events.count("backend_ready") == 2
         assert "backend_memory" in events
-        status = supervisor.status()["a"]
+        status = supervisor.managed("a")[0].status()
         assert status["ready"] and status["rss_mb"] > 1
     finally:
-        pids = [m.process.pid for m in supervisor.backends.values() if m.process]
+        pids = [m.process.pid for m in supervisor.replicas.values() if m.process]
         await supervisor.stop()
         log.close()
     assert all(gone(pid) for pid in pids)
@@ -180,7 +180,7 @@ async def test_a_backend_that_never_answers_fails_with_its_log_tail(tmp_path: Pa
     message = str(info.value)
     assert "backend 'slow' did not answer within 3 s" in message
     assert "stand-in: loading" in message  # the tail of its log
-    assert gone(supervisor.backends["slow"].process.pid)  # type: ignore[union-attr]
+    assert gone(supervisor.managed("slow")[0].process.pid)  # type: ignore[union-attr]
 
 
 async def test_a_backend_that_exits_at_start_fails_at_once(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ async def test_one_failing_backend_stops_the_others(tmp_path: Path) -> None:
     with pytest.raises(LaunchError):
         await supervisor.start()
     log.close()
-    assert gone(supervisor.backends["good"].process.pid)  # type: ignore[union-attr]
+    assert gone(supervisor.managed("good")[0].process.pid)  # type: ignore[union-attr]
 
 
 async def test_a_backend_that_exits_is_restarted(tmp_path: Path) -> None:
@@ -214,17 +214,20 @@ async def test_a_backend_that_exits_is_restarted(tmp_path: Path) -> None:
     supervisor, log, _ = supervisor_for(config)
     try:
         await supervisor.start()
-        first = supervisor.backends["flaky"].process.pid  # type: ignore[union-attr]
-        assert not supervisor.loading("flaky") and not supervisor.loading("not-launched")
+        first = supervisor.managed("flaky")[0].process.pid  # type: ignore[union-attr]
+        managed = supervisor.managed("flaky")[0]
+        flaky = managed.url
+        assert not supervisor.loading("flaky", flaky)
+        assert not supervisor.loading("not-launched", flaky)
         os.killpg(first, signal.SIGKILL)  # a crash
         deadline = time.monotonic() + 15
         seen_loading = False  # the health probes then keep it ejected
-        while supervisor.backends["flaky"].restarts < 1 or not supervisor.backends["flaky"].ready:
-            seen_loading |= supervisor.loading("flaky")
+        while managed.restarts < 1 or not managed.ready:
+            seen_loading |= supervisor.loading("flaky", flaky)
             assert time.monotonic() < deadline, "not restarted"
             await asyncio.sleep(0.05)
-        assert seen_loading and not supervisor.loading("flaky")
-        assert supervisor.backends["flaky"].process.pid != first  # type: ignore[union-attr]
+        assert seen_loading and not supervisor.loading("flaky", flaky)
+        assert supervisor.managed("flaky")[0].process.pid != first  # type: ignore[union-attr]
     finally:
         await supervisor.stop()
         log.close()
@@ -366,7 +369,7 @@ async def test_a_backend_port_held_by_another_server_is_refused(tmp_path: Path) 
     finally:
         other.stop()
         log.close()
-    assert supervisor.backends["a"].process is None
+    assert supervisor.managed("a")[0].process is None
 
 
 def test_no_orphan_when_the_proxy_is_killed(tmp_path: Path) -> None:

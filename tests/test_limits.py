@@ -235,13 +235,13 @@ async def test_a_backend_removed_and_added_again_keeps_its_slots_counted(tmp_pat
         ActiveConfig.build(load_config(path)), transport, AccessLog(None, stdout=False),
         random.Random(0), config_path=path,
     )  # fmt: skip
-    held = runtime.limiters["speculative"]
+    held = runtime.fleets["speculative"].replicas[0].limiter
     await held.acquire()  # a long stream holds the one slot
     routes_file(path, {"baseline": both["baseline"]})
     await runtime.reload("test")
     routes_file(path, both)
     await runtime.reload("test")
-    assert runtime.limiters["speculative"] is held and held.active == 1
+    assert runtime.fleets["speculative"].replicas[0].limiter is held and held.active == 1
     with pytest.raises(Full):  # still one at a time
         await held.acquire()
     held.release()
@@ -274,10 +274,11 @@ async def test_a_launched_backend_that_is_loading_fails_its_probes() -> None:
     board = HealthBoard(config, lambda name, state: None)
     answered = httpx.MockTransport(lambda request: httpx.Response(200))  # /health says ok
     rules = config.backends["b"].health
-    probes = asyncio.ensure_future(
-        probe_forever(board, answered, lambda: [("b", "http://127.0.0.1:1", rules)], lambda n: True)
-    )
+    replicas = [("b", "http://127.0.0.1:1", rules)]
+    loading = lambda name, url: True  # noqa: E731
+    probes = asyncio.ensure_future(probe_forever(board, answered, lambda: replicas, loading))
     await asyncio.sleep(0.05)
     probes.cancel()
     await asyncio.gather(probes, return_exceptions=True)
-    assert board.backends["b"].failures >= 1 and board.backends["b"].last_error == "loading"
+    state = board.backends["b"]["http://127.0.0.1:1"]
+    assert state.failures >= 1 and state.last_error == "loading"

@@ -223,13 +223,13 @@ def test_counters_count_by_their_labels() -> None:
 
 
 def test_state_is_read_at_scrape_time() -> None:
-    states = [("v1", [BackendGauges("baseline", in_flight=2, queued=1, healthy=True, ejections=0)])]
+    states = [("v1", [BackendGauges("baseline", "http://b", 2, 1, healthy=True, ejections=0)])]
     metrics = Metrics(lambda: states[-1])
     assert scrape(metrics.render(), "specproxy_in_flight", "specproxy_config_info") == {
         ("specproxy_in_flight", (("backend", "baseline"),)): 2,
         ("specproxy_config_info", (("config_version", "v1"),)): 1,
     }
-    states.append(("v2", [BackendGauges("baseline", 0, 0, healthy=False, ejections=1)]))
+    states.append(("v2", [BackendGauges("baseline", "http://b", 0, 0, healthy=False, ejections=1)]))
     assert scrape(metrics.render(), "specproxy_backend", "specproxy_config_info") == {
         ("specproxy_backend_healthy", (("backend", "baseline"),)): 0,
         ("specproxy_backend_ejections_total", (("backend", "baseline"),)): 1,

@@ -229,7 +229,8 @@ def test_json_schema_keys_are_pinned(tmp_path: Path, capsys: Any) -> None:
     assert result["schema"] == 1
     assert set(result) == {
         "schema", "input", "baseline", "config_versions", "backends", "comparison", "forced",
-        "breakdowns", "failover", "sample_ratio", "shadow", "notes", "verdict", "cost", "memory",
+        "breakdowns", "failover", "sample_ratio", "shadow", "replicas", "notes", "verdict",
+        "cost", "memory",
     }  # fmt: skip
     assert set(result["input"]) == {
         "files", "lines", "skipped", "requests", "unrouted", "shadow", "other_events", "first",

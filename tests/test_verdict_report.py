@@ -170,6 +170,7 @@ def requests_of(
         behind_shadow=false, ttft_ms=200.0 / decode, latency_ms=8000.0 / decode,
         decode_tps=decode, prompt_tokens=nan, completion_tokens=nan, in_flight=nan,
         queue_ms=nan, timestamp=timestamp, session=session.astype(np.int32),
+        replica=np.full(n, -1, np.int32), replicas=(),
     )  # fmt: skip
 
 
