@@ -3,16 +3,21 @@ controller on a running proxy against fake backends paced apart."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
-from proxy.config import Config, PromoteWhen, Ramp, RampGuardrail, parse_config
+from proxy.config import Config, PromoteWhen, Ramp, RampGuardrail, load_config, parse_config
 from proxy.errors import ConfigError
 from proxy.ramp import Action, Decision, decide, step_verdict
 from proxy.sequential import ArmState, Observation
+from tests.conftest import RunningProxy
+from tests.fakebackend import FakeBackend
 
 
 def routes(ramp: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -280,3 +285,172 @@ def test_no_traffic_on_the_arm_holds() -> None:
     decision = rule(ramp_of(), {"baseline": ArmState(), "speculative": ArmState()})
     assert decision.action is Action.HOLD and decision.evidence is not None
     assert decision.evidence.value is None and "no interval yet" in decision.reason
+
+
+# --- on a running proxy, against fake backends paced apart -------------------------------------
+
+CHAT = "/v1/chat/completions"
+STREAM = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def serve_ramp(
+    serve_proxy: Any, tmp_path: Path, base: FakeBackend, spec: FakeBackend, **block: Any
+) -> tuple[RunningProxy, Path, dict[str, Any]]:
+    path = tmp_path / "routes.yaml"
+    data: dict[str, Any] = {
+        "model": "test-model",
+        "backends": {"baseline": {"url": base.url}, "speculative": {"url": spec.url}},
+        "routing": {"split": {"baseline": 50, "speculative": 50}},
+        "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+        "ramp": {"speculative": {"steps": [40, 60], "min_requests": 10, **block}},
+    }
+    path.write_text(json.dumps(data))
+    proxy: RunningProxy = serve_proxy(load_config(path), config_path=path)
+    return proxy, path, data
+
+
+def stream(proxy: RunningProxy) -> None:
+    with httpx.stream("POST", proxy.url + CHAT, json=STREAM, timeout=10) as r:
+        assert r.status_code == 200
+        r.read()
+
+
+def until_ramp_event(proxy: RunningProxy, most: int = 300) -> dict[str, Any]:
+    """Stream until the proxy logs a `ramp` event (bounded); return it."""
+    for _ in range(most):
+        stream(proxy)
+        events = proxy.events("ramp")
+        if events:
+            return events[0]
+    raise AssertionError(f"no ramp event after {most} requests")
+
+
+def healthz(proxy: RunningProxy) -> dict[str, Any]:
+    answer = httpx.get(proxy.url + "/healthz", timeout=5)
+    assert answer.status_code == 200
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def scrape(proxy: RunningProxy, prefix: str) -> dict[str, float]:
+    text = httpx.get(proxy.url + "/metrics", timeout=5).text
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def test_a_backend_twice_as_slow_is_rolled_back_and_stays_out_until_reset(
+    fake: FakeBackend, fake2: FakeBackend, serve_proxy: Any, tmp_path: Path
+) -> None:
+    fake.extra_mode = "tokens=8; delay=0.004"
+    fake2.extra_mode = "tokens=8; delay=0.008"  # tokens paced twice as far apart
+    proxy, path, data = serve_ramp(serve_proxy, tmp_path, fake, fake2)
+    start = healthz(proxy)
+    assert start["backends"]["speculative"]["split"] == 40  # the first step, not the file's 50
+    assert start["ramp"]["speculative"]["state"] == "ramping"
+
+    event = until_ramp_event(proxy)
+    assert (event["action"], event["step"], event["split"], event["dry_run"]) == (
+        "rollback", 1, 0, False
+    )  # fmt: skip
+    assert event["evidence"]["metric"] in ("decode_tps", "latency_ms", "ttft_ms")
+    assert min(event["evidence"]["n"].values()) >= 10
+    assert event["previous"] != event["config_version"]
+
+    status = healthz(proxy)
+    assert status["backends"]["speculative"]["split"] == 0
+    assert status["backends"]["baseline"]["split"] == 100
+    ramp = status["ramp"]["speculative"]
+    assert (ramp["state"], ramp["rolled_back"], ramp["split_applied"], ramp["split_file"]) == (
+        "rolled_back", True, 0, 50
+    )  # fmt: skip
+    assert ramp["last_decision"]["action"] == "rollback"
+    assert ramp["last_decision"]["reason"] == event["reason"]
+    metrics = scrape(proxy, "specproxy_")
+    assert metrics['specproxy_split_percent{backend="speculative"}'] == 0
+    assert metrics['specproxy_ramp_decisions_total{action="rollback",backend="speculative"}'] == 1
+
+    before = len(proxy.log())
+    for _ in range(10):
+        stream(proxy)
+    after = proxy.wait_for_log(before + 10)[before:]
+    assert {line["backend"] for line in after} == {"baseline"}
+    assert {line["config_version"] for line in after} == {event["config_version"]}
+
+    # A reload of the same file keeps the rollback.
+    assert httpx.post(proxy.url + "/admin/reload", timeout=5).status_code == 200
+    assert healthz(proxy)["ramp"]["speculative"]["state"] == "rolled_back"
+    assert healthz(proxy)["backends"]["speculative"]["split"] == 0
+
+    # The reset starts it again at its first step.
+    refused = httpx.post(proxy.url + "/admin/ramp/reset?backend=baseline", timeout=5)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "backend"
+    assert "has no ramp" in refused.json()["error"]["message"]
+    reset = httpx.post(proxy.url + "/admin/ramp/reset?backend=speculative", timeout=5)
+    assert reset.status_code == 200 and reset.json()["backends"] == ["speculative"]
+    ramp = healthz(proxy)["ramp"]["speculative"]
+    assert (ramp["state"], ramp["step"], ramp["split_applied"]) == ("ramping", 1, 40)
+    [logged] = proxy.events("ramp_reset")
+    assert (logged["backends"], logged["source"]) == (["speculative"], "admin")
+
+    # A reload that changes the ramp block starts it again too.
+    until_ramp_event_count(proxy, 2)
+    assert healthz(proxy)["ramp"]["speculative"]["state"] == "rolled_back"
+    data["ramp"]["speculative"]["min_requests"] = 11
+    path.write_text(json.dumps(data))
+    assert httpx.post(proxy.url + "/admin/reload", timeout=5).status_code == 200
+    assert healthz(proxy)["ramp"]["speculative"]["state"] == "ramping"
+    assert proxy.events("ramp_reset")[-1]["source"] == "admin"
+
+
+def until_ramp_event_count(proxy: RunningProxy, count: int, most: int = 300) -> None:
+    for _ in range(most):
+        if len(proxy.events("ramp")) >= count:
+            return
+        stream(proxy)
+    raise AssertionError(f"fewer than {count} ramp events after {most} requests")
+
+
+def test_a_faster_backend_is_promoted_under_a_new_config_version(
+    fake: FakeBackend, fake2: FakeBackend, serve_proxy: Any, tmp_path: Path
+) -> None:
+    fake.extra_mode = "tokens=8; delay=0.008"
+    fake2.extra_mode = "tokens=8; delay=0.004"
+    proxy, _, _ = serve_ramp(serve_proxy, tmp_path, fake, fake2, rollback_when=["error_rate"])
+    first = healthz(proxy)["config_version"]
+    event = until_ramp_event(proxy)
+    assert (event["action"], event["step"], event["split"]) == ("promote", 1, 60)
+    assert event["previous"] == first != event["config_version"]
+    status = healthz(proxy)
+    assert status["config_version"] == event["config_version"]
+    assert status["backends"]["speculative"]["split"] == 60
+    assert status["ramp"]["speculative"]["step"] == 2
+    [reset] = [
+        e for e in proxy.events("verdict_reset") if e["config_version"] == event["config_version"]
+    ]
+    assert reset["reason"] == "ramp changed the split"
+
+
+def test_dry_run_logs_the_decision_and_changes_no_split(
+    fake: FakeBackend, fake2: FakeBackend, serve_proxy: Any, tmp_path: Path
+) -> None:
+    fake.extra_mode = "tokens=8; delay=0.004"
+    fake2.extra_mode = "tokens=8; delay=0.008"
+    proxy, _, _ = serve_ramp(serve_proxy, tmp_path, fake, fake2, dry_run=True)
+    version = healthz(proxy)["config_version"]
+    assert healthz(proxy)["backends"]["speculative"]["split"] == 50  # the file's
+    event = until_ramp_event(proxy)
+    assert (event["action"], event["dry_run"], event["split_applied"]) == ("rollback", True, 50)
+    assert event["previous"] is None and event["config_version"] == version
+    status = healthz(proxy)
+    assert status["config_version"] == version
+    assert status["backends"]["speculative"]["split"] == 50
+    assert status["ramp"]["speculative"]["state"] == "rolled_back"
+    before = len(proxy.log())
+    for _ in range(20):
+        stream(proxy)
+    after = proxy.wait_for_log(before + 20)[before:]
+    assert "speculative" in {line["backend"] for line in after}  # still served: nothing changed
