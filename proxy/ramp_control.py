@@ -39,7 +39,7 @@ from proxy.liveverdict import LiveVerdict
 from proxy.ramp import Action, Decision, Evidence, decide, step_verdict
 from proxy.sequential import ArmState
 
-EVERY_REQUESTS = 20
+EVERY_REQUESTS = 50  # one evaluation, ~50 µs measured: at most 1 µs a request
 EVERY_SECONDS = 1.0
 
 

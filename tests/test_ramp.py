@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from proxy import report
 from proxy.config import Config, PromoteWhen, Ramp, RampGuardrail, load_config, parse_config
 from proxy.errors import ConfigError
 from proxy.ramp import Action, Decision, decide, step_verdict
@@ -454,3 +456,103 @@ def test_dry_run_logs_the_decision_and_changes_no_split(
         stream(proxy)
     after = proxy.wait_for_log(before + 20)[before:]
     assert "speculative" in {line["backend"] for line in after}  # still served: nothing changed
+
+
+def test_the_report_lists_the_ramp_events_a_proxy_logged(
+    fake: FakeBackend,
+    fake2: FakeBackend,
+    serve_proxy: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake.extra_mode = "tokens=8; delay=0.004"
+    fake2.extra_mode = "tokens=8; delay=0.008"
+    proxy, path, _ = serve_ramp(serve_proxy, tmp_path, fake, fake2)
+    event = until_ramp_event(proxy)
+    assert report.main([str(proxy.log_path), "--ramp", str(path), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    [logged] = [e for e in document["events"] if e["event"] == "ramp"]
+    assert {k: logged[k] for k in ("action", "config_version", "reason")} == {
+        k: event[k] for k in ("action", "config_version", "reason")
+    }
+    # Replayed on the same lines (thinned to 40%), the rule also rolls it back at step 1.
+    [step] = document["replay"]["speculative"]["timeline"]
+    assert (step["step"], step["action"]) == (1, "rollback"), step
+
+
+# --- report --ramp: the rule replayed on a log ---------------------------------------------------
+
+
+def write_log(path: Path, truth: Truth, count: int, seed: int = 0) -> None:
+    """A log of `count` split requests, 50/50, 0.1 s apart, and one real ramp event."""
+    rng = np.random.default_rng(seed)
+    t0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    lines = []
+    for i in range(count):
+        backend = "speculative" if rng.random() < 0.5 else "baseline"
+        [o] = observations(rng, 1, truth if backend == "speculative" else Truth())
+        stamp = (t0 + timedelta(seconds=i / 10)).isoformat().replace("+00:00", "Z")
+        lines.append(
+            {
+                "event": "request", "timestamp": stamp, "request_id": f"r{i}",
+                "config_version": "abc", "stream": True, "backend": backend,
+                "reason": "split", "status": 502 if o.error else 200,
+                "error": "backend_error" if o.error else None, "decode_tps": o.decode_tps,
+                "ttft_ms": o.ttft_ms, "latency_ms": o.latency_ms,
+            }
+        )  # fmt: skip
+    lines.append(
+        {
+            "event": "ramp", "timestamp": "2026-12-01T12:00:30Z", "config_version": "def",
+            "backend": "speculative", "action": "rollback", "step": 1, "steps": 3, "split": 0.0,
+            "split_applied": 0.0, "dry_run": False, "reason": "worse: decode_tps ratio 0.5",
+        }
+    )  # fmt: skip
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
+
+
+def replay_report(
+    tmp_path: Path, truth: Truth, capsys: pytest.CaptureFixture[str], *args: str
+) -> str:
+    log, routes_file = tmp_path / "requests.jsonl", tmp_path / "routes.yaml"
+    write_log(log, truth, 3000)
+    data = routes({"speculative": {"steps": [5, 25, 50], "min_requests": 30}})
+    routes_file.write_text(json.dumps(data))
+    assert report.main([str(log), "--ramp", str(routes_file), *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_report_replays_a_slow_arm_into_a_rollback_at_the_first_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = json.loads(replay_report(tmp_path, Truth(decode=0.5), capsys, "--json"))
+    replayed = document["replay"]["speculative"]
+    [step] = replayed["timeline"]
+    assert (step["step"], step["split"], step["action"]) == (1, 5, "rollback")
+    # Thinned to the step's 5%: about 30 arm lines need about 600 in all, not 60.
+    assert step["lines"] >= 400, step
+    assert 0.4 < replayed["arm_share_in_log"] < 0.6
+    [event] = document["events"]
+    assert (event["event"], event["action"], event["config_version"]) == ("ramp", "rollback", "def")
+
+
+def test_the_report_replays_a_faster_arm_through_every_step_and_prints_a_timeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = replay_report(tmp_path, Truth(decode=1.3), capsys)
+    assert "Ramp replay: speculative (steps 5, 25, 50%" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("  step")] == [
+        ["step", "1"], ["step", "2"], ["step", "3"]
+    ]  # fmt: skip
+    assert "complete" in out.splitlines()[3]
+    assert "speculative  rollback at step 1/3 -> 0.0%" in out  # the logged event, as it was
+
+
+def test_the_report_refuses_a_routes_file_without_a_ramp(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log, routes_file = tmp_path / "requests.jsonl", tmp_path / "routes.yaml"
+    write_log(log, Truth(), 10)
+    routes_file.write_text(json.dumps(routes()))
+    assert report.main([str(log), "--ramp", str(routes_file)]) == 2
+    assert "no `ramp` block to replay" in capsys.readouterr().err
