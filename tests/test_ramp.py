@@ -17,6 +17,7 @@ from proxy import report
 from proxy.config import Config, PromoteWhen, Ramp, RampGuardrail, load_config, parse_config
 from proxy.errors import ConfigError
 from proxy.ramp import Action, Decision, decide, step_verdict
+from proxy.ramp_control import first_steps
 from proxy.sequential import ArmState, Observation
 from tests.conftest import RunningProxy
 from tests.fakebackend import FakeBackend
@@ -556,3 +557,9 @@ def test_the_report_refuses_a_routes_file_without_a_ramp(
     routes_file.write_text(json.dumps(routes()))
     assert report.main([str(log), "--ramp", str(routes_file)]) == 2
     assert "no `ramp` block to replay" in capsys.readouterr().err
+
+
+def test_the_demo_ramp_file_is_valid_and_starts_at_its_first_step() -> None:
+    config = load_config(Path(__file__).resolve().parent.parent / "routes.ramp.yaml")
+    assert config.ramp["speculative"].steps == [25, 50]
+    assert first_steps(config).routing.split == {"baseline": 75, "speculative": 25}
