@@ -131,6 +131,7 @@ class RampController:
         self._pending += 1
         now = self._clock()
         if self._pending >= EVERY_REQUESTS or now - self._last >= EVERY_SECONDS:
+            self._pending, self._last = 0, now
             self.evaluate(now)
 
     # --- deciding ------------------------------------------------------------------------
@@ -138,7 +139,6 @@ class RampController:
     def evaluate(self, now: float | None = None) -> list[Decision]:
         """Run the rule for every arm still ramping; act on what it says."""
         now = self._clock() if now is None else now
-        self._pending, self._last = 0, now
         acted: list[tuple[ArmRamp, Decision]] = []
         for arm in self.arms.values():
             if not arm.deciding:
