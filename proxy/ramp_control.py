@@ -177,15 +177,16 @@ class RampController:
         return decide(arm.config, arm.step, arm.since, now, step, arm.name, ejected_for)
 
     def _act(self, acted: list[tuple[ArmRamp, Decision]]) -> None:
-        moves = [d for a, d in acted if d.action is not Action.HOLD]
-        live = [a for a, d in acted if d.action is not Action.HOLD and not a.config.dry_run]
-        dry = [a for a, d in acted if d.action is not Action.HOLD and a.config.dry_run]
+        moved = {a.name for a, d in acted if d.action in (Action.PROMOTE, Action.ROLLBACK)}
+        live = [a for a, _ in acted if a.name in moved and not a.config.dry_run]
+        dry = [a for a, d in acted if a.config.dry_run and d.action is Action.PROMOTE]
         previous = self._version()
         version = self._apply() if live else None
-        if dry and moves:  # no split change: the next step is still its own experiment
-            self._verdict.reset("ramp dry run: " + ", ".join(f"{a.name} moved" for a in dry))
+        if dry and not live:  # no split change, but the next step is its own experiment
+            self._verdict.reset("ramp dry run: " + ", ".join(f"{a.name} promoted" for a in dry))
             self._log.event("verdict_reset", reason=self._verdict.reason)
         for arm, decision in acted:
+            changed = version is not None and arm in live
             self.decisions[arm.name, decision.action.value] += 1
             self._log.event(
                 "ramp",
@@ -200,7 +201,7 @@ class RampController:
                 overdue=decision.overdue,
                 reason=decision.reason,
                 evidence=_evidence(decision.evidence),
-                previous=previous if version is not None and not arm.config.dry_run else None,
+                previous=previous if changed else None,
             )
 
     def _applied(self, name: str) -> float:

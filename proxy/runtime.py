@@ -190,8 +190,9 @@ class Runtime:
         self.active = active
         self._apply(config)
         self.log.bind(config_version=active.version)
-        if self.verdict.follow(config, active.version):
-            self.log.event("verdict_reset", reason="ramp changed the split")
+        if self.verdict.follow(config, active.version):  # a new step: a new experiment
+            self.verdict.reset("ramp changed the split")  # says so in /verdict's started_by
+            self.log.event("verdict_reset", reason=self.verdict.reason)
         return active.version
 
     def _apply(self, config: Config) -> None:

@@ -648,3 +648,18 @@ def test_with_split_gives_the_baseline_the_rest_and_leaves_other_arms_alone() ->
     split = with_split(config, {"speculative": 5}).routing.split
     assert split == {"baseline": 75, "speculative": 5, "other": 20}
     assert config.routing.split["speculative"] == 40  # a copy: the file's config is unchanged
+
+
+def test_a_dry_run_promotion_moves_the_step_and_its_experiment_but_no_split(
+    tmp_path: Path,
+) -> None:
+    ramps, applied = controller(ramp_config(min_requests=10, dry_run=True), Clock(), tmp_path)
+    verdict = ramps._verdict
+    verdict.states.update(filled(Truth(decode=1.3), 100, 100))
+    [decision] = ramps.evaluate()
+    assert (decision.action, decision.split) == (Action.PROMOTE, 25)
+    assert ramps.arms["speculative"].step == 1 and applied == []
+    assert ramps.effective().routing.split == {"baseline": 50, "speculative": 50}
+    assert verdict.states["speculative"].requests == 0  # the next step counts afresh
+    assert verdict.reason == "ramp dry run: speculative promoted"
+    assert ramps.decisions["speculative", "promote"] == 1
