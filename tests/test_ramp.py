@@ -4,6 +4,7 @@ controller on a running proxy against fake backends paced apart."""
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,8 +28,9 @@ from proxy.ramp_control import (
     first_steps,
     with_split,
 )
+from proxy.routing import Router, choose
 from proxy.sequential import ArmState, Observation
-from tests.conftest import RunningProxy
+from tests.conftest import RunningProxy, make_config
 from tests.fakebackend import FakeBackend
 
 
@@ -663,3 +665,43 @@ def test_a_dry_run_promotion_moves_the_step_and_its_experiment_but_no_split(
     assert verdict.states["speculative"].requests == 0  # the next step counts afresh
     assert verdict.reason == "ramp dry run: speculative promoted"
     assert ramps.decisions["speculative", "promote"] == 1
+
+
+def test_a_step_moves_sticky_sessions_only_to_the_arm_and_a_rollback_all_back() -> None:
+    config = parse_config(routes(routing={"split": {"baseline": 50, "speculative": 50},
+                                          "sticky_header": "X-Session"}))  # fmt: skip
+    rng = random.Random(0)
+
+    def on_arm(pct: float) -> set[int]:
+        split = with_split(config, {"speculative": pct})
+        router = Router.build(split.weights(), "x-backend", "x-session")
+        return {
+            i
+            for i in range(2000)
+            if choose(router, {"x-session": f"user-{i}"}, rng).backend == "speculative"
+        }
+
+    first, second = on_arm(5), on_arm(25)
+    assert first < second  # promoted: those already on the arm stay, others join
+    assert 0.03 < len(first) / 2000 < 0.07 and 0.22 < len(second) / 2000 < 0.28
+    assert on_arm(0) == set()
+
+
+def test_the_reset_endpoint_is_admin_only(
+    fake: FakeBackend, fake2: FakeBackend, serve_proxy: Any, tmp_path: Path
+) -> None:
+    proxy: RunningProxy = serve_proxy(
+        make_config(
+            tmp_path,
+            {"baseline": fake.url, "speculative": fake2.url},
+            auth={"admin_token": "adm-secret"},
+            ramp={"speculative": {"steps": [10, 20]}},
+        )
+    )
+    url = proxy.url + "/admin/ramp/reset"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        assert httpx.post(url, headers=headers, timeout=5).status_code == 401
+    assert proxy.events("ramp_reset") == []
+    answer = httpx.post(url, headers={"Authorization": "Bearer adm-secret"}, timeout=5)
+    assert answer.status_code == 200 and answer.json()["backends"] == ["speculative"]
+    assert answer.json()["ramp"]["speculative"]["split_applied"] == 10
