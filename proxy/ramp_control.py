@@ -50,7 +50,7 @@ class ArmRamp:
     name: str
     config: Ramp
     since: float  # the step's start, on the controller's clock
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    step_since: datetime = field(default_factory=lambda: datetime.now(UTC))  # for people
     step: int = 0
     rolled_back: bool = False
     complete: bool = False
@@ -153,6 +153,7 @@ class RampController:
             acted.append((arm, decision))
             if decision.action is Action.PROMOTE:
                 arm.step, arm.since, arm.overdue_logged = arm.step + 1, now, False
+                arm.step_since = datetime.now(UTC)
             elif decision.action is Action.ROLLBACK:
                 arm.rolled_back = True
             else:
@@ -273,7 +274,7 @@ class RampController:
             "split_file": float(self.file.routing.split.get(arm.name, 0.0)),
             "dry_run": arm.config.dry_run,
             "rolled_back": arm.rolled_back,
-            "step_since": arm.started_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "step_since": arm.step_since.isoformat(timespec="seconds").replace("+00:00", "Z"),
             "last_decision": None
             if last is None
             else {

@@ -442,6 +442,8 @@ def test_a_faster_backend_is_promoted_under_a_new_config_version(
     assert status["config_version"] == event["config_version"]
     assert status["backends"]["speculative"]["split"] == 60
     assert status["ramp"]["speculative"]["step"] == 2
+    since = datetime.fromisoformat(status["ramp"]["speculative"]["step_since"])
+    assert abs((since - datetime.fromisoformat(event["timestamp"])).total_seconds()) < 1.5
     [reset] = [
         e for e in proxy.events("verdict_reset") if e["config_version"] == event["config_version"]
     ]
