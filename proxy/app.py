@@ -116,6 +116,7 @@ def create_app(
         Route("/verdict", verdict, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/reload", admin_reload, methods=["POST"]),
+        Route("/admin/ramp/reset", admin_ramp_reset, methods=["POST"]),
     ]
     return ProxyApp(
         routes=routes,
@@ -274,6 +275,8 @@ async def healthz(request: Request) -> JSONResponse:
         "config_version": active.version,
         "backends": backends,
     }
+    if runtime.ramp.arms:  # the file's split, the ramp's, and why (see ramp_control.py)
+        body["ramp"] = runtime.ramp.status()
     return _answer(request, body)
 
 
@@ -361,6 +364,18 @@ async def admin_reload(request: Request) -> JSONResponse:
         request,
         {"status": "reloaded", "config_version": active.version, "previous": previous},
     )
+
+
+async def admin_ramp_reset(request: Request) -> JSONResponse:
+    """Start ramps again at their first step: `?backend=<name>`'s, or every one's. A
+    rolled-back arm stays at 0 until this or a reload that changes its ramp block."""
+    runtime: Runtime = request.state.runtime
+    try:
+        names = runtime.ramp.reset(request.query_params.get("backend"), "admin")
+    except ProxyError as exc:
+        return _refused(request, exc.body(), exc.status, exc.kind, exc.message)
+    body = {"status": "reset", "backends": names, "config_version": runtime.active.version}
+    return _answer(request, {**body, "ramp": runtime.ramp.status()})
 
 
 async def stats(request: Request) -> JSONResponse:

@@ -158,13 +158,15 @@ async def _fail(call: _Call, send: Send, exc: ProxyError, failure: str) -> None:
 
 
 def _finish(call: _Call) -> RequestRecord:
-    """The request is over: its line to the log, the live stats and verdict, the metrics."""
+    """The request is over: its line to the log, the live stats and verdict, the ramp's
+    tick, the metrics."""
     call.clock.finish()
     record = _record(call)
     runtime = call.runtime
     runtime.log.request(record)
     runtime.stats.observe(record)
     runtime.verdict.observe(record)
+    runtime.ramp.tick()
     runtime.metrics.observe(record)
     return record
 

@@ -8,7 +8,9 @@ never a traceback from deep inside pydantic or yaml.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -320,6 +322,54 @@ class Shadow(_Frozen):
     max_in_flight: int = Field(default=1, ge=1)
 
 
+class PromoteWhen(StrEnum):
+    NOT_WORSE = "not_worse"  # decode speed non-inferior within the margin
+    BETTER = "better"  # decode speed significantly faster
+
+
+class RampGuardrail(StrEnum):
+    """The guardrails a ramp may roll back on: `proxy.sequential.GUARDRAILS`, by name."""
+
+    ERROR_RATE = "error_rate"
+    TTFT_MS = "ttft_ms"
+    LATENCY_MS = "latency_ms"
+
+
+class Ramp(_Frozen):
+    """Grow one backend's split step by step while the live verdict says it is no worse,
+    and cut it to 0 when it hurts (see ramp.py for the rule, ramp_control.py for acting)."""
+
+    # Its split percentage at each step; the baseline gets the rest. Strict: YAML's `true`
+    # is not a percentage.
+    steps: list[Annotated[float, Field(strict=True)] | Annotated[int, Field(strict=True)]] = Field(
+        min_length=1
+    )
+    min_requests: int = Field(default=200, ge=10)  # per arm within a step, to promote
+    promote_when: PromoteWhen = PromoteWhen.NOT_WORSE
+    margin: float = Field(default=0.05, gt=0, lt=0.5)  # not_worse: at most 5% slower
+    rollback_when: list[RampGuardrail] = list(RampGuardrail)
+    max_step_minutes: float = Field(default=60.0, gt=0)  # undecided this long: say so
+    dry_run: bool = False  # decide and log, change no split
+
+    @field_validator("steps")
+    @classmethod
+    def _check_steps(cls, steps: list[float | int]) -> list[float | int]:
+        for step in steps:
+            if not (math.isfinite(step) and 1 <= step <= 100):
+                raise ValueError(f"each step must be a percentage from 1 to 100, not {step}")
+        for before, after in itertools.pairwise(steps):
+            if after <= before:
+                raise ValueError(f"steps must increase strictly: {after:g} follows {before:g}")
+        return steps
+
+    @field_validator("rollback_when")
+    @classmethod
+    def _no_repeats(cls, names: list[RampGuardrail]) -> list[RampGuardrail]:
+        if len(set(names)) != len(names):
+            raise ValueError("a guardrail is named twice")
+        return names
+
+
 class Config(_Frozen):
     listen: Listen = Listen()
     model: str = Field(min_length=1)
@@ -330,6 +380,7 @@ class Config(_Frozen):
     shadow: Shadow | None = None
     auth: Auth = Auth()
     shutdown: Shutdown = Shutdown()
+    ramp: dict[BackendName, Ramp] = {}
 
     @model_validator(mode="after")
     def _fallbacks_name_backends(self) -> Config:
@@ -384,6 +435,27 @@ class Config(_Frozen):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ramps_name_arms(self) -> Config:
+        for name in self.ramp:
+            if name not in self.backends:
+                raise ValueError(f"ramp.{name}: unknown backend {name}")
+            if name == self.baseline:
+                raise ValueError(f"ramp.{name}: the baseline cannot be ramped (it gets the rest)")
+        # At every ramp's last step the baseline must keep a share >= 0.
+        others = sum(
+            pct
+            for name, pct in self.routing.split.items()
+            if name != self.baseline and name not in self.ramp
+        )
+        top = others + sum(ramp.steps[-1] for ramp in self.ramp.values())
+        if top > 100 + 1e-6:
+            raise ValueError(
+                f"ramp: the last steps ({top - others:g}%) and the other arms' split"
+                f" ({others:g}%) add up to {top:g}%, over 100: nothing left for the baseline"
+            )
+        return self
+
     def weights(self) -> list[tuple[str, float]]:
         """Every backend with its split percentage (0 when the split leaves it out)."""
         return [(name, float(self.routing.split.get(name, 0.0))) for name in self.backends]
@@ -430,8 +502,8 @@ def _describe(error: Any) -> str:
         message = f"{error['input']!r} is not a usable name (letters, digits, _ . - only)"
     elif error["type"] == "string_pattern_mismatch":
         message = f"{error['input']!r} is not a valid header name"
-    elif error["type"] in ("float_type", "int_type") and "split" in error["loc"]:
-        loc = ".".join(str(part) for part in error["loc"][:3])  # not one per number type
+    elif error["type"] in ("float_type", "int_type") and error["loc"][-1] in ("float", "int"):
+        loc = ".".join(str(part) for part in error["loc"][:-1])  # not one per number type
         message = f"percentage must be a number, not {error['input']!r}"
     elif error["type"] == "missing":
         message = "required key is missing"

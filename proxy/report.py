@@ -371,6 +371,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m proxy report"
         args = _parser(prog).parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage and the problem
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.ramp:  # another question of the same logs: see ramp_replay.py
+        from proxy import ramp_replay
+
+        return ramp_replay.main(args.logs, args.ramp, as_json=args.json, seed=args.seed)
     versions = [v for group in args.config_version or [] for v in group] or None
     try:
         split, split_source, baseline = _expected_split(args)
@@ -503,6 +507,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="only request lines of these config versions (repeatable; 'unknown': none logged)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
+    parser.add_argument(
+        "--ramp", metavar="ROUTES", help="replay the logs through ROUTES's ramp rule instead"
+    )
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
     parser.add_argument(
         "--primary", choices=PRIMARY_CHOICES, default="decode_tps",

@@ -31,6 +31,7 @@ from proxy.livestats import LiveStats
 from proxy.liveverdict import LiveVerdict
 from proxy.metrics import BackendGauges, Metrics
 from proxy.payload import NOT_FORWARDED
+from proxy.ramp_control import RampController, first_steps
 from proxy.relay import WriteWatch
 from proxy.replicas import Fleet
 from proxy.routing import Router
@@ -116,9 +117,13 @@ class Runtime:
     shadower: Shadower = field(init=False)
     metrics: Metrics = field(init=False)
     verdict: LiveVerdict = field(init=False)
+    ramp: RampController = field(init=False)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
+        file = self.active.config
+        if file.ramp:  # each ramp starts at its first step, whatever the file's split says
+            self.active = ActiveConfig.build(first_steps(file))
         config = self.active.config
         self.log.bind(config_version=self.active.version)
         self.ids.max_length = config.limits.max_request_id_length
@@ -128,6 +133,9 @@ class Runtime:
         self.verdict = LiveVerdict(config, self.active.version)
         self.metrics = Metrics(self._gauges, self.verdict.snapshot)
         self.shadower = Shadower(self.transport, self.in_flight, self.log, self.stats, self.metrics)
+        self.ramp = RampController(file, self.verdict, self.health, self.log)
+        self.ramp.bind(self._ramp_apply, lambda: self.active.version)
+        self.metrics.registry.register(self.ramp.collector(lambda: self.active.config))
 
     @property
     def config(self) -> Config:
@@ -147,11 +155,13 @@ class Runtime:
                         f"{self.config_path}: {', '.join(fixed)}: changes need a restart;"
                         " nothing was applied"
                     )
-                active = ActiveConfig.build(config)
+                active = ActiveConfig.build(self.ramp.effective_for(config))
             except ConfigError as exc:
                 self.metrics.reload("rejected")
                 self.log.event("config_rejected", source=source, error=str(exc))
                 raise
+            restarted = self.ramp.follow(config)
+            config = active.config  # the file, with the ramps' splits
             previous, self.active = self.active, active
             self._apply(config)
             self.metrics.reload("applied")
@@ -162,9 +172,28 @@ class Runtime:
                 previous=previous.version,
                 changed=previous.version != active.version,
             )
+            if restarted:
+                self.log.event("ramp_reset", backends=restarted, source=source, previous=None)
             if self.verdict.follow(config, active.version):  # a new split: a new experiment
                 self.log.event("verdict_reset", reason=self.verdict.reason)
             return active
+
+    def _ramp_apply(self) -> str | None:
+        """Put the ramps' split in effect, as a reload would: a new config version; requests
+        in flight finish under theirs. None if it cannot be built (logged)."""
+        config = self.ramp.effective()
+        try:
+            active = ActiveConfig.build(config)
+        except ConfigError as exc:  # an API key variable gone from the environment
+            self.log.event("config_rejected", source="ramp", error=str(exc))
+            return None
+        self.active = active
+        self._apply(config)
+        self.log.bind(config_version=active.version)
+        if self.verdict.follow(config, active.version):  # a new step: a new experiment
+            self.verdict.reset("ramp changed the split")  # says so in /verdict's started_by
+            self.log.event("verdict_reset", reason=self.verdict.reason)
+        return active.version
 
     def _apply(self, config: Config) -> None:
         """Carry health and slots over to the new config, by backend name and replica URL.
