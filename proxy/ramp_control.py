@@ -170,10 +170,12 @@ class RampController:
             arm.name: verdict.states.get(arm.name) or ArmState(),
         }
         planned = len(verdict.experiment.arms)
-        health = self._health.backends.get(arm.name)
         ejected_for = None
-        if health is not None and not health.healthy and health.ejected_at is not None:
-            ejected_for = now - max(health.ejected_at, arm.since)  # within this step
+        # An arm is ejected when every one of its replicas is: since the last of them went.
+        replicas = list(self._health.backends.get(arm.name, {}).values())
+        ejected = [r.ejected_at for r in replicas if not r.healthy and r.ejected_at is not None]
+        if replicas and len(ejected) == len(replicas):
+            ejected_for = now - max(*ejected, arm.since)  # within this step
         step = step_verdict(arm.config, states, baseline, arm.name, planned)
         return decide(arm.config, arm.step, arm.since, now, step, arm.name, ejected_for)
 

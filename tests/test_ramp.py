@@ -18,7 +18,7 @@ from proxy import report
 from proxy.accesslog import AccessLog
 from proxy.config import Config, PromoteWhen, Ramp, RampGuardrail, load_config, parse_config
 from proxy.errors import ConfigError
-from proxy.health import HealthBoard
+from proxy.health import REFUSED, HealthBoard
 from proxy.liveverdict import LiveVerdict
 from proxy.ramp import Action, Decision, decide, step_verdict
 from proxy.ramp_control import (
@@ -721,3 +721,25 @@ def test_a_rollback_on_a_time_waits_for_min_requests_and_one_on_errors_does_not(
     decision = rule(ramp_of(min_requests=200), failing)
     assert decision.action is Action.ROLLBACK and decision.evidence is not None
     assert decision.evidence.metric == "error_rate"
+
+
+def test_the_controller_rolls_back_an_arm_all_of_whose_replicas_were_ejected_past_a_step(
+    tmp_path: Path,
+) -> None:
+    """The health board holds each replica's health; the arm is ejected only when all its
+    replicas are, and counts as a failed step once that outlasts `max_step_minutes`."""
+    clock = Clock()
+    config = ramp_config(min_requests=10, max_step_minutes=1)
+    ramps, applied = controller(config, clock, tmp_path)
+    health = ramps._health  # the board the controller reads, as the runtime's
+    (replica,) = health.backends["speculative"].values()
+    replica.failed(REFUSED, clock.now)  # a refusal ejects at once
+    clock.now += 30
+    assert ramps.evaluate() == []  # ejected, but not for a whole step: a hold
+    last = ramps.arms["speculative"].last
+    assert last is not None and last.action is Action.HOLD
+    clock.now += 31
+    (decision,) = ramps.evaluate()
+    assert decision.action is Action.ROLLBACK and "ejected" in decision.reason
+    assert ramps.effective().routing.split == {"baseline": 100, "speculative": 0}
+    assert len(applied) == 1  # applied as a new split
