@@ -5,5 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh demo
-[ -n "${CONFIG:-}" ] || .venv/bin/python scripts/prepare_demo_models.py --out models
-exec .venv/bin/python -m proxy serve --config "${CONFIG:-routes.yaml}" "$@"
+config=${CONFIG:-routes.yaml}
+# The demo models, when the routes file launches them (routes.yaml and routes.ramp.yaml do).
+if grep -q 'models/smollm2' "$config"; then
+  .venv/bin/python scripts/prepare_demo_models.py --out models
+fi
+exec .venv/bin/python -m proxy serve --config "$config" "$@"
