@@ -263,6 +263,20 @@ def test_an_arm_failing_40_percent_retried_on_the_baseline_shows_harm_in_the_rep
     assert result["cost"]["speculative"]["guardrail_harm"] == ["error_rate"]
 
 
+def test_an_arm_that_failed_everything_it_was_assigned_still_gets_its_verdict(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """It served nothing: its requests are all lines moved from it. No verdict would hide
+    the worst arm there is."""
+    lines = [request("baseline") for _ in range(40)]
+    lines += [request("baseline", reason="fallback", fallback_from="speculative",
+                      fallback_cause="unhealthy") for _ in range(40)]  # fmt: skip
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    arm = result["verdict"]["result"]["arms"]["speculative"]
+    assert arm["guardrails"]["error_rate"]["verdict"] == "harm"
+    assert arm["primary"]["verdict"] == "inconclusive"  # no answer, so no speed
+
+
 def test_what_the_client_or_a_shutdown_did_is_not_an_arms_error_in_the_report(
     tmp_path: Path, capsys: Any
 ) -> None:
