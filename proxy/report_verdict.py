@@ -40,25 +40,41 @@ DEFAULT_ALPHA = 0.05
 def assignment(req: Requests) -> tuple[Ints, Bools, Bools]:
     """Per line: the arm it counts for (an index into `req.names`, -1: none), whether it
     counts as that arm's error, and whether as an answer with timings: `itt.assigned`'s
-    rule, applied once per distinct combination of its inputs (a handful), not per line."""
-    reason = np.full(req.backend.size, -1.0)
+    rule, applied once per distinct combination of its inputs (a handful), not per line.
+    The inputs are packed into one integer per line (mixed radix), so finding the
+    combinations is one 1-D `np.unique`: a million lines in a fraction of a second."""
+    reason = np.full(req.backend.size, -1, dtype=np.int64)
     for code, kind in enumerate(_REASONS):
         reason[req.moved if kind is Reason.FALLBACK else getattr(req, kind.value)] = code
-    status = np.where(np.isfinite(req.status), req.status, -1.0)
-    inputs = np.column_stack([
-        reason, req.backend, req.fallback_from, req.error_kind, status,
-        req.client_disconnected, req.behind_shadow,
-    ])  # fmt: skip
-    combos, inverse = np.unique(inputs, axis=0, return_inverse=True)
-    arm = np.full(len(combos), -1, dtype=np.int32)
-    outcome = np.zeros(len(combos), dtype=np.int8)  # 0 nothing, 1 failed, 2 answered
-    for i, (r, backend, moved_from, error, code, left, shadow) in enumerate(combos.tolist()):
+    finite = np.isfinite(req.status)
+    status = np.where(finite, np.clip(np.nan_to_num(req.status), 0, _STATUSES - 2), -1)
+    digits: list[tuple[np.ndarray, int, int]] = [  # (value, offset, radix)
+        (reason, 1, len(_REASONS) + 1),  # codes from -1 (none): offset 1
+        (req.backend, 1, len(req.names) + 1),
+        (req.fallback_from, 1, len(req.names) + 1),
+        (req.error_kind, 1, len(req.errors) + 1),
+        (status.astype(np.int64), 1, _STATUSES),
+        (req.client_disconnected, 0, 2),
+        (req.behind_shadow, 0, 2),
+    ]
+    key = np.zeros(req.backend.size, dtype=np.int64)
+    for value, offset, radix in digits:
+        key = key * radix + value.astype(np.int64) + offset
+    combos, inverse = np.unique(key, return_inverse=True)
+    arm = np.full(combos.size, -1, dtype=np.int32)
+    outcome = np.zeros(combos.size, dtype=np.int8)  # 0 nothing, 1 failed, 2 answered
+    for i, packed in enumerate(combos.tolist()):
+        values = []
+        for _, offset, radix in reversed(digits):
+            packed, digit = divmod(packed, radix)
+            values.append(digit - offset)
+        shadow, left, code, error, moved_from, backend, r = values
         counted = itt.assigned(
-            _REASONS[int(r)] if r >= 0 else None,
-            req.names[int(backend)] if backend >= 0 else None,
-            req.names[int(moved_from)] if moved_from >= 0 else None,
-            error=req.errors[int(error)] if error >= 0 else None,
-            status=int(code) if code >= 0 else None,
+            _REASONS[r] if r >= 0 else None,
+            req.names[backend] if backend >= 0 else None,
+            req.names[moved_from] if moved_from >= 0 else None,
+            error=req.errors[error] if error >= 0 else None,
+            status=code if code >= 0 else None,
             client_disconnected=bool(left),
             behind_shadow=bool(shadow),
         )
@@ -69,6 +85,7 @@ def assignment(req: Requests) -> tuple[Ints, Bools, Bools]:
     return arm[inverse.reshape(-1)], per_line == 1, per_line == 2
 
 
+_STATUSES = 1001  # status codes 0-999 and none: a digit of the packed key
 _REASONS = tuple(Reason)
 
 

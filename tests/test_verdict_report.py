@@ -95,23 +95,57 @@ def shadow_lines(identical: int, different: int) -> list[dict[str, Any]]:
 # --- feeding sequential ----------------------------------------------------------------------
 
 
+def assigned_per_line(req: logread.Requests, i: int) -> tuple[str, itt.Outcome] | None:
+    """`itt.assigned` on line i, as `LiveVerdict.observe` calls it."""
+    moved_from = int(req.fallback_from[i])
+    reason = next((r for r in Reason if r is not Reason.FALLBACK and getattr(req, r.value)[i]),
+                  Reason.FALLBACK if req.moved[i] else None)  # fmt: skip
+    return itt.assigned(
+        reason,
+        req.names[req.backend[i]] if req.backend[i] >= 0 else None,
+        req.names[moved_from] if moved_from >= 0 else None,
+        error=req.errors[req.error_kind[i]] if req.error_kind[i] >= 0 else None,
+        status=int(req.status[i]) if math.isfinite(req.status[i]) else None,
+        client_disconnected=bool(req.client_disconnected[i]),
+        behind_shadow=bool(req.behind_shadow[i]),
+    )
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        # one backend and one kind of error: digits of radix 2 in the packed key
+        [request("baseline"), request("baseline", error="cancelled"),
+         request("baseline", status=499, client_disconnected=True), request(None, status=400)],
+        [request("baseline", reason=reason, status=status, error=error, behind_shadow=shadow,
+                 client_disconnected=left)
+         for reason in ("split", "sticky", "header")
+         for status, error in ((200, None), (502, "backend_error"), (None, "cancelled"),
+                               (200, "client_write_timeout"), (404, "backend_error"))
+         for shadow in (False, True) for left in (False, True)]
+        + [request("speculative", reason="fallback", fallback_from="baseline",
+                   fallback_cause=cause) for cause in ("failed", "full", None)],
+    ],
+)  # fmt: skip
+def test_the_packed_assignment_is_the_rule_on_every_line(
+    tmp_path: Path, lines: list[dict[str, Any]]
+) -> None:
+    req = logread.load_logs([str(write_log(tmp_path / "log.jsonl", lines))]).requests
+    arm, failed, answered = report_verdict.assignment(req)
+    for i in range(len(lines)):
+        expected = assigned_per_line(req, i)
+        got = None if arm[i] < 0 else (req.names[arm[i]], failed[i], answered[i])
+        want = expected and (expected[0], expected[1] is itt.Outcome.FAILED,
+                             expected[1] is itt.Outcome.ANSWERED)  # fmt: skip
+        assert got == want, (i, lines[i])
+
+
 def observed_states(req: logread.Requests, names: list[str]) -> dict[str, ArmState]:
     """What the live proxy would hold: `itt.assigned` then `ArmState.observe` per request,
     in time order, as `LiveVerdict.observe` does."""
     rows: dict[str, list[tuple[float, int, bool]]] = {name: [] for name in names}
     for i in range(req.backend.size):
-        moved_from = int(req.fallback_from[i])
-        reason = next((r for r in Reason if r is not Reason.FALLBACK and getattr(req, r.value)[i]),
-                      Reason.FALLBACK if req.moved[i] else None)  # fmt: skip
-        counted = itt.assigned(
-            reason,
-            req.names[req.backend[i]] if req.backend[i] >= 0 else None,
-            req.names[moved_from] if moved_from >= 0 else None,
-            error=req.errors[req.error_kind[i]] if req.error_kind[i] >= 0 else None,
-            status=int(req.status[i]) if math.isfinite(req.status[i]) else None,
-            client_disconnected=bool(req.client_disconnected[i]),
-            behind_shadow=bool(req.behind_shadow[i]),
-        )
+        counted = assigned_per_line(req, i)
         if counted is not None and counted[0] in rows:
             rows[counted[0]].append((req.timestamp[i], i, counted[1] is itt.Outcome.FAILED))
     states = {}
