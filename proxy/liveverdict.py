@@ -4,27 +4,34 @@ The statistics are `proxy.sequential`'s: confidence sequences, valid however oft
 are read, so watching this endpoint until it says `better` is a valid test. Memory is one
 `ArmState` per compared backend, each O(1) per request up to its cap of tracked sessions.
 
-What counts is what the report counts as A/B data (`logread.Requests.comparable`):
-requests routed at random (`Reason.is_experiment`: split or sticky, so not forced by
-header and not moved by failover), not sent behind a shadow, and under a config version
-of this experiment. A failed one counts for the error rate only; one whose client left
-without an error counts for nothing (clients give up more on the slower arm). TTFT is
-a stream's only: a non-stream answer's first byte is its last.
+What counts, for which arm and as what, is the report's rule too (`proxy.itt`, intention
+to treat): a request counts for the arm it was assigned to at random, a move off that arm
+by failover is the arm's error, only the backend's errors are errors (a client that
+stopped reading or left, and a shutdown cancellation, count for nothing), and only under
+a config version of this experiment. TTFT is a stream's only: a non-stream answer's first
+byte is its last.
 
-An experiment is a baseline and a split over a set of backends: the assignment
-probabilities. A reload that changes any of them starts a new one (the earlier data were
-drawn under other probabilities); a reload that changes anything else keeps it, and the
-new config version's requests count with the old ones.
+An experiment is a baseline, a split over a set of backends (the assignment
+probabilities), what each compared arm is (its url or replicas, model and launch), and
+the sticky header (the unit of assignment). A reload that changes any of them starts a
+new one (the earlier data were drawn under other probabilities, or measured other
+servers); a reload that changes anything else keeps it, and the new config version's
+requests count with the old ones.
+
+The sample ratio check in the document is sequential too (`sequential.sample_ratios`):
+valid however often `/verdict` is read.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from proxy.accesslog import RequestRecord
 from proxy.config import Config
+from proxy.itt import Outcome, assigned
 from proxy.sequential import SESSION_CAP, ArmState, Observation, Verdict, decide
 from proxy.verdict_json import experiment_json
 
@@ -34,14 +41,24 @@ MARGIN = 0.05  # not_worse: decode speed at most 5% below the baseline's
 
 @dataclass(frozen=True)
 class Experiment:
-    """Who is compared with whom, at which assignment probabilities."""
+    """Who is compared with whom, at which assignment probabilities, by what unit."""
 
     baseline: str
     split: tuple[tuple[str, float], ...]  # every backend by name, 0 when out of the split
+    # What each compared arm is, as JSON text: url or replicas, model, launch. Limits,
+    # timeouts and health settings are how the proxy treats the arm, not the arm.
+    servers: tuple[tuple[str, str], ...] = ()
+    sticky_header: str | None = None  # lowercase: header names are case-insensitive
 
     @classmethod
     def of(cls, config: Config) -> Experiment:
-        return cls(config.baseline, tuple(sorted(config.weights())))
+        split = tuple(sorted(config.weights()))
+        compared = {config.baseline} | {name for name, pct in split if pct > 0}
+        servers = tuple(
+            (name, _definition(config, name)) for name in sorted(compared & config.backends.keys())
+        )
+        header = config.routing.sticky_header
+        return cls(config.baseline, split, servers, header.lower() if header else None)
 
     @property
     def arms(self) -> tuple[str, ...]:
@@ -51,6 +68,11 @@ class Experiment:
     @property
     def expected_pct(self) -> dict[str, float]:
         return dict(self.split)
+
+
+def _definition(config: Config, name: str) -> str:
+    fields = {"url", "replicas", "model", "launch"}
+    return json.dumps(config.backends[name].model_dump(mode="json", include=fields), sort_keys=True)
 
 
 class LiveVerdict:
@@ -68,17 +90,24 @@ class LiveVerdict:
         self.states = {name: ArmState(session_cap=self._session_cap) for name in names}
 
     def observe(self, record: RequestRecord) -> None:
-        reason, backend = record.reason, record.backend
-        if reason is None or backend is None or not reason.is_experiment or record.behind_shadow:
+        counted = assigned(
+            record.reason,
+            record.backend,
+            record.fallback_from,
+            error=record.error,
+            status=record.status,
+            client_disconnected=record.client_disconnected,
+            behind_shadow=record.behind_shadow,
+        )
+        if counted is None or record.config_version not in self.versions:
             return
-        state = self.states.get(backend)
-        if state is None or record.config_version not in self.versions:
+        arm, outcome = counted
+        state = self.states.get(arm)
+        if state is None:
             return
-        if record.error is not None or record.status != 200:
-            if record.error is None and record.client_disconnected:
-                return  # the client left, not the backend failing
+        if outcome is Outcome.FAILED:
             state.observe(Observation(True, session=record.session))
-        elif not record.client_disconnected:
+        else:
             ttft = record.ttft_ms if record.stream else None
             state.observe(
                 Observation(False, record.decode_tps, ttft, record.latency_ms, record.session)
@@ -91,7 +120,9 @@ class LiveVerdict:
             self.version = version
             self.versions.add(version)
             return False
-        self._start(experiment, version, "reload changed the split, baseline or backends")
+        self._start(
+            experiment, version, "reload changed the split, baseline, backends or sticky header"
+        )
         return True
 
     def reset(self, reason: str) -> None:

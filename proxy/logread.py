@@ -50,12 +50,14 @@ class UsageError(Exception):
 class Requests:
     """The request lines, one array entry per line. Missing numbers are NaN. `backend` and
     `fallback_from` hold an index into `names` (-1: rejected before routing, or not moved),
-    `fallback_cause` one into `causes` (-1: none given), `config_version` one into
-    `versions` (lines without one are `unknown`)."""
+    `fallback_cause` one into `causes` (-1: none given), `error_kind` one into `errors`
+    (-1: no error), `config_version` one into `versions` (lines without one are
+    `unknown`)."""
 
     names: tuple[str, ...]  # every backend that served a request or was moved away from
     causes: tuple[str, ...]
     versions: tuple[str, ...]
+    errors: tuple[str, ...]
     backend: Ints
     # Each reason excludes `moved`: a line naming the backend it was moved from is a move,
     # whatever its reason says.
@@ -69,6 +71,7 @@ class Requests:
     config_version: Ints
     status: Floats
     error: Bools  # error is not null
+    error_kind: Ints  # which error: the verdict counts only the backend's (itt.py)
     client_disconnected: Bools
     stream: Bools
     behind_shadow: Bools  # sent while a shadow ran on its backend
@@ -263,6 +266,7 @@ SELECT coalesce(list_position($names, backend), 0)::INT - 1 AS backend,
        coalesce(list_position($causes, fallback_cause), 0)::INT - 1 AS fallback_cause,
        list_position($versions, {version})::INT - 1 AS config_version,
        coalesce(error IS NOT NULL AND error != 'null', false) AS error,
+       coalesce(list_position($errors, {error_text}), 0)::INT - 1 AS error_kind,
        coalesce(client_disconnected, false) AS client_disconnected,
        coalesce(stream, false) AS stream,
        coalesce(behind_shadow, false) AS behind_shadow,
@@ -287,6 +291,7 @@ _BY_REASON = ",\n       ".join(
     if reason is not Reason.FALLBACK
 )
 
+_ERROR_TEXT = "json_extract_string(error, '$')"  # JSON null reads as NULL
 _VERSION = f"coalesce(config_version, '{UNKNOWN_VERSION}')"
 _DISTINCT = "SELECT DISTINCT {column} FROM log WHERE event = 'request' AND {column} IS NOT NULL"
 
@@ -335,10 +340,12 @@ def _requests(con: Any) -> Requests:
     names = _distinct(con, "backend", "fallback_from")
     causes = _distinct(con, "fallback_cause")
     versions = _distinct(con, _VERSION)
+    errors = _distinct(con, _ERROR_TEXT)
     replicas = _distinct(con, "replica")
     sql = _REQUESTS.format(
         numbers=_numbers(_REQUEST_NUMBERS),
         version=_VERSION,
+        error_text=_ERROR_TEXT,
         by_reason=_BY_REASON,
         fallback=Reason.FALLBACK,
         experiment=", ".join(f"'{reason}'" for reason in Reason if reason.is_experiment),
@@ -347,12 +354,20 @@ def _requests(con: Any) -> Requests:
         "names": list(names),
         "causes": list(causes),
         "versions": list(versions),
+        "errors": list(errors),
         "replicas": list(replicas),
     }
     columns = con.execute(sql, params).fetchnumpy()
     arrays: dict[str, Any] = {k: np.asarray(v) for k, v in columns.items() if k != "session"}
     arrays["session"] = _session_codes(columns["session"])
-    return Requests(names=names, causes=causes, versions=versions, replicas=replicas, **arrays)
+    return Requests(
+        names=names,
+        causes=causes,
+        versions=versions,
+        errors=errors,
+        replicas=replicas,
+        **arrays,
+    )
 
 
 def _session_codes(hashes: Any) -> Ints:

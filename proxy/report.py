@@ -81,8 +81,9 @@ def build_report(
     notes = [mixed_versions_note(versions_seen)] if versions_seen["mixed"] else []
     if baseline not in req.served:
         notes.append(f"baseline {baseline!r} served no request: no comparison (--baseline)")
-    names = _order(req, baseline)
-    states = report_verdict.arm_states(req, names)
+    # every backend named: an arm that failed everything it was assigned appears only as
+    # the backend its requests were moved from, and its verdict is that (intention to treat)
+    states = report_verdict.arm_states(req, _order(req, baseline, every=True))
     verdict = report_verdict.decide(states, baseline, alpha=alpha, primary=primary, margin=margin)
     memory = report_verdict.memory_summary(data.memory, _order(req, baseline, every=True))
     shadow = shadow_summary(data.shadows)

@@ -71,7 +71,7 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
-from proxy.stats import DEFAULT_EFFECT, MIN_VERDICT_SAMPLES, SampleRatio, sample_ratio
+from proxy.stats import DEFAULT_EFFECT, MIN_VERDICT_SAMPLES, SampleRatio
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -483,15 +483,65 @@ def sample_ratios(
     states: Mapping[str, ArmState], expected_pct: Mapping[str, float], *, threshold: float = 0.001
 ) -> dict[str, SampleRatio]:
     """Sample ratio checks by unit of assignment: sessions for sticky traffic, requests for
-    split traffic (`proxy.stats.sample_ratio` on each), keyed "sessions" / "requests";
-    only the kinds of traffic present."""
+    split traffic (`sequential_sample_ratio` on each), keyed "sessions" / "requests"; only
+    the kinds of traffic present. Sequential, so valid however often they are read."""
     checks = {}
     sessions = {name: state.sessions for name, state in states.items()}
     requests = {name: state.split_requests for name, state in states.items()}
     for unit, counts in (("sessions", sessions), ("requests", requests)):
         if any(counts.values()):
-            checks[unit] = sample_ratio(counts, expected_pct, threshold=threshold)
+            checks[unit] = sequential_sample_ratio(counts, expected_pct, alpha=threshold)
     return checks
+
+
+SRM_CONCENTRATION = 100.0  # the Dirichlet prior's total weight: see sequential_sample_ratio
+
+
+def sequential_sample_ratio(
+    observed: Mapping[str, int], expected_pct: Mapping[str, float], *, alpha: float = 0.001
+) -> SampleRatio:
+    """A sample ratio check valid at any look: the Dirichlet-multinomial mixture Bayes
+    factor of the counts against the expected shares (Lindon and Malek 2022, "Anytime-valid
+    inference for multinomial count data"), prior Dirichlet(`SRM_CONCENTRATION` x share).
+
+        BF = B(a + x) / B(a) / prod(p_i ^ x_i),  B(a) = prod Gamma(a_i) / Gamma(sum a_i)
+
+    Under the expected shares BF is a nonnegative martingale of mean 1, so by Ville's
+    inequality it ever reaches 1/alpha with probability at most alpha, however often it is
+    read: `p_value` is min(1, 1/BF), and `mismatch` is p_value < alpha. The concentration
+    sets what the test is quickest to see: with 100, 55/45 against 50/50 was flagged in
+    every one of 100 seeded runs read every 100 requests up to 5,000, at a median of 1,750
+    (300 to 4,000; tests/test_verdict.py), and 70/30 at a median of 200. A request to a backend with
+    weight 0 (or missing from the split) is a routing bug, not chance: p 0."""
+    _check_alpha(alpha)
+    positive = {name: pct for name, pct in expected_pct.items() if pct > 0}
+    weight_total = sum(positive.values())
+    expected_share = {name: pct / weight_total for name, pct in positive.items()}
+    names = dict.fromkeys([*expected_pct, *observed])
+    counts = {name: int(observed.get(name, 0)) for name in names}
+    total = sum(counts.values())
+    observed_share = {name: count / total if total else 0.0 for name, count in counts.items()}
+    p_value: float | None
+    if not total:
+        p_value = None
+    elif any(count and name not in expected_share for name, count in counts.items()):
+        p_value = 0.0
+    else:
+        log_bf = _log_mixture_bf([counts[n] for n in expected_share], list(expected_share.values()))
+        p_value = min(1.0, math.exp(-log_bf)) if log_bf < 745 else 0.0
+    mismatch = p_value is not None and p_value < alpha
+    return SampleRatio(counts, expected_share, observed_share, p_value, mismatch)
+
+
+def _log_mixture_bf(counts: Sequence[int], shares: Sequence[float]) -> float:
+    prior = [SRM_CONCENTRATION * p for p in shares]
+
+    def log_beta(a: Sequence[float]) -> float:
+        return sum(math.lgamma(x) for x in a) - math.lgamma(sum(a))
+
+    posterior = [a + x for a, x in zip(prior, counts, strict=True)]
+    null = sum(x * math.log(p) for x, p in zip(counts, shares, strict=True) if x)
+    return log_beta(posterior) - log_beta(prior) - null
 
 
 def rate_variance(rate: npt.ArrayLike, n: npt.ArrayLike, variance: npt.ArrayLike) -> FloatArray:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from proxy import logread, report, report_verdict, sequential
+from proxy import itt, logread, report, report_verdict, sequential
+from proxy.routing import Reason
 from proxy.sequential import ArmState, Metric, Observation, Primary
 from tests.test_report import BOOT, request, run_json, write_log
 
@@ -94,19 +95,65 @@ def shadow_lines(identical: int, different: int) -> list[dict[str, Any]]:
 # --- feeding sequential ----------------------------------------------------------------------
 
 
+def assigned_per_line(req: logread.Requests, i: int) -> tuple[str, itt.Outcome] | None:
+    """`itt.assigned` on line i, as `LiveVerdict.observe` calls it."""
+    moved_from = int(req.fallback_from[i])
+    reason = next((r for r in Reason if r is not Reason.FALLBACK and getattr(req, r.value)[i]),
+                  Reason.FALLBACK if req.moved[i] else None)  # fmt: skip
+    return itt.assigned(
+        reason,
+        req.names[req.backend[i]] if req.backend[i] >= 0 else None,
+        req.names[moved_from] if moved_from >= 0 else None,
+        error=req.errors[req.error_kind[i]] if req.error_kind[i] >= 0 else None,
+        status=int(req.status[i]) if math.isfinite(req.status[i]) else None,
+        client_disconnected=bool(req.client_disconnected[i]),
+        behind_shadow=bool(req.behind_shadow[i]),
+    )
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        # one backend and one kind of error: digits of radix 2 in the packed key
+        [request("baseline"), request("baseline", error="cancelled"),
+         request("baseline", status=499, client_disconnected=True), request(None, status=400)],
+        [request("baseline", reason=reason, status=status, error=error, behind_shadow=shadow,
+                 client_disconnected=left)
+         for reason in ("split", "sticky", "header")
+         for status, error in ((200, None), (502, "backend_error"), (None, "cancelled"),
+                               (200, "client_write_timeout"), (404, "backend_error"))
+         for shadow in (False, True) for left in (False, True)]
+        + [request("speculative", reason="fallback", fallback_from="baseline",
+                   fallback_cause=cause) for cause in ("failed", "full", None)],
+    ],
+)  # fmt: skip
+def test_the_packed_assignment_is_the_rule_on_every_line(
+    tmp_path: Path, lines: list[dict[str, Any]]
+) -> None:
+    req = logread.load_logs([str(write_log(tmp_path / "log.jsonl", lines))]).requests
+    arm, failed, answered = report_verdict.assignment(req)
+    for i in range(len(lines)):
+        expected = assigned_per_line(req, i)
+        got = None if arm[i] < 0 else (req.names[arm[i]], failed[i], answered[i])
+        want = expected and (expected[0], expected[1] is itt.Outcome.FAILED,
+                             expected[1] is itt.Outcome.ANSWERED)  # fmt: skip
+        assert got == want, (i, lines[i])
+
+
 def observed_states(req: logread.Requests, names: list[str]) -> dict[str, ArmState]:
-    """What the live proxy would hold: `ArmState.observe` per request, in time order."""
-    population = report_verdict.verdict_population(req)
+    """What the live proxy would hold: `itt.assigned` then `ArmState.observe` per request,
+    in time order, as `LiveVerdict.observe` does."""
+    rows: dict[str, list[tuple[float, int, bool]]] = {name: [] for name in names}
+    for i in range(req.backend.size):
+        counted = assigned_per_line(req, i)
+        if counted is not None and counted[0] in rows:
+            rows[counted[0]].append((req.timestamp[i], i, counted[1] is itt.Outcome.FAILED))
     states = {}
     for name in names:
-        rows = np.flatnonzero(population & req.of(name))
-        rows = rows[np.argsort(req.timestamp[rows], kind="stable")]
         state = ArmState()
-        for i in rows:
-            error = bool(req.error[i])
-            answered = bool(req.ok[i]) and not error
+        for _, i, error in sorted(rows[name], key=lambda row: row[0]):
 
-            def value(metric: str, i: int = i, answered: bool = answered) -> float | None:
+            def value(metric: str, i: int = i, answered: bool = not error) -> float | None:
                 x = float(getattr(req, metric)[i])
                 return x if answered and math.isfinite(x) else None
 
@@ -128,6 +175,16 @@ def test_vectorised_feed_equals_observing_each_request(tmp_path: Path) -> None:
     lines += [request("baseline", decode_tps=float(x)) for x in rng.lognormal(3, 0.2, 30)]
     lines += [request("speculative", decode_tps=float(x)) for x in rng.lognormal(3.2, 0.2, 30)]
     lines += [request("speculative", reason="header"), request("baseline", behind_shadow=True)]
+    lines += [  # moved, and what the client or a shutdown did: by intention to treat
+        request("baseline", reason="fallback", fallback_from="speculative",
+                fallback_cause=cause, session=session)
+        for cause in ("failed", "unhealthy", "full") for session in (None, "00000000000000aa")
+    ] + [
+        request("speculative", error="client_write_timeout", client_disconnected=True),
+        request("speculative", error="cancelled", status=None),
+        request("baseline", error="stream_interrupted", client_disconnected=True),
+        request("baseline", status=499, client_disconnected=True),
+    ]  # fmt: skip
     req = logread.load_logs([str(write_log(tmp_path / "log.jsonl", lines))]).requests
     names = ["baseline", "speculative"]
     fast, slow = report_verdict.arm_states(req, names), observed_states(req, names)
@@ -140,7 +197,7 @@ def test_vectorised_feed_equals_observing_each_request(tmp_path: Path) -> None:
             assert (a.n, a.units, a.clustered) == (b.n, b.units, b.clustered)
             assert a.mean == pytest.approx(b.mean, rel=1e-12, abs=1e-12)
             assert a.variance == pytest.approx(b.variance, rel=1e-9)
-    assert fast["speculative"].sessions == 15 and fast["speculative"].split_requests == 30
+    assert fast["speculative"].sessions == 16 and fast["speculative"].split_requests == 33
     for a, b in zip(verdict_intervals(fast), verdict_intervals(slow), strict=True):
         assert a[0] == b[0]  # the outcome
         assert a[1:] == pytest.approx(b[1:], rel=1e-9)
@@ -162,11 +219,12 @@ def requests_of(
     n = backend.size
     true, false, nan = np.ones(n, bool), np.zeros(n, bool), np.full(n, np.nan)
     return logread.Requests(
-        names=("baseline", "speculative"), causes=(), versions=("unknown",),
+        names=("baseline", "speculative"), causes=(), versions=("unknown",), errors=(),
         backend=backend.astype(np.int32), split=false, sticky=true, header=false,
         moved=false, experiment=true, fallback_from=np.full(n, -1, np.int32),
         fallback_cause=np.full(n, -1, np.int32), config_version=np.zeros(n, np.int32),
-        status=np.full(n, 200.0), error=false, client_disconnected=false, stream=true,
+        status=np.full(n, 200.0), error=false, error_kind=np.full(n, -1, np.int32),
+        client_disconnected=false, stream=true,
         behind_shadow=false, ttft_ms=200.0 / decode, latency_ms=8000.0 / decode,
         decode_tps=decode, prompt_tokens=nan, completion_tokens=nan, in_flight=nan,
         queue_ms=nan, timestamp=timestamp, session=session.astype(np.int32),
@@ -215,6 +273,56 @@ def sticky_log(tmp_path: Path, speedup: float, seed: int) -> Path:
         session_sd=0.3,
     )  # fmt: skip
     return write_log(tmp_path / f"log-{seed}.jsonl", lines)
+
+
+def test_an_arm_failing_40_percent_retried_on_the_baseline_shows_harm_in_the_report(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Review finding 4, in the report: the moved requests are the arm's errors."""
+    rng = np.random.default_rng(4)
+    lines = []
+    for i in range(2000):
+        at = {"timestamp": stamp(T0 + i)}
+        if rng.random() < 0.5:
+            lines.append(request("baseline", **at))
+        elif rng.random() < 0.4:
+            lines.append(request("baseline", reason="fallback", fallback_from="speculative",
+                                 fallback_cause="failed", **at))  # fmt: skip
+        else:
+            lines.append(request("speculative", **at))
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    arm = result["verdict"]["result"]["arms"]["speculative"]
+    assert arm["guardrails"]["error_rate"]["verdict"] == "harm" and arm["harm"]
+    assert 0.35 < arm["guardrails"]["error_rate"]["ratio"] < 0.45  # the difference of rates
+    assert result["cost"]["speculative"]["guardrail_harm"] == ["error_rate"]
+
+
+def test_an_arm_that_failed_everything_it_was_assigned_still_gets_its_verdict(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """It served nothing: its requests are all lines moved from it. No verdict would hide
+    the worst arm there is."""
+    lines = [request("baseline") for _ in range(40)]
+    lines += [request("baseline", reason="fallback", fallback_from="speculative",
+                      fallback_cause="unhealthy") for _ in range(40)]  # fmt: skip
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    arm = result["verdict"]["result"]["arms"]["speculative"]
+    assert arm["guardrails"]["error_rate"]["verdict"] == "harm"
+    assert arm["primary"]["verdict"] == "inconclusive"  # no answer, so no speed
+
+
+def test_what_the_client_or_a_shutdown_did_is_not_an_arms_error_in_the_report(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Review finding 5, in the report: 40 answers an arm, then 40 of the speculative
+    arm's clients stop reading or are cut at shutdown: its error rate stays 0."""
+    lines = [request(name) for name in ("baseline", "speculative") for _ in range(40)]
+    lines += [request("speculative", error="client_write_timeout", client_disconnected=True)
+              for _ in range(20)]  # fmt: skip
+    lines += [request("speculative", error="cancelled") for _ in range(20)]
+    result = run_json(capsys, str(write_log(tmp_path / "log.jsonl", lines)))
+    rate = result["verdict"]["result"]["arms"]["speculative"]["guardrails"]["error_rate"]
+    assert (rate["n"], rate["ratio"]) == (40, 0.0)
 
 
 def test_a_1_3x_log_reads_better_and_an_a_a_log_does_not(tmp_path: Path, capsys: Any) -> None:
