@@ -23,8 +23,12 @@ another):
   `MAX_HEADER_FIELDS`), and so is a body read whole (`max_response_body_bytes`, in
   `UpstreamResponse.read_all`): over a limit, `AnswerTooLargeError`.
 - Any byte that arrives while no answer is due (after an answer's end, or on an idle
-  connection) makes the connection unusable: it is closed. The answer already framed
-  stands; the bytes never become the next request's answer.
+  connection) makes the connection unusable: it is closed. An answer that was whole before
+  them stands, even in the same read, and even when the parser refuses them itself (any
+  byte after a `Connection: close` or HTTP/1.0 answer); the bytes never become the next
+  request's answer.
+- A body, once released (read to its end, or closed), is the pool's: a late `read` gets
+  b"" and a late `abort` does nothing, since its connection may serve another request.
 - A request is sent once. A pooled connection that fails raises that failure; dead idle
   connections are weeded out before reuse instead (EOF or stray bytes close them at once,
   and one idle for `IDLE_FOR_S` is not reused). The completion path retries elsewhere.
@@ -214,7 +218,12 @@ class _Body:
         self.limit: int | None = limit
         self._released = False
 
+    # Once released, the connection is the pool's: it may be serving another request, so
+    # a late `read` or `abort` (a caller's bug) must not touch it.
+
     async def read(self) -> bytes:
+        if self._released:
+            return b""
         chunk = await self._conn.read(self.timeout)
         if not chunk:
             self._release()
@@ -227,8 +236,9 @@ class _Body:
         self._release()
 
     def abort(self) -> None:
-        self._released = True
-        self._conn.close()  # the pool learns it from `connection_lost`
+        if not self._released:
+            self._released = True
+            self._conn.close()  # the pool learns it from `connection_lost`
 
     def _release(self) -> None:
         if not self._released:

@@ -309,6 +309,62 @@ async def test_a_failed_pooled_connection_is_not_sent_again() -> None:
     assert server.connections == 2
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhelloJUNK",
+            id="connection-close",
+        ),
+        pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhelloJUNK", id="http10"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\nJUNK",
+            id="chunked-connection-close",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+            id="connection-close-then-an-answer",
+        ),
+    ],
+)
+async def test_bytes_after_a_whole_answer_that_closes_leave_it_whole(answer: bytes) -> None:
+    """llhttp refuses any byte after a `Connection: close` (or HTTP/1.0) answer, in the same
+    read as the answer: the answer was whole, so it stands; the bytes only close the
+    connection, and the next request goes on a new one."""
+
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)  # one write: one read on loopback, answer and bytes together
+        await writer.drain()
+
+    async with serve(once) as server:
+        transport = UpstreamTransport()
+        assert await fetch(transport, request(server)) == (200, b"hello")
+        await asyncio.wait_for(server.closed.wait(), 5.0)  # the proxy hung up
+        assert await fetch(transport, request(server)) == (200, b"hello")
+        await transport.aclose()
+    assert server.connections == 2
+
+
+async def test_a_released_body_neither_reads_nor_aborts() -> None:
+    """Once read to its end, a body's connection is the pool's again, here already serving
+    the next request: a late `read` gets b"" (not the next answer's bytes), and a late
+    `abort` closes nothing."""
+    async with serve(counting(numbered)) as server:
+        transport = UpstreamTransport()
+        first = await transport.send(request(server))
+        assert await first.read_all() == b"0"  # its end: released
+        second = await transport.send(request(server))  # on the same connection
+        assert await first.body.read() == b""
+        first.body.abort()
+        assert await second.read_all() == b"1"
+        await second.aclose()
+        assert await fetch(transport, request(server)) == (200, b"2")
+        await transport.aclose()
+    assert server.connections == 1
+
+
 async def test_a_connection_idle_too_long_is_closed_not_reused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
