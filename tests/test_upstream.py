@@ -480,34 +480,62 @@ async def test_a_full_pool_serves_waiting_requests_in_arrival_order() -> None:
     assert order == list(range(6))
 
 
+@dataclass
+class Held:
+    """An answer held back until the test lets it go: no race with the clock."""
+
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a request came
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.arrived.set()
+        await self.release.wait()
+        await keep_alive(reader, writer)
+
+
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll `condition` on the loop, at most `seconds`."""
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
 async def test_a_full_pool_times_out_as_a_connect_timeout() -> None:
-    async with serve(slow(1.0)) as server:
+    """The busy answer is held until the waiter has given up: waiting for it can only end
+    in the connect timeout (0.2 s), never in the busy connection coming free."""
+    held = Held()
+    async with serve(held) as server:
         transport = UpstreamTransport(max_connections_per_backend=1)
-        busy = asyncio.ensure_future(fetch(transport, request(server)))
-        await asyncio.sleep(0.05)
+        busy = asyncio.ensure_future(fetch(transport, request(server, read=10.0)))
+        await asyncio.wait_for(held.arrived.wait(), 5.0)
         req = request(server)
         req.timeouts = UpstreamTimeouts(connect=0.2, first_byte=2.0, idle=2.0)
         started = asyncio.get_running_loop().time()
         with pytest.raises(httpx.ConnectTimeout, match="pool is full"):
-            await fetch(transport, req)
-        assert 0.15 < asyncio.get_running_loop().time() - started < 1.0
-        assert await busy == (200, b"hello")
+            await asyncio.wait_for(fetch(transport, req), 10.0)
+        assert 0.15 < asyncio.get_running_loop().time() - started < 5.0
+        held.release.set()
+        assert await asyncio.wait_for(busy, 5.0) == (200, b"hello")
         await transport.aclose()
     assert server.connections == 1
 
 
 async def test_a_waiter_that_leaves_gives_its_turn_to_the_next() -> None:
-    async with serve(slow(0.2)) as server:
+    held = Held()
+    async with serve(held) as server:
         transport = UpstreamTransport(max_connections_per_backend=1)
         first = asyncio.ensure_future(fetch(transport, request(server)))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(held.arrived.wait(), 5.0)
+        [origin] = transport._origins.values()
         leaving = asyncio.ensure_future(fetch(transport, request(server)))
-        await asyncio.sleep(0.01)
+        await until(lambda: len(origin.waiters) == 1)
         staying = asyncio.ensure_future(fetch(transport, request(server)))
-        await asyncio.sleep(0.01)
-        leaving.cancel()
-        assert await asyncio.wait_for(first, 2.0) == (200, b"hello")
-        assert await asyncio.wait_for(staying, 2.0) == (200, b"hello")
+        await until(lambda: len(origin.waiters) == 2)
+        leaving.cancel()  # while the first still holds the one connection
+        await until(lambda: len(origin.waiters) == 1)
+        held.release.set()
+        assert await asyncio.wait_for(first, 5.0) == (200, b"hello")
+        assert await asyncio.wait_for(staying, 5.0) == (200, b"hello")
         assert leaving.cancelled()
         await transport.aclose()
     assert server.connections == 1
