@@ -27,8 +27,9 @@ another):
   them stands, even in the same read, and even when the parser refuses them itself (any
   byte after a `Connection: close` or HTTP/1.0 answer); the bytes never become the next
   request's answer.
-- A body, once released (read to its end, or closed), is the pool's: a late `read` gets
-  b"" and a late `abort` does nothing, since its connection may serve another request.
+- A body, once released (read to its end, or closed), no longer touches its connection,
+  which may be serving another request: a late `abort` does nothing, and a late `read`
+  gets b"" again after the end, or `httpx.StreamClosed` if the body was closed before it.
 - A request is sent once. A pooled connection that fails raises that failure; dead idle
   connections are weeded out before reuse instead (EOF or stray bytes close them at once,
   and one idle for `IDLE_FOR_S` is not reused). The completion path retries elsewhere.
@@ -203,7 +204,7 @@ class Transport(Protocol):
 class _Body:
     """A body read from a pooled connection (see `Body`)."""
 
-    __slots__ = ("_conn", "_origin", "_pool", "_released", "limit", "timeout")
+    __slots__ = ("_conn", "_ended", "_origin", "_pool", "_released", "limit", "timeout")
 
     def __init__(
         self,
@@ -217,17 +218,27 @@ class _Body:
         self.timeout = read_timeout
         self.limit: int | None = limit
         self._released = False
+        self._ended = False  # read to its end
 
     # Once released, the connection is the pool's: it may be serving another request, so
     # a late `read` or `abort` (a caller's bug) must not touch it.
 
     async def read(self) -> bytes:
         if self._released:
-            return b""
+            return self._late_read()
         chunk = await self._conn.read(self.timeout)
         if not chunk:
+            self._ended = True
             self._release()
         return chunk
+
+    def _late_read(self) -> bytes:
+        """A read after the body was released: its end again if it was read to the end;
+        else it was cut short on purpose (`aclose`, `abort`), and b"" would pass for a
+        whole answer."""
+        if self._ended:
+            return b""
+        raise httpx.StreamClosed()
 
     async def aclose(self, linger: float = 0.0) -> None:
         if linger and not self._released and self._conn.lingerable():

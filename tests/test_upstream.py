@@ -365,6 +365,23 @@ async def test_a_released_body_neither_reads_nor_aborts() -> None:
     assert server.connections == 1
 
 
+@pytest.mark.parametrize("cut", ["aclose", "abort"])
+async def test_a_body_cut_short_does_not_read_as_whole_afterwards(cut: str) -> None:
+    """A read after the body was closed before its end is the caller's bug: an error, not
+    the b"" that says the answer was whole."""
+    async with serve(endless) as server:
+        transport = UpstreamTransport()
+        response = await transport.send(request(server))
+        assert await response.body.read()
+        if cut == "abort":
+            response.body.abort()
+        else:
+            await response.aclose()
+        with pytest.raises(httpx.StreamClosed):
+            await response.body.read()
+        await transport.aclose()
+
+
 async def test_a_connection_idle_too_long_is_closed_not_reused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
