@@ -201,10 +201,31 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _Body:
-    """A body read from a pooled connection (see `Body`)."""
+class _Spent:
+    """What a released body reads from instead of its connection, which is the pool's then
+    and may be serving another request: b"" again after the end, or `StreamClosed` when the
+    body was closed before its end (b"" would pass for a whole answer). A stand-in rather
+    than a flag, so the per-read path checks nothing more."""
 
-    __slots__ = ("_conn", "_ended", "_origin", "_pool", "_released", "limit", "timeout")
+    __slots__ = ("_whole",)
+
+    def __init__(self, whole: bool) -> None:
+        self._whole = whole
+
+    async def read(self, timeout: float | None) -> bytes:
+        if self._whole:
+            return b""
+        raise httpx.StreamClosed()
+
+
+_ENDED, _CUT = _Spent(True), _Spent(False)
+
+
+class _Body:
+    """A body read from a pooled connection (see `Body`). Once released, a late `read` or
+    `abort` (a caller's bug) never touches the connection: see `_Spent`."""
+
+    __slots__ = ("_conn", "_origin", "_pool", "_released", "_source", "limit", "timeout")
 
     def __init__(
         self,
@@ -215,45 +236,31 @@ class _Body:
         limit: int,
     ) -> None:
         self._pool, self._origin, self._conn = pool, origin, conn
+        self._source: BackendConnection | _Spent = conn  # what `read` reads from
         self.timeout = read_timeout
         self.limit: int | None = limit
         self._released = False
-        self._ended = False  # read to its end
-
-    # Once released, the connection is the pool's: it may be serving another request, so
-    # a late `read` or `abort` (a caller's bug) must not touch it.
 
     async def read(self) -> bytes:
-        if self._released:
-            return self._late_read()
-        chunk = await self._conn.read(self.timeout)
+        chunk = await self._source.read(self.timeout)
         if not chunk:
-            self._ended = True
-            self._release()
+            self._release(_ENDED)
         return chunk
-
-    def _late_read(self) -> bytes:
-        """A read after the body was released: its end again if it was read to the end;
-        else it was cut short on purpose (`aclose`, `abort`), and b"" would pass for a
-        whole answer."""
-        if self._ended:
-            return b""
-        raise httpx.StreamClosed()
 
     async def aclose(self, linger: float = 0.0) -> None:
         if linger and not self._released and self._conn.lingerable():
-            self._released = True
+            self._released, self._source = True, _CUT
             self._pool.linger(self._origin, self._conn, linger)
-        self._release()
+        self._release(_CUT)
 
     def abort(self) -> None:
         if not self._released:
-            self._released = True
+            self._released, self._source = True, _CUT
             self._conn.close()  # the pool learns it from `connection_lost`
 
-    def _release(self) -> None:
+    def _release(self, spent: _Spent) -> None:
         if not self._released:
-            self._released = True
+            self._released, self._source = True, spent
             self._pool.release(self._origin, self._conn)
 
 
