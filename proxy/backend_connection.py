@@ -2,8 +2,9 @@
 parses its answers, one request at a time.
 
 What it will not pass on as an answer: interim 1xx answers (skipped: RFC 9110 15.2; 101 is
-an error), bytes after an answer's end (they close it), and a head over its limits
-(`AnswerTooLargeError`). Between answers it is parked: any byte then closes it.
+an error), bytes after an answer's end (they close the connection; the whole answer before
+them stands), and a head over its limits (`AnswerTooLargeError`). Between answers it is
+parked: any byte then closes it.
 """
 
 from __future__ import annotations
@@ -355,9 +356,15 @@ class BackendConnection(asyncio.Protocol):
         )
 
     def _malformed(self, exc: Exception) -> None:
-        """The parser stopped: on a malformed answer, or on a callback's error."""
-        cause = exc.__context__
-        if not isinstance(cause, _StrayError):  # else the answer was whole: it stands
+        """The parser stopped: on a malformed answer, or on a callback's error.
+
+        Once the answer is whole it stands, whatever stopped the parser after it: the start
+        of another (`_StrayError`), or any byte after a `Connection: close` or HTTP/1.0
+        answer, which llhttp refuses itself ("Data after `Connection: close`"). Those bytes
+        only close the connection: the answer is not the backend's failure, and a request
+        retried elsewhere would be generated twice."""
+        if not self.complete:
+            cause = exc.__context__
             self._fail(
                 cause
                 if isinstance(cause, httpx.HTTPError)

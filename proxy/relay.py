@@ -64,8 +64,9 @@ class RequestState:
     # The status the answer started with, or the one the request failed with unanswered
     # (499 when the client left first): the log's `status`.
     status: int | None = None
-    # Set just before the last byte goes out: once the answer is complete, the server reports
-    # a disconnect to anyone still listening, and that is not the client leaving early.
+    # Set once the last byte went out (or, ending a stream in error, just before): after
+    # that the server reports a disconnect to anyone still listening, and that is not the
+    # client leaving early. A client that left while that last write waited has left early.
     complete: bool = False
     client_gone: bool = False
     failure: str | None = None  # what went wrong, by its short name: the log's `error`
@@ -156,10 +157,13 @@ async def relay_json(response: UpstreamResponse, attempt: Attempt, send: Send) -
     state = attempt.state
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     state.start(response.status)
-    state.complete = True
     state.sending = True
     await send({"type": "http.response.body", "body": body})
     state.sending = False
+    # After the send, as the stream path does with [DONE]: a client that left while this
+    # write waited for it (a paused write) has not had its answer. The server reports no
+    # disconnect once the last byte is written, so a client that hangs up then is no risk.
+    state.complete = True
     return None
 
 

@@ -23,8 +23,13 @@ another):
   `MAX_HEADER_FIELDS`), and so is a body read whole (`max_response_body_bytes`, in
   `UpstreamResponse.read_all`): over a limit, `AnswerTooLargeError`.
 - Any byte that arrives while no answer is due (after an answer's end, or on an idle
-  connection) makes the connection unusable: it is closed. The answer already framed
-  stands; the bytes never become the next request's answer.
+  connection) makes the connection unusable: it is closed. An answer that was whole before
+  them stands, even in the same read, and even when the parser refuses them itself (any
+  byte after a `Connection: close` or HTTP/1.0 answer); the bytes never become the next
+  request's answer.
+- A body, once released (read to its end, or closed), no longer touches its connection,
+  which may be serving another request: a late `abort` does nothing, and a late `read`
+  gets b"" again after the end, or `httpx.StreamClosed` if the body was closed before it.
 - A request is sent once. A pooled connection that fails raises that failure; dead idle
   connections are weeded out before reuse instead (EOF or stray bytes close them at once,
   and one idle for `IDLE_FOR_S` is not reused). The completion path retries elsewhere.
@@ -196,10 +201,31 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _Body:
-    """A body read from a pooled connection (see `Body`)."""
+class _Spent:
+    """What a released body reads from instead of its connection, which is the pool's then
+    and may be serving another request: b"" again after the end, or `StreamClosed` when the
+    body was closed before its end (b"" would pass for a whole answer). A stand-in rather
+    than a flag, so the per-read path checks nothing more."""
 
-    __slots__ = ("_conn", "_origin", "_pool", "_released", "limit", "timeout")
+    __slots__ = ("_whole",)
+
+    def __init__(self, whole: bool) -> None:
+        self._whole = whole
+
+    async def read(self, timeout: float | None) -> bytes:
+        if self._whole:
+            return b""
+        raise httpx.StreamClosed()
+
+
+_ENDED, _CUT = _Spent(True), _Spent(False)
+
+
+class _Body:
+    """A body read from a pooled connection (see `Body`). Once released, a late `read` or
+    `abort` (a caller's bug) never touches the connection: see `_Spent`."""
+
+    __slots__ = ("_conn", "_origin", "_pool", "_released", "_source", "limit", "timeout")
 
     def __init__(
         self,
@@ -210,29 +236,31 @@ class _Body:
         limit: int,
     ) -> None:
         self._pool, self._origin, self._conn = pool, origin, conn
+        self._source: BackendConnection | _Spent = conn  # what `read` reads from
         self.timeout = read_timeout
         self.limit: int | None = limit
         self._released = False
 
     async def read(self) -> bytes:
-        chunk = await self._conn.read(self.timeout)
+        chunk = await self._source.read(self.timeout)
         if not chunk:
-            self._release()
+            self._release(_ENDED)
         return chunk
 
     async def aclose(self, linger: float = 0.0) -> None:
         if linger and not self._released and self._conn.lingerable():
-            self._released = True
+            self._released, self._source = True, _CUT
             self._pool.linger(self._origin, self._conn, linger)
-        self._release()
+        self._release(_CUT)
 
     def abort(self) -> None:
-        self._released = True
-        self._conn.close()  # the pool learns it from `connection_lost`
-
-    def _release(self) -> None:
         if not self._released:
-            self._released = True
+            self._released, self._source = True, _CUT
+            self._conn.close()  # the pool learns it from `connection_lost`
+
+    def _release(self, spent: _Spent) -> None:
+        if not self._released:
+            self._released, self._source = True, spent
             self._pool.release(self._origin, self._conn)
 
 

@@ -237,3 +237,61 @@ def test_a_body_over_the_limit_is_a_502(raw_proxy: Any) -> None:
     assert outcome(chat(proxy.url, "B")) == "answer for B"
     lines = proxy.wait_for_log(2)
     assert lines[0]["error"] == "backend_answer_too_large"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nConnection: close\r\n", id="connection-close"),
+        pytest.param(b"HTTP/1.0 200 OK\r\n", id="http10"),
+    ],
+)
+def test_bytes_after_a_whole_closing_answer_do_not_fail_it(
+    tmp_path: Path, serve_proxy: Any, head: bytes
+) -> None:
+    """A whole answer that closes its connection, then stray bytes in the same packet (the
+    parser refuses any byte after it): the client gets that answer, generated once; nothing
+    is moved to the fallback, and nothing counts against the backend's health."""
+
+    def primary_script(index: int, request_id: str) -> Answer:
+        body = completion_body(request_id)
+        framing = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        return Answer([head + framing + body + b"JUNK"])
+
+    def fallback_script(index: int, request_id: str) -> Answer:
+        return Answer([completion("fallback " + request_id)])
+
+    primary = RawBackend(primary_script).start()
+    fallback = RawBackend(fallback_script).start()
+    try:
+        config = parse_config(
+            {
+                "model": "test-model",
+                "backends": {
+                    "primary": {
+                        "url": primary.url,
+                        "fallback": "fallback",
+                        "health": {"probe_interval": 60},
+                    },
+                    "fallback": {"url": fallback.url, "health": {"probe_interval": 60}},
+                },
+                "routing": {"split": {"primary": 100}},
+                "logging": {"path": str(tmp_path / "requests.jsonl"), "stdout": False},
+            }
+        )
+        proxy = serve_proxy(config)
+        assert outcome(chat(proxy.url, "A")) == "answer for A"
+        assert outcome(chat(proxy.url, "B")) == "answer for B"  # on a new connection
+        assert [r.request_id for r in primary.requests] == ["A", "B"]  # each generated once
+        assert primary.requests[0].connection != primary.requests[1].connection
+        assert fallback.requests == []
+        lines = proxy.wait_for_log(2)
+        assert [(line["backend"], line["reason"], line["error"]) for line in lines] == [
+            ("primary", "split", None),
+            ("primary", "split", None),
+        ]
+        state = httpx.get(proxy.url + "/healthz", timeout=10).json()["backends"]["primary"]
+        assert (state["healthy"], state["consecutive_failures"]) == (True, 0)
+    finally:
+        primary.stop()
+        fallback.stop()

@@ -78,6 +78,13 @@ def request(server: Server, read: float = 2.0) -> UpstreamRequest:
     return UpstreamRequest(b"POST", endpoint, headers, b"{}", timeouts)
 
 
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll `condition` on the loop, at most `seconds`."""
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
 async def fetch(transport: UpstreamTransport, req: UpstreamRequest) -> tuple[int, bytes]:
     response = await transport.send(req)
     try:
@@ -198,7 +205,7 @@ async def test_cancelled_request_closes_its_connection() -> None:
         task = asyncio.ensure_future(fetch(UpstreamTransport(), request(server, read=10)))
         await asyncio.sleep(0.1)
         task.cancel()
-        await asyncio.wait_for(server.closed.wait(), 1.0)
+        await asyncio.wait_for(server.closed.wait(), 5.0)
 
 
 async def test_unread_body_closes_the_connection_instead_of_pooling_it() -> None:
@@ -206,7 +213,7 @@ async def test_unread_body_closes_the_connection_instead_of_pooling_it() -> None
         transport = UpstreamTransport()
         response = await transport.send(request(server))
         await response.body.aclose()
-        await asyncio.wait_for(server.closed.wait(), 1.0)
+        await asyncio.wait_for(server.closed.wait(), 5.0)
         await transport.aclose()
 
 
@@ -243,8 +250,9 @@ async def test_a_lingering_answer_that_ends_in_time_keeps_its_connection() -> No
         transport = UpstreamTransport()
         response = await transport.send(request(server))
         assert await response.body.read() == b"end"
-        await response.aclose(linger=2.0)  # returns at once
-        await asyncio.sleep(0.4)
+        await response.aclose(linger=5.0)  # returns at once
+        [origin] = transport._origins.values()
+        await until(lambda: len(origin.idle) == 1)  # the rest came: back in the pool
         assert not server.closed.is_set()
         response = await transport.send(request(server))
         assert await response.read_all() == b"endmore"  # not a stale "more" from before
@@ -309,6 +317,79 @@ async def test_a_failed_pooled_connection_is_not_sent_again() -> None:
     assert server.connections == 2
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhelloJUNK",
+            id="connection-close",
+        ),
+        pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhelloJUNK", id="http10"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\nJUNK",
+            id="chunked-connection-close",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+            id="connection-close-then-an-answer",
+        ),
+    ],
+)
+async def test_bytes_after_a_whole_answer_that_closes_leave_it_whole(answer: bytes) -> None:
+    """llhttp refuses any byte after a `Connection: close` (or HTTP/1.0) answer, in the same
+    read as the answer: the answer was whole, so it stands; the bytes only close the
+    connection, and the next request goes on a new one."""
+
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)  # one write: one read on loopback, answer and bytes together
+        await writer.drain()
+
+    async with serve(once) as server:
+        transport = UpstreamTransport()
+        assert await fetch(transport, request(server)) == (200, b"hello")
+        await asyncio.wait_for(server.closed.wait(), 5.0)  # the proxy hung up
+        assert await fetch(transport, request(server)) == (200, b"hello")
+        await transport.aclose()
+    assert server.connections == 2
+
+
+async def test_a_released_body_neither_reads_nor_aborts() -> None:
+    """Once read to its end, a body's connection is the pool's again, here already serving
+    the next request: a late `read` gets b"" (not the next answer's bytes), and a late
+    `abort` closes nothing."""
+    async with serve(counting(numbered)) as server:
+        transport = UpstreamTransport()
+        first = await transport.send(request(server))
+        assert await first.read_all() == b"0"  # its end: released
+        second = await transport.send(request(server))  # on the same connection
+        assert await first.body.read() == b""
+        first.body.abort()
+        assert await second.read_all() == b"1"
+        await second.aclose()
+        assert await fetch(transport, request(server)) == (200, b"2")
+        await transport.aclose()
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("cut", ["aclose", "abort"])
+async def test_a_body_cut_short_does_not_read_as_whole_afterwards(cut: str) -> None:
+    """A read after the body was closed before its end is the caller's bug: an error, not
+    the b"" that says the answer was whole."""
+    async with serve(endless) as server:
+        transport = UpstreamTransport()
+        response = await transport.send(request(server))
+        assert await response.body.read()
+        if cut == "abort":
+            response.body.abort()
+        else:
+            await response.aclose()
+        with pytest.raises(httpx.StreamClosed):
+            await response.body.read()
+        await transport.aclose()
+
+
 async def test_a_connection_idle_too_long_is_closed_not_reused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -318,7 +399,7 @@ async def test_a_connection_idle_too_long_is_closed_not_reused(
         assert await fetch(transport, request(server)) == (200, b"0")
         await asyncio.sleep(0.1)  # time itself is what is tested
         assert await fetch(transport, request(server)) == (200, b"1")
-        await asyncio.wait_for(server.closed.wait(), 1.0)  # the old one was closed
+        await asyncio.wait_for(server.closed.wait(), 5.0)  # the old one was closed
         await transport.aclose()
     assert server.connections == 2
 
@@ -378,7 +459,7 @@ async def test_a_body_over_the_limit_is_not_read_whole() -> None:
             transport = UpstreamTransport(max_response_body_bytes=4096)
             with pytest.raises(AnswerTooLargeError, match=reason):
                 await fetch(transport, request(server))
-            await asyncio.wait_for(server.closed.wait(), 1.0)  # the connection is closed
+            await asyncio.wait_for(server.closed.wait(), 5.0)  # the connection is closed
             await transport.aclose()
 
 
@@ -424,34 +505,55 @@ async def test_a_full_pool_serves_waiting_requests_in_arrival_order() -> None:
     assert order == list(range(6))
 
 
+@dataclass
+class Held:
+    """An answer held back until the test lets it go: no race with the clock."""
+
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a request came
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.arrived.set()
+        await self.release.wait()
+        await keep_alive(reader, writer)
+
+
 async def test_a_full_pool_times_out_as_a_connect_timeout() -> None:
-    async with serve(slow(1.0)) as server:
+    """The busy answer is held until the waiter has given up: waiting for it can only end
+    in the connect timeout (0.2 s), never in the busy connection coming free."""
+    held = Held()
+    async with serve(held) as server:
         transport = UpstreamTransport(max_connections_per_backend=1)
-        busy = asyncio.ensure_future(fetch(transport, request(server)))
-        await asyncio.sleep(0.05)
+        busy = asyncio.ensure_future(fetch(transport, request(server, read=10.0)))
+        await asyncio.wait_for(held.arrived.wait(), 5.0)
         req = request(server)
         req.timeouts = UpstreamTimeouts(connect=0.2, first_byte=2.0, idle=2.0)
         started = asyncio.get_running_loop().time()
         with pytest.raises(httpx.ConnectTimeout, match="pool is full"):
-            await fetch(transport, req)
-        assert 0.15 < asyncio.get_running_loop().time() - started < 1.0
-        assert await busy == (200, b"hello")
+            await asyncio.wait_for(fetch(transport, req), 10.0)
+        assert 0.15 < asyncio.get_running_loop().time() - started < 5.0
+        held.release.set()
+        assert await asyncio.wait_for(busy, 5.0) == (200, b"hello")
         await transport.aclose()
     assert server.connections == 1
 
 
 async def test_a_waiter_that_leaves_gives_its_turn_to_the_next() -> None:
-    async with serve(slow(0.2)) as server:
+    held = Held()
+    async with serve(held) as server:
         transport = UpstreamTransport(max_connections_per_backend=1)
         first = asyncio.ensure_future(fetch(transport, request(server)))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(held.arrived.wait(), 5.0)
+        [origin] = transport._origins.values()
         leaving = asyncio.ensure_future(fetch(transport, request(server)))
-        await asyncio.sleep(0.01)
+        await until(lambda: len(origin.waiters) == 1)
         staying = asyncio.ensure_future(fetch(transport, request(server)))
-        await asyncio.sleep(0.01)
-        leaving.cancel()
-        assert await asyncio.wait_for(first, 2.0) == (200, b"hello")
-        assert await asyncio.wait_for(staying, 2.0) == (200, b"hello")
+        await until(lambda: len(origin.waiters) == 2)
+        leaving.cancel()  # while the first still holds the one connection
+        await until(lambda: len(origin.waiters) == 1)
+        held.release.set()
+        assert await asyncio.wait_for(first, 5.0) == (200, b"hello")
+        assert await asyncio.wait_for(staying, 5.0) == (200, b"hello")
         assert leaving.cancelled()
         await transport.aclose()
     assert server.connections == 1
@@ -513,7 +615,7 @@ async def test_the_connection_cap_holds_under_churn(monkeypatch: pytest.MonkeyPa
         assert all(isinstance(r, asyncio.CancelledError) for r in done if r not in served)
         [origin] = transport._origins.values()
         assert not origin.waiters
-        await asyncio.sleep(0.05)  # closed connections report their loss by callback
-        assert origin.open == len(origin.idle)
+        # Closed connections report their loss by callback: every slot comes back.
+        await until(lambda: origin.open == len(origin.idle))
         await transport.aclose()
     assert sockets["most"] == 3 and server.connections > 3
