@@ -145,7 +145,7 @@ def create_server(app: ProxyApp, grace_seconds: float, limits: Limits | None = N
     on a `rejected` line in the app's log. `limits` gives it `body_timeout` (the
     config's defaults without)."""
 
-    def rejected(*, status: int, error: str, client: str | None, detail: str) -> str | None:
+    def rejected(*, status: int | None, error: str, client: str | None, detail: str) -> str | None:
         runtime: Runtime | None = getattr(app.state, "runtime", None)
         if runtime is None:
             return None
@@ -162,6 +162,7 @@ def create_server(app: ProxyApp, grace_seconds: float, limits: Limits | None = N
         lifespan,
         grace_seconds=grace_seconds,
         body_timeout=limits.body_timeout,
+        write_timeout=limits.write_timeout,
         on_reject=rejected,
     )
 
