@@ -219,7 +219,6 @@ START_LIMITS = (
     "max_response_head_bytes",
     "max_response_body_bytes",
     "body_timeout",
-    "write_timeout",  # the server's (a client not reading); the relays' take a reload
 )
 
 

@@ -13,7 +13,8 @@ requests already read are parsed: past 16 waiting, the next gets a 429 in its tu
 connection closes), Content-Length and chunked request bodies read as the app asks for them
 (reading pauses when 64 KiB are waiting), `Expect: 100-continue`, write back-pressure (`send`
 waits while the client is not reading; a connection whose writes stay paused for longer than
-`write_timeout` is dropped), ASGI lifespan through a context manager, and a graceful shutdown.
+three times `write_timeout` is dropped), ASGI lifespan through a context manager, and a
+graceful shutdown.
 What it does not: TLS, HTTP/2, WebSockets, Unix sockets (`proxy/uvicorn_server.py` runs the
 app under uvicorn for TLS).
 Requests the parser rejects get an OpenAI-shaped 400 (431 for a head, or trailers, over
@@ -55,6 +56,11 @@ _MAX_HEAD = 64 * 1024  # request line and headers, and a chunked body's trailers
 # read): without a cap a flood of tiny requests cost hundreds of bytes of memory per byte sent.
 # The proxy's clients do not pipeline; a few waiting is generous.
 _MAX_PIPELINED = 16
+# A connection whose writes stay paused this many times `write_timeout` is dropped. The
+# completion relays drop a client that stopped reading after between one and two times it,
+# and log why (`client_write_timeout`): the server's drop is the net under every other
+# answer (a 404, /metrics), and must not come first.
+_WRITE_GRACE = 3
 _LINGER_S = 2.0  # a refused client's remaining bytes are read and dropped for this long
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # A scope extension: `scope["extensions"][ON_DISCONNECT](callback)` has `callback()` called
@@ -105,7 +111,7 @@ class Server:
         keep_alive: float = 5.0,
         grace_seconds: float = 30.0,
         body_timeout: float = 30.0,
-        write_timeout: float = 60.0,
+        write_timeout: float | Callable[[], float] = 60.0,
         on_reject: Callable[..., str | None] | None = None,
     ) -> None:
         """`on_reject(status=, error=, client=, detail=)` hears of requests the server
@@ -113,14 +119,15 @@ class Server:
         `body_timeout` seconds): the proxy puts them in its log; `status` is None when no
         refusal could be sent (an answer was already under way). What it returns, if
         anything, is the answer's `x-request-id`. A connection whose writes have been paused
-        (the client not reading) for longer than `write_timeout` seconds is dropped."""
+        (the client not reading) for longer than three times `write_timeout` seconds is
+        dropped; given as a function, it is read at each sweep (a reload's value applies)."""
         self.app = app
         self.on_reject = on_reject
         self._lifespan = lifespan
         self.keep_alive = keep_alive
         self.grace_seconds = grace_seconds
         self.body_timeout = body_timeout
-        self.write_timeout = write_timeout
+        self._write_timeout = write_timeout if callable(write_timeout) else lambda: write_timeout
         self.state: dict[str, Any] = {}
         self.connections: set[_ClientConnection] = set()
         # The connections' tasks, until done: one may outlive its connection (a client
@@ -160,19 +167,21 @@ class Server:
     async def _sweep(self) -> None:
         """Close connections idle for longer than `keep_alive`, a head half sent counting as
         idle, refuse requests whose body has not come within `body_timeout`, and drop
-        connections whose writes have been paused for longer than `write_timeout` (a client
-        that does not read: `send` waits for it, and a close would wait for the data it
-        has not taken, so only an abort ends it). One sweep
+        connections whose writes have been paused for longer than `_WRITE_GRACE` times
+        `write_timeout` (a client that does not read: `send` waits for it, and a close would
+        wait for the data it has not taken, so only an abort ends it). One sweep
         for all connections rather than a timer per request, which was a measurable cost;
         each timeout is kept to within half of itself."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(self.keep_alive, self.body_timeout, self.write_timeout) / 2)
+            write_timeout = self._write_timeout()
+            await asyncio.sleep(min(self.keep_alive, self.body_timeout, write_timeout) / 2)
             now, clock = loop.time(), time.perf_counter()
             for conn in list(self.connections):
                 paused = conn.write_paused_since
-                if paused is not None and now - paused > self.write_timeout:
-                    _log.info("dropped %s: not reading for %g s", conn.client, self.write_timeout)
+                if paused is not None and now - paused > _WRITE_GRACE * write_timeout:
+                    waited = now - paused
+                    _log.info("dropped %s: not reading for %.1f s", conn.client, waited)
                     conn.abort()
                 elif conn.idle_since is not None and now - conn.idle_since > self.keep_alive:
                     conn.transport.close()

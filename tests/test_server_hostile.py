@@ -539,8 +539,9 @@ async def until_one(running: Any) -> list[Any]:
 async def test_a_client_that_stops_reading_is_dropped_after_write_timeout() -> None:
     """The review's stalled reader: an answer the client never reads (a 1 KiB receive
     buffer) fills the buffers, so `send` waits. The connection is aborted once its writes
-    have been paused for `write_timeout`, the app's `send` returns and its `receive` says
-    the client left, whatever keep_alive and body_timeout are; before, it stayed forever."""
+    have been paused for three times `write_timeout` (0.1 s here): the app's `send`
+    returns, and it hears that the client left, whatever keep_alive and body_timeout are.
+    Before, the connection stayed open for ever."""
     sent, left, ended = [0], asyncio.Event(), asyncio.Event()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -552,7 +553,7 @@ async def test_a_client_that_stops_reading_is_dropped_after_write_timeout() -> N
             sent[0] += len(piece)
         ended.set()
 
-    async with serving(app, write_timeout=0.3, sndbuf=4096) as running:
+    async with serving(app, write_timeout=0.1, sndbuf=4096) as running:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
         sock.setblocking(False)
