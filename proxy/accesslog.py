@@ -162,7 +162,7 @@ class AccessLog:
     def rejected(
         self,
         request_id: str,
-        status: int,
+        status: int | None,
         error: str,
         *,
         method: str | None = None,

@@ -144,9 +144,9 @@ def create_server(app: ProxyApp, grace_seconds: float, limits: Limits | None = N
     """The HTTP server for `app`, as `serve` runs it (the tests too): requests the server
     refuses before the app sees them get a request id, answered as `x-request-id` and put
     on a `rejected` line in the app's log. `limits` gives it `body_timeout` (the
-    config's defaults without)."""
+    config's defaults without); `write_timeout` it reads from the active config."""
 
-    def rejected(*, status: int, error: str, client: str | None, detail: str) -> str | None:
+    def rejected(*, status: int | None, error: str, client: str | None, detail: str) -> str | None:
         runtime: Runtime | None = getattr(app.state, "runtime", None)
         if runtime is None:
             return None
@@ -157,12 +157,18 @@ def create_server(app: ProxyApp, grace_seconds: float, limits: Limits | None = N
     def lifespan() -> AbstractAsyncContextManager[Mapping[str, Any] | None]:
         return app.router.lifespan_context(app)
 
-    limits = limits or Limits()
+    def write_timeout() -> float:
+        # Read at each sweep: a reload's write_timeout applies to the server too.
+        runtime: Runtime | None = getattr(app.state, "runtime", None)
+        return (runtime.config.limits if runtime is not None else start).write_timeout
+
+    start = limits = limits or Limits()
     return Server(
         app,
         lifespan,
         grace_seconds=grace_seconds,
         body_timeout=limits.body_timeout,
+        write_timeout=write_timeout,
         on_reject=rejected,
     )
 

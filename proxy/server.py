@@ -8,15 +8,20 @@ with the first body message, in one write, and each connection (not each request
 one task.
 
 What it does: HTTP/1.1 and 1.0 over TCP, keep-alive (closed after `keep_alive` idle seconds),
-pipelined requests answered in order, Content-Length and chunked request bodies read as the
-app asks for them (reading pauses when 64 KiB are waiting), `Expect: 100-continue`, write
-back-pressure (`send` waits while the client is not reading), ASGI lifespan through a context
-manager, and a graceful shutdown. What it does not: TLS, HTTP/2, WebSockets, Unix sockets
-(`proxy/uvicorn_server.py` runs the app under uvicorn for TLS).
+pipelined requests answered in order (reading pauses while one waits its turn, but the
+requests already read are parsed: past 16 waiting, the next gets a 429 in its turn and the
+connection closes), Content-Length and chunked request bodies read as the app asks for them
+(reading pauses when 64 KiB are waiting), `Expect: 100-continue`, write back-pressure (`send`
+waits while the client is not reading; a connection whose writes stay paused for longer than
+three times `write_timeout` is dropped), ASGI lifespan through a context manager, and a
+graceful shutdown.
+What it does not: TLS, HTTP/2, WebSockets, Unix sockets (`proxy/uvicorn_server.py` runs the
+app under uvicorn for TLS).
 Requests the parser rejects get an OpenAI-shaped 400 (431 for a head, or trailers, over
 64 KiB; 408 for a body not in within `body_timeout`), unless an answer is already under
-way, and the connection closes. Trailers are read and dropped; header values lose their
-edge whitespace; a response header holding CR, LF or NUL is the app's error (a 500).
+way, and the connection closes; a request with `Upgrade` and a body gets a 400 (there is no
+protocol switch, and its body would be lost). Trailers are read and dropped; header values
+lose their edge whitespace; a response header holding CR, LF or NUL is the app's error (a 500).
 
 ASGI as uvicorn speaks it (spec 2.3): `send` after the client left is a no-op, and
 `receive` then returns `http.disconnect`.
@@ -46,6 +51,16 @@ Lifespan = Callable[[], contextlib.AbstractAsyncContextManager[Mapping[str, Any]
 
 _READ_PAUSE_ABOVE = 64 * 1024  # request body bytes buffered before reading stops
 _MAX_HEAD = 64 * 1024  # request line and headers, and a chunked body's trailers: more is a 431
+# Pipelined requests parsed and waiting their turn, per connection. Pausing the reads does not
+# stop the parser, which builds an exchange for every request already read (up to 256 KiB a
+# read): without a cap a flood of tiny requests cost hundreds of bytes of memory per byte sent.
+# The proxy's clients do not pipeline; a few waiting is generous.
+_MAX_PIPELINED = 16
+# A connection whose writes stay paused this many times `write_timeout` is dropped. The
+# completion relays drop a client that stopped reading after between one and two times it,
+# and log why (`client_write_timeout`): the server's drop is the net under every other
+# answer (a 404, /metrics), and must not come first.
+_WRITE_GRACE = 3
 _LINGER_S = 2.0  # a refused client's remaining bytes are read and dropped for this long
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # A scope extension: `scope["extensions"][ON_DISCONNECT](callback)` has `callback()` called
@@ -96,18 +111,23 @@ class Server:
         keep_alive: float = 5.0,
         grace_seconds: float = 30.0,
         body_timeout: float = 30.0,
+        write_timeout: float | Callable[[], float] = 60.0,
         on_reject: Callable[..., str | None] | None = None,
     ) -> None:
         """`on_reject(status=, error=, client=, detail=)` hears of requests the server
         refused (bytes the parser could not take, a body that did not come within
-        `body_timeout` seconds): the proxy puts them in its log. What it returns, if
-        anything, is the answer's `x-request-id`."""
+        `body_timeout` seconds): the proxy puts them in its log; `status` is None when no
+        refusal could be sent (an answer was already under way). What it returns, if
+        anything, is the answer's `x-request-id`. A connection whose writes have been paused
+        (the client not reading) for longer than three times `write_timeout` seconds is
+        dropped; given as a function, it is read at each sweep (a reload's value applies)."""
         self.app = app
         self.on_reject = on_reject
         self._lifespan = lifespan
         self.keep_alive = keep_alive
         self.grace_seconds = grace_seconds
         self.body_timeout = body_timeout
+        self._write_timeout = write_timeout if callable(write_timeout) else lambda: write_timeout
         self.state: dict[str, Any] = {}
         self.connections: set[_ClientConnection] = set()
         # The connections' tasks, until done: one may outlive its connection (a client
@@ -146,15 +166,24 @@ class Server:
 
     async def _sweep(self) -> None:
         """Close connections idle for longer than `keep_alive`, a head half sent counting as
-        idle, and refuse requests whose body has not come within `body_timeout`. One sweep
+        idle, refuse requests whose body has not come within `body_timeout`, and drop
+        connections whose writes have been paused for longer than `_WRITE_GRACE` times
+        `write_timeout` (a client that does not read: `send` waits for it, and a close would
+        wait for the data it has not taken, so only an abort ends it). One sweep
         for all connections rather than a timer per request, which was a measurable cost;
         each timeout is kept to within half of itself."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(self.keep_alive, self.body_timeout) / 2)
+            write_timeout = self._write_timeout()
+            await asyncio.sleep(min(self.keep_alive, self.body_timeout, write_timeout) / 2)
             now, clock = loop.time(), time.perf_counter()
             for conn in list(self.connections):
-                if conn.idle_since is not None and now - conn.idle_since > self.keep_alive:
+                paused = conn.write_paused_since
+                if paused is not None and now - paused > _WRITE_GRACE * write_timeout:
+                    waited = now - paused
+                    _log.info("dropped %s: not reading for %.1f s", conn.client, waited)
+                    conn.abort()
+                elif conn.idle_since is not None and now - conn.idle_since > self.keep_alive:
                     conn.transport.close()
                 elif conn.body_waited(clock) > self.body_timeout:
                     conn.body_timed_out()
@@ -172,6 +201,12 @@ class Server:
             await asyncio.wait(tasks, timeout=5.0)
         for conn in list(self.connections):
             conn.abort()
+        # An abort (and a close) ends the socket in a callback on the loop's next turn: the
+        # lifespan, and the loop, must not end before it, or the socket is left unclosed.
+        for _ in range(3):
+            if not self.connections:
+                break
+            await asyncio.sleep(0)
 
 
 class _ClientConnection(asyncio.Protocol):
@@ -189,10 +224,14 @@ class _ClientConnection(asyncio.Protocol):
         self.queue: deque[_ClientExchange] = deque()  # pipelined requests, in order
         self.closing = False
         self.write_paused: asyncio.Future[None] | None = None
+        self.write_paused_since: float | None = None  # loop.time(), while writes are paused
         self.read_paused = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._expect = b""  # the Expect header's value, if any
+        self._has_body = False  # the head announced a body (Content-Length, Transfer-Encoding)
+        # A request refused while the parser was in a callback: what to answer it with.
+        self._refusing: tuple[int, str, str] | None = None
         # The head (or the trailers) being read, two ways (see data_received): bytes
         # received while in it, and the size of the pieces the parser reported.
         self._head_received = 0
@@ -225,7 +264,9 @@ class _ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.closing = True  # no protocol switch: the request is answered, then closed
         except httptools.HttpParserError as exc:
-            if self._head_parsed > _MAX_HEAD:  # raised by `_grow` inside a callback
+            if self._refusing is not None:  # raised by `on_headers_complete`
+                self._reject(*self._refusing)
+            elif self._head_parsed > _MAX_HEAD:  # raised by `_grow` inside a callback
                 self._reject_large_head()
             else:
                 self._reject(400, "bad_request", f"malformed HTTP request: {exc}")
@@ -255,8 +296,10 @@ class _ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.write_paused is None or self.write_paused.done():
             self.write_paused = self.loop.create_future()
+            self.write_paused_since = self.loop.time()
 
     def resume_writing(self) -> None:
+        self.write_paused_since = None
         if self.write_paused is not None and not self.write_paused.done():
             self.write_paused.set_result(None)
 
@@ -265,6 +308,7 @@ class _ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._expect = b""
+        self._has_body = False
         self._head_parsed = 0
 
     def on_url(self, url: bytes) -> None:
@@ -283,6 +327,8 @@ class _ClientConnection(asyncio.Protocol):
         self._headers.append((name, value))
         if name == b"expect":
             self._expect = value
+        elif name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0")):
+            self._has_body = True
 
     def on_headers_complete(self) -> None:
         received_at = time.perf_counter()
@@ -313,11 +359,29 @@ class _ClientConnection(asyncio.Protocol):
         scope["extensions"] = {ON_DISCONNECT: exchange.call_on_disconnect, RECEIVED_AT: received_at}
         exchange.expect_continue = version == "1.1" and self._expect.lower() == b"100-continue"
         self.parsing = exchange
+        if len(self.queue) >= _MAX_PIPELINED:
+            message = f"more than {_MAX_PIPELINED} pipelined requests waiting"
+            self._refusing = (429, "too_many_pipelined_requests", message)
+        elif self._has_body and parser.should_upgrade():
+            # httptools would end the message at the head and hand the body over as the
+            # new protocol's bytes: the app would see an empty body. No switch, so refused.
+            message = "a request with Upgrade cannot have a body here (no protocol switch)"
+            self._refusing = (400, "bad_request", message)
+        if self._refusing is not None:
+            # Refused in its turn (see `_reject`), never run. Raising stops the parser, so
+            # no more of this read becomes requests.
+            if self.active is None:
+                exchange.scope = None  # its scope's cycle goes now
+            else:
+                self.queue.append(exchange)
+            raise _Refused
         if self.active is None:
             self._start(exchange)
         else:
             self.queue.append(exchange)
-            self._pause_reading()  # one request ahead at most: the client waits its turn
+            # Reads pause while a request waits its turn; those already read are parsed,
+            # up to `_MAX_PIPELINED` of them.
+            self._pause_reading()
 
     def on_chunk_header(self) -> None:
         # Until this chunk's data comes, what arrives may be trailers (if it was the last
@@ -439,14 +503,22 @@ class _ClientConnection(asyncio.Protocol):
         one answered before the bad bytes keeps its answer, and a pipelined one behind it
         gets this refusal in its turn."""
         self.closing = self.rejected = True
+        active, broken = self.active, self.parsing
+        # Whether the refusal goes out: not after bytes of another answer, and not when the
+        # bad bytes follow a whole request (nobody is waiting for an answer to them).
+        if active is None or active is broken:
+            sent = active is None or not active.written
+        else:
+            sent = broken is not None
+        if not sent:
+            message += "; not answered (another answer was under way), the connection closed"
         request_id = None
         if self.server.on_reject is not None:
             client = f"{self.client[0]}:{self.client[1]}" if self.client else None
             request_id = self.server.on_reject(
-                status=status, error=code, client=client, detail=message
+                status=status if sent else None, error=code, client=client, detail=message
             )
         refusal = _refusal(status, code, message, request_id)
-        active, broken = self.active, self.parsing
         if active is not None and active is not broken:
             # Bad bytes after a whole request: it is answered, then the close. If they were
             # a pipelined request's body, that request is waiting its turn: it gets this.
@@ -492,6 +564,10 @@ class _ClientConnection(asyncio.Protocol):
 
 class _HeadTooLarge(Exception):
     pass
+
+
+class _Refused(Exception):
+    """Raised in `on_headers_complete` to stop the parser; `_refusing` says why."""
 
 
 def _refusal(status: int, code: str, message: str, request_id: str | None) -> bytes:

@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,7 @@ class FakeBackend:
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.Server | None = None
     _thread: threading.Thread | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -75,7 +76,7 @@ class FakeBackend:
         def run() -> None:
             self._loop = asyncio.new_event_loop()
             self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle, self.host, self.port)
+                asyncio.start_server(self._accept, self.host, self.port)
             )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
@@ -94,9 +95,25 @@ class FakeBackend:
 
         async def shutdown() -> None:
             server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            # Every connection's socket is closed before the loop stops, or it is left
+            # unclosed: a ResourceWarning, an error in whichever test is tearing down. A
+            # cancelled task is not enough: an accept cancelled before its first step drops
+            # its socket, and a handler cancelled before its first step never runs its
+            # `finally`. So: let accepts under way make their connections, abort every
+            # connection, end the handlers, then let the closes (callbacks) run.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            for writer in self._writers:
+                writer.transport.abort()
+            for _ in range(3):  # handlers not started yet start, and see the abort
+                await asyncio.sleep(0)
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=2)
+            for _ in range(3):
+                await asyncio.sleep(0)
 
         asyncio.run_coroutine_threadsafe(shutdown(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
@@ -104,6 +121,13 @@ class FakeBackend:
 
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
         return wait_until(predicate, timeout)
+
+    def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Coroutine[Any, Any, None]:
+        """Called as the connection is made, not in a task: `stop` can close every one."""
+        self._writers.add(writer)
+        return self._handle(reader, writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -127,6 +151,7 @@ class FakeBackend:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass  # the peer left, or the fake is shutting down
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     async def _respond(
