@@ -71,7 +71,7 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
-from proxy.stats import DEFAULT_EFFECT, MIN_VERDICT_SAMPLES, SampleRatio
+from proxy.stats import DEFAULT_EFFECT, MIN_VERDICT_SAMPLES, SampleRatio, shares
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -514,13 +514,8 @@ def sequential_sample_ratio(
     (300 to 4,000; tests/test_verdict.py), and 70/30 at a median of 200. A request to a backend with
     weight 0 (or missing from the split) is a routing bug, not chance: p 0."""
     _check_alpha(alpha)
-    positive = {name: pct for name, pct in expected_pct.items() if pct > 0}
-    weight_total = sum(positive.values())
-    expected_share = {name: pct / weight_total for name, pct in positive.items()}
-    names = dict.fromkeys([*expected_pct, *observed])
-    counts = {name: int(observed.get(name, 0)) for name in names}
+    counts, expected_share, observed_share = shares(observed, expected_pct)
     total = sum(counts.values())
-    observed_share = {name: count / total if total else 0.0 for name, count in counts.items()}
     p_value: float | None
     if not total:
         p_value = None

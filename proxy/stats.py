@@ -256,6 +256,18 @@ def sample_ratio(
     not chance, so it is a mismatch with p 0.0 at any total. Below 20 requests there is no
     p-value. The default threshold is the usual SRM alarm level.
     """
+    counts, expected_share, observed_share = shares(observed, expected_pct)
+    p_value = _sample_ratio_p(counts, expected_share, sum(counts.values()))
+    mismatch = p_value is not None and p_value < threshold
+    return SampleRatio(counts, expected_share, observed_share, p_value, mismatch)
+
+
+def shares(
+    observed: Mapping[str, int], expected_pct: Mapping[str, float]
+) -> tuple[dict[str, int], dict[str, float], dict[str, float]]:
+    """What a sample ratio check compares: the counts by backend (every backend of the split
+    or of the traffic), the shares the split expects (of the backends with weight), and the
+    observed shares."""
     positive = {name: pct for name, pct in expected_pct.items() if pct > 0}
     weight_total = sum(positive.values())
     expected_share = {name: pct / weight_total for name, pct in positive.items()}
@@ -263,9 +275,7 @@ def sample_ratio(
     counts = {name: int(observed.get(name, 0)) for name in names}
     total = sum(counts.values())
     observed_share = {name: count / total if total else 0.0 for name, count in counts.items()}
-    p_value = _sample_ratio_p(counts, expected_share, total)
-    mismatch = p_value is not None and p_value < threshold
-    return SampleRatio(counts, expected_share, observed_share, p_value, mismatch)
+    return counts, expected_share, observed_share
 
 
 def samples_needed(
