@@ -53,24 +53,27 @@ def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
     return False
 
 
-@dataclass
-class FakeBackend:
-    host: str = "127.0.0.1"
-    port: int = 0
-    extra_mode: str = ""  # appended to every request's X-Fake: this instance's own behaviour
-    loading_until: float = 0.0  # time.monotonic() before which POSTs get 503 "Loading model"
-    requests: list[Seen] = field(default_factory=list)
-    probes: int = 0  # GET /health requests answered
-    _loop: asyncio.AbstractEventLoop | None = None
-    _server: asyncio.Server | None = None
-    _thread: threading.Thread | None = None
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+
+
+class ServerThread:
+    """An asyncio server on an event loop in a thread of its own, for the tests' fakes:
+    started and stopped from the test's thread, with every connection closed before its
+    loop stops (see `stop`)."""
+
+    def __init__(self, handle: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._handle, self.host, self.port = handle, host, port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> FakeBackend:
+    def start(self) -> int:
+        """Serve, and return the port listened on."""
         ready = threading.Event()
 
         def run() -> None:
@@ -87,7 +90,7 @@ class FakeBackend:
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("fake backend did not start")
-        return self
+        return self.port
 
     def stop(self) -> None:
         assert self._loop is not None and self._server is not None and self._thread
@@ -119,15 +122,49 @@ class FakeBackend:
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(5)
 
-    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
-        return wait_until(predicate, timeout)
-
     def _accept(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> Coroutine[Any, Any, None]:
         """Called as the connection is made, not in a task: `stop` can close every one."""
         self._writers.add(writer)
-        return self._handle(reader, writer)
+        return self._serve(reader, writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._handle(reader, writer)
+        finally:
+            self._writers.discard(writer)
+
+
+@dataclass
+class FakeBackend:
+    host: str = "127.0.0.1"
+    port: int = 0
+    extra_mode: str = ""  # appended to every request's X-Fake: this instance's own behaviour
+    loading_until: float = 0.0  # time.monotonic() before which POSTs get 503 "Loading model"
+    requests: list[Seen] = field(default_factory=list)
+    probes: int = 0  # GET /health requests answered
+    _serving: ServerThread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._serving is not None and self._serving.running
+
+    def start(self) -> FakeBackend:
+        self._serving = ServerThread(self._handle, self.host, self.port)
+        self.port = self._serving.start()
+        return self
+
+    def stop(self) -> None:
+        assert self._serving is not None
+        self._serving.stop()
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
+        return wait_until(predicate, timeout)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -151,7 +188,6 @@ class FakeBackend:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass  # the peer left, or the fake is shutting down
         finally:
-            self._writers.discard(writer)
             writer.close()
 
     async def _respond(

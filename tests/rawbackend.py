@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from tests.fakebackend import ServerThread
 
 CLOSE = b""  # a packet that closes the connection instead
 PAUSE_S = 0.05  # between packets: each arrives as a read of its own
@@ -69,9 +70,7 @@ class RawBackend:
         self.requests: list[Request] = []
         self.connections = 0
         self.hung_up = 0  # connections the proxy closed
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving: ServerThread | None = None
         self.port = 0
 
     @property
@@ -79,37 +78,13 @@ class RawBackend:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> RawBackend:
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle, "127.0.0.1", 0)
-            )
-            self.port = self._server.sockets[0].getsockname()[1]
-            ready.set()
-            self._loop.run_forever()
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("raw backend did not start")
+        self._serving = ServerThread(self._handle)
+        self.port = self._serving.start()
         return self
 
     def stop(self) -> None:
-        assert self._loop is not None and self._server is not None and self._thread
-        loop, server = self._loop, self._server
-
-        async def shutdown() -> None:
-            server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(5)
+        assert self._serving is not None
+        self._serving.stop()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = self.connections

@@ -48,7 +48,7 @@ def fakes() -> Iterator[Callable[..., FakeBackend]]:
 
     yield start
     for backend in started:
-        if backend._thread is not None and backend._thread.is_alive():
+        if backend.running:
             backend.stop()
 
 
