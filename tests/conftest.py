@@ -67,6 +67,22 @@ def fake2() -> Iterator[FakeBackend]:
     backend.stop()
 
 
+@pytest.fixture
+def fakes() -> Iterator[Callable[..., FakeBackend]]:
+    """Start fake backends (with a behaviour of their own); all stopped at the end."""
+    started: list[FakeBackend] = []
+
+    def start(mode: str = "", port: int = 0) -> FakeBackend:
+        backend = FakeBackend(port=port, extra_mode=mode).start()
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        if backend.running:
+            backend.stop()
+
+
 class ThreadedServer:
     """The proxy's own HTTP server (proxy/server.py) for `app`, as `python -m proxy serve`
     runs it (on uvloop), on a loopback port, in a thread of this process."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +34,6 @@ BROKEN = {"stream_incomplete", "stream_interrupted"}  # a stream that ended with
 # No probe during the test unless it asks for one (the first runs when the proxy starts):
 # a passing probe resets the count of consecutive failures.
 QUIET_PROBES = {"probe_interval": 60.0}
-
-
-@pytest.fixture
-def fakes() -> Iterator[Callable[..., FakeBackend]]:
-    """Start fake backends (with a behaviour of their own); all stopped at the end."""
-    started: list[FakeBackend] = []
-
-    def start(mode: str = "", port: int = 0) -> FakeBackend:
-        backend = FakeBackend(port=port, extra_mode=mode).start()
-        started.append(backend)
-        return backend
-
-    yield start
-    for backend in started:
-        if backend.running:
-            backend.stop()
 
 
 def two_backends(

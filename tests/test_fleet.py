@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,21 +131,6 @@ def test_a_retry_goes_to_a_healthy_replica_not_tried_or_nowhere() -> None:
 
 
 # 3. On real sockets
-
-
-@pytest.fixture
-def fakes() -> Iterator[Callable[..., FakeBackend]]:
-    started: list[FakeBackend] = []
-
-    def start(mode: str = "") -> FakeBackend:
-        backend = FakeBackend(extra_mode=mode).start()
-        started.append(backend)
-        return backend
-
-    yield start
-    for backend in started:
-        if backend.running:
-            backend.stop()
 
 
 def fleet_config(tmp_path: Path, baseline: str, replicas: list[str], **spec: Any) -> Config:
