@@ -137,7 +137,8 @@ def _notes(
             notes.append(
                 f"sample ratio mismatch in {unit} (p {check.p_value:.2g}): the arms differ in"
                 " more than their backend, so no comparison between them is fair until the"
-                " cause is found (failover, a client choosing its backend, a routing bug)"
+                " cause is found (requests count for the arm they were assigned to, moved"
+                " or not, so look for a routing bug or lines missing from the log)"
             )
     for name, arm in verdict.arms.items():
         interval = arm.primary.interval
