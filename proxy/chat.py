@@ -117,6 +117,9 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
         record = _finish(call)
         if call.collect is not None:
             _start_shadow(call, record)
+        # Last: the ramp may act on this request's outcome (a new split), and nothing the
+        # request itself needs waits behind it.
+        call.runtime.ramp.tick()
 
 
 def _start(scope: Scope) -> _Call:
@@ -158,15 +161,13 @@ async def _fail(call: _Call, send: Send, exc: ProxyError, failure: str) -> None:
 
 
 def _finish(call: _Call) -> RequestRecord:
-    """The request is over: its line to the log, the live stats and verdict, the ramp's
-    tick, the metrics."""
+    """The request is over: its line to the log, the live stats and verdict, the metrics."""
     call.clock.finish()
     record = _record(call)
     runtime = call.runtime
     runtime.log.request(record)
     runtime.stats.observe(record)
     runtime.verdict.observe(record)
-    runtime.ramp.tick()
     runtime.metrics.observe(record)
     return record
 
