@@ -38,7 +38,8 @@ class Answer:
 Script = Callable[[int, str], Answer]  # (request index, its x-request-id) -> the answer
 
 
-def completion_body(request_id: str) -> bytes:
+def completion_body(request_id: str, padding: int = 0) -> bytes:
+    """A chat completion whose text names the request (and `padding` more characters)."""
     return json.dumps(
         {
             "id": "chatcmpl-raw",
@@ -49,7 +50,10 @@ def completion_body(request_id: str) -> bytes:
                 {
                     "index": 0,
                     "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": f"answer for {request_id}"},
+                    "message": {
+                        "role": "assistant",
+                        "content": f"answer for {request_id}" + "x" * padding,
+                    },
                 }
             ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
@@ -57,9 +61,9 @@ def completion_body(request_id: str) -> bytes:
     ).encode()
 
 
-def completion(request_id: str) -> bytes:
+def completion(request_id: str, padding: int = 0) -> bytes:
     """A whole keep-alive HTTP/1.1 answer for `request_id`, with its Content-Length."""
-    body = completion_body(request_id)
+    body = completion_body(request_id, padding)
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     return head % len(body) + body
 

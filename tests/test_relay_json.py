@@ -15,26 +15,6 @@ from tests.rawbackend import Answer, RawBackend, completion
 BIG = 8 << 20  # past what the proxy's socket, the client's and the transport buffer hold
 
 
-def big_completion(request_id: str) -> bytes:
-    body = json.dumps(
-        {
-            "id": "chatcmpl-raw",
-            "object": "chat.completion",
-            "created": 0,
-            "model": "default_model",
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": request_id + "x" * BIG},
-                }
-            ],
-        }
-    ).encode()
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-    return head % len(body) + body
-
-
 def post(request_id: str) -> bytes:
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
     head = (
@@ -52,7 +32,7 @@ def test_a_json_answer_whose_write_waits_for_a_client_that_leaves_is_not_complet
     up then. The second's line says the client left, not that it had its answer."""
 
     def script(index: int, request_id: str) -> Answer:
-        return Answer([big_completion(request_id) if index == 0 else completion(request_id)])
+        return Answer([completion(request_id, BIG if index == 0 else 0)])
 
     backend = RawBackend(script).start()
     try:
