@@ -112,6 +112,12 @@ class BackendUnreachableError(ProxyError):
     kind = "backend_unreachable"
 
 
+# A stream that broke after it started: the `code` of its last event, and the log's `error`.
+STREAM_INCOMPLETE = "stream_incomplete"  # the backend closed it without [DONE]
+STREAM_INTERRUPTED = "stream_interrupted"  # its connection failed mid-stream
+STREAM_ERROR_EVENT = "backend_stream_error"  # the backend sent an error event in it
+
+
 class BackendRefusedError(BackendUnreachableError):
     """The connection was refused: the backend is not running."""
 

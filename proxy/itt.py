@@ -31,6 +31,9 @@ from __future__ import annotations
 from enum import Enum
 
 from proxy.errors import (
+    STREAM_ERROR_EVENT,
+    STREAM_INCOMPLETE,
+    STREAM_INTERRUPTED,
     BackendAnswerTooLargeError,
     BackendStatusError,
     BackendTimeoutError,
@@ -48,9 +51,9 @@ BACKEND_ERRORS = frozenset(
         BackendAnswerTooLargeError.kind,
         BackendTimeoutError.kind,
         BackendStatusError.kind,
-        "stream_interrupted",
-        "stream_incomplete",
-        "backend_stream_error",
+        STREAM_INTERRUPTED,
+        STREAM_INCOMPLETE,
+        STREAM_ERROR_EVENT,
     }
 )
 

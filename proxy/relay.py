@@ -21,6 +21,9 @@ from starlette.types import Scope
 
 from proxy.config import Timeouts
 from proxy.errors import (
+    STREAM_ERROR_EVENT,
+    STREAM_INCOMPLETE,
+    STREAM_INTERRUPTED,
     BackendAnswerTooLargeError,
     BackendRefusedError,
     BackendStatusError,
@@ -198,7 +201,7 @@ async def relay_stream(response: UpstreamResponse, attempt: Attempt, send: Send)
         # mlx_lm.server speaks HTTP/1.0: a backend that dies mid-stream looks like a clean
         # end of the body. Only `[DONE]` says the answer is complete.
         message = f"backend {attempt.backend!r} ended the stream before [DONE]"
-        error = BackendUnreachableError(message, code="stream_incomplete")
+        error = BackendUnreachableError(message, code=STREAM_INCOMPLETE)
         if not state.answered:
             raise error
         await _fail_stream(send, attempt, error)
@@ -284,7 +287,7 @@ def _take_events(block: bytes, attempt: Attempt) -> tuple[bytes, bool]:
         elif event.kind is Kind.DONE:
             done = True
         elif event.kind is Kind.ERROR:
-            attempt.broken = "backend_stream_error"
+            attempt.broken = STREAM_ERROR_EVENT
         elif event.kind is Kind.COMMENT:
             drop = unstarted  # a keepalive before the answer
         if event.usage is not None:
@@ -316,7 +319,7 @@ def _stream_error(attempt: Attempt, exc: httpx.HTTPError) -> ProxyError:
             return BackendTimeoutError(_no_token(attempt))
         return BackendTimeoutError(_stalled(attempt))
     message = f"backend {attempt.backend!r} failed mid-stream: {_describe(exc)}"
-    return BackendUnreachableError(message, code="stream_interrupted")
+    return BackendUnreachableError(message, code=STREAM_INTERRUPTED)
 
 
 def watch_client(

@@ -23,6 +23,7 @@ import uvloop
 
 from proxy.app import ProxyApp, create_app, create_server
 from proxy.config import Config, parse_config
+from proxy.upstream import Transport
 from tests.fakebackend import FakeBackend
 
 # The one shape of a `rejected` line, whoever refused the request (see AccessLog.rejected).
@@ -174,11 +175,14 @@ def refuses_connections(url: str) -> bool:
 
 @pytest.fixture
 def serve_proxy() -> Iterator[Any]:
-    """Start the proxy for a config on its own server on a loopback port, in a thread."""
+    """Start the proxy for a config on its own server on a loopback port, in a thread;
+    `transport` in place of its own connection pool (the benchmark's aiohttp arm)."""
     servers: list[ThreadedServer] = []
 
-    def start(config: Config, config_path: Path | None = None) -> RunningProxy:
-        server = ThreadedServer(create_app(config, config_path=config_path))
+    def start(
+        config: Config, config_path: Path | None = None, transport: Transport | None = None
+    ) -> RunningProxy:
+        server = ThreadedServer(create_app(config, config_path=config_path, transport=transport))
         servers.append(server)
         assert config.logging.path is not None
         return RunningProxy(f"http://127.0.0.1:{server.port}", config.logging.path, server)

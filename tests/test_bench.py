@@ -7,16 +7,15 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from proxy.app import create_app
 from proxy.config import Config
-from tests.conftest import RunningProxy, ThreadedServer, make_config, stream_lines
+from tests.conftest import RunningProxy, make_config, stream_lines
 from tests.fakebackend import FakeBackend
 from tests.test_faults import BODY, CHAT, STREAM, data_events
 from tests.test_streaming import content_events
@@ -30,19 +29,9 @@ QUIET_PROBES = {"probe_interval": 60.0}
 
 
 @pytest.fixture
-def aio_proxy() -> Iterator[Callable[[Config], RunningProxy]]:
+def aio_proxy(serve_proxy: Any) -> Callable[[Config], RunningProxy]:
     """The proxy on its own server, with AiohttpTransport in place of its pool."""
-    servers: list[ThreadedServer] = []
-
-    def start(config: Config) -> RunningProxy:
-        server = ThreadedServer(create_app(config, transport=AiohttpTransport()))
-        servers.append(server)
-        assert config.logging.path is not None
-        return RunningProxy(f"http://127.0.0.1:{server.port}", config.logging.path, server)
-
-    yield start
-    for server in servers:
-        server.stop()
+    return lambda config: serve_proxy(config, transport=AiohttpTransport())
 
 
 def one_backend(tmp_path: Path, url: str, **timeouts: float) -> Config:
